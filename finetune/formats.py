@@ -1,0 +1,190 @@
+"""Data formats: raw rows -> normalized records -> text segments, each segment a target or not.
+
+A segment is `(text, is_target)`; `text=None` stands for the end-of-text token. Segments are tokenized one by
+one and concatenated, so training and generation see exactly the same prompt tokens and no response marker
+has to be searched for in the token stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.recipe import ChatFormat, ClassificationFormat, DataConfig, InstructionFormat
+
+Segment = tuple[str | None, bool]
+EOS = None
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+}
+
+RECORD_COLUMNS = {
+    "text": ("text",),
+    "instruction": ("prompt", "response"),
+    "chat": ("messages",),
+    "classification": ("text", "label", "prompt"),
+}
+
+
+def label_names(cfg: ClassificationFormat) -> list[str]:
+    """Label words in label-index order."""
+    labels = cfg.labels
+    if isinstance(labels, dict):
+        return [str(v) for v in labels.values()]
+    return [str(v) for v in labels or []]
+
+
+def label_index(value: Any, cfg: ClassificationFormat) -> int | None:
+    """Map a raw label value (its key, its position, or its word) to the label's index; None if unknown."""
+    names = label_names(cfg)
+    keys = [str(k) for k in cfg.labels] if isinstance(cfg.labels, dict) else [str(i) for i in range(len(names))]
+    text = str(value).strip()
+    if text in keys:
+        return keys.index(text)
+    if text in names:
+        return names.index(text)
+    return None
+
+
+def _field(row: dict, name: str, where: str) -> Any:
+    if name not in row:
+        raise UserError(f"{where}: missing field '{name}' (fields present: {', '.join(sorted(row)) or 'none'})")
+    value = row[name]
+    if value is None:
+        raise UserError(f"{where}: field '{name}' is empty (null)")
+    return value
+
+
+def normalize(row: dict, cfg: DataConfig, where: str) -> tuple[dict | None, str | None]:
+    """One raw row -> (record, None), or (None, reason) when the row is dropped. Raises UserError on bad rows."""
+    fmt = cfg.format
+    if fmt == "text":
+        text = str(_field(row, cfg.text_field, where))
+        return ({"text": text}, None) if text.strip() else (None, "empty")
+    if fmt == "instruction":
+        return _normalize_instruction(row, cfg.instruction, where)
+    if fmt == "chat":
+        return _normalize_chat(row, cfg.chat, where)
+    return _normalize_classification(row, cfg.classification, where)
+
+
+def _normalize_instruction(row: dict, cfg: InstructionFormat, where: str) -> tuple[dict | None, str | None]:
+    instruction = str(_field(row, cfg.instruction_field, where))
+    response = str(_field(row, cfg.output_field, where))
+    extra = row.get(cfg.input_field)
+    extra = "" if extra is None else str(extra)
+    if not instruction.strip() or not response.strip():
+        return None, "empty"
+    template = cfg.template if extra.strip() else cfg.template_no_input
+    return {"prompt": template.format(instruction=instruction, input=extra), "response": response}, None
+
+
+def _messages_field(row: dict, cfg: ChatFormat, where: str) -> str:
+    if cfg.messages_field:
+        return cfg.messages_field
+    for name in ("messages", "conversations"):
+        if name in row:
+            return name
+    raise UserError(f"{where}: no 'messages' or 'conversations' field; set data.chat.messages_field")
+
+
+def _normalize_chat(row: dict, cfg: ChatFormat, where: str) -> tuple[dict | None, str | None]:
+    turns = _field(row, _messages_field(row, cfg, where), where)
+    if not isinstance(turns, list):
+        raise UserError(f"{where}: chat messages must be a list, got {type(turns).__name__}")
+    messages = []
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: message {number} is not a mapping")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None:
+            raise UserError(f"{where}: message {number} needs 'role'/'content' (or ShareGPT 'from'/'value')")
+        if str(role).lower() not in ROLE_ALIASES:
+            raise UserError(f"{where}: message {number} has unknown role {role!r} "
+                            f"(known: {', '.join(sorted(ROLE_ALIASES))})")
+        messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": str(content)})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return None, "no_assistant_turn"
+    return {"messages": messages}, None
+
+
+def _normalize_classification(row: dict, cfg: ClassificationFormat, where: str) -> tuple[dict | None, str | None]:
+    text = str(_field(row, cfg.text_field, where))
+    raw_label = _field(row, cfg.label_field, where)
+    index = label_index(raw_label, cfg)
+    if index is None:
+        known = list(cfg.labels) if isinstance(cfg.labels, dict) else label_names(cfg)
+        raise UserError(f"{where}: label {raw_label!r} is not in the label set {known}")
+    if not text.strip():
+        return None, "empty"
+    return {"text": text, "label": index, "prompt": cfg.template.format(text=text)}, None
+
+
+def segments(record: dict, cfg: DataConfig) -> list[Segment]:
+    """The training segments of one normalized record."""
+    fmt = cfg.format
+    if fmt == "text":
+        return [(record["text"], True), (EOS, True)]
+    if fmt == "instruction":
+        return [(record["prompt"], False), (record["response"], True), (EOS, True)]
+    if fmt == "chat":
+        return chat_segments(record["messages"], cfg.chat)
+    cls = cfg.classification
+    label = label_names(cls)[record["label"]]
+    return [(record["prompt"], False), (cls.label_prefix + label, True)]
+
+
+def chat_segments(messages: list[dict], cfg: ChatFormat, add_generation_prompt: bool = False) -> list[Segment]:
+    """Render a conversation with the recipe's plain-text chat template; assistant turns are targets closed by EOS."""
+    out: list[Segment] = []
+    if cfg.system_prompt and not (messages and messages[0]["role"] == "system"):
+        out.append((cfg.system.format(content=cfg.system_prompt), False))
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            out += [(cfg.assistant, False), (cfg.assistant_content.format(content=content), True), (EOS, True),
+                    (cfg.after_assistant, False)]
+        else:
+            out.append((getattr(cfg, role).format(content=content), False))
+    if add_generation_prompt:
+        out.append((cfg.assistant, False))
+    return [(text, target) for text, target in out if text is None or text]
+
+
+def prompt_segments(record: dict, cfg: DataConfig) -> list[Segment]:
+    """What the model is given at generation time: the non-target prefix up to the first target."""
+    if cfg.format == "chat":
+        messages = record["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return chat_segments(messages[:last], cfg.chat, add_generation_prompt=True)
+    prefix = []
+    for text, target in segments(record, cfg):
+        if target:
+            break
+        prefix.append((text, target))
+    return prefix
+
+
+def encode_segments(tokenizer: Any, batch: list[list[Segment]]) -> list[tuple[list[int], list[bool]]]:
+    """Tokenize many segment lists with one batched tokenizer call; returns (token ids, is-target flags) each."""
+    texts = [text for segs in batch for text, _ in segs if text is not None]
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+    eos = tokenizer.eos_token_id
+    out, cursor = [], 0
+    for segs in batch:
+        ids: list[int] = []
+        targets: list[bool] = []
+        for text, target in segs:
+            if text is None:
+                piece = [eos]
+            else:
+                piece = encoded[cursor]
+                cursor += 1
+            ids += piece
+            targets += [target] * len(piece)
+        out.append((ids, targets))
+    return out

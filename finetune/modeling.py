@@ -1,0 +1,170 @@
+"""Tokenizers and models: load or train a tokenizer, load or initialise GPT-2, attach GPT-2-aware LoRA."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.pytorch_utils import Conv1D
+
+from finetune.errors import UserError
+from finetune.recipe import LoraConfig, Recipe, TokenizerTrainConfig
+
+EOS_TOKEN = "<|endoftext|>"
+LORA_PRESETS = {
+    "attn": ["attn.c_attn"],
+    "attn_all": ["attn.c_attn", "attn.c_proj"],
+    "mlp": ["mlp.c_fc", "mlp.c_proj"],
+    "all": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """GPT-2 has no pad token: reuse EOS for padding. Labels never come from pad ids (the collator pads labels
+    with -100 by length), so the model still learns to emit EOS."""
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no end-of-text token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerFast:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - a missing folder, an unreachable Hub id, a broken file
+        raise UserError(f"could not load tokenizer {path!r}: {type(exc).__name__}: {exc}") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"tokenizer {path!r} has no fast (Rust) implementation; gpt2-finetune needs one")
+    return with_pad_token(tokenizer)
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's scheme) trained on `texts`, with `<|endoftext|>` as EOS/BOS/UNK."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+                            special_tokens=[EOS_TOKEN], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                        unk_token=EOS_TOKEN, model_max_length=1_000_000)
+    return with_pad_token(tokenizer)
+
+
+def tokenizer_source(recipe: Recipe) -> str | None:
+    """Where the recipe's tokenizer is loaded from; None when it is trained on the data."""
+    if recipe.tokenizer.train is not None:
+        return None
+    return recipe.tokenizer.path or recipe.model.base
+
+
+def check_model_folder(base: str) -> None:
+    path = Path(base)
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"model.base {base!r} is a folder but not a model (no config.json in it)")
+
+
+def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    """The recipe's base model: `model.base` through AutoModelForCausalLM, or a fresh GPT-2 from `model.init`."""
+    cfg = recipe.model
+    if cfg.init is not None:
+        try:
+            config = GPT2Config(**{**cfg.init, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
+                                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+        except TypeError as exc:
+            raise UserError(f"{recipe.source}: 'model.init' is not a valid GPT-2 config: {exc}") from None
+        config._attn_implementation = cfg.attn_implementation
+        torch.manual_seed(recipe.train.seed)
+        model = GPT2LMHeadModel(config)
+        if cfg.dtype not in ("float32", "auto"):
+            model = model.to(DTYPES[cfg.dtype])
+        return model
+    check_model_folder(cfg.base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.base, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load model.base {cfg.base!r}: {type(exc).__name__}: {exc}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def context_length(model: torch.nn.Module) -> int:
+    config = model.config
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))
+
+
+def lora_targets(model: torch.nn.Module, targets: str | list[str]) -> tuple[list[str], bool]:
+    """Resolve a preset or module list to the matched module names, and whether they are GPT-2 Conv1D."""
+    patterns = LORA_PRESETS.get(targets, [targets]) if isinstance(targets, str) else list(targets)
+    leaves = {name: module for name, module in model.named_modules() if isinstance(module, (Conv1D, torch.nn.Linear))}
+    matched = [name for name in leaves if any(name == p or name.endswith("." + p) for p in patterns)]
+    missing = [p for p in patterns if not any(n == p or n.endswith("." + p) for n in leaves)]
+    if missing:
+        kinds = sorted({".".join(n.split(".")[-2:]) for n in leaves})
+        presets = ", ".join(LORA_PRESETS)
+        raise UserError(f"lora.targets: {', '.join(map(repr, missing))} matches no module; "
+                        f"presets: {presets}; modules: {', '.join(kinds)}")
+    conv1d = {isinstance(leaves[n], Conv1D) for n in matched}
+    if len(conv1d) > 1:
+        raise UserError("lora.targets mixes Conv1D and Linear modules; target one kind per run")
+    return matched, conv1d == {True}
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> tuple[torch.nn.Module, list[str]]:
+    """Wrap `model` with a LoRA adapter (returned with the matched module names); Conv1D gets fan_in_fan_out."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    matched, conv1d = lora_targets(model, cfg.targets)
+    patterns = LORA_PRESETS.get(cfg.targets, [cfg.targets]) if isinstance(cfg.targets, str) else list(cfg.targets)
+    peft_config = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=patterns, bias=cfg.bias,
+        fan_in_fan_out=conv1d, modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config), matched
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; tied weights counted once."""
+    seen, trainable, total = set(), 0, 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
+
+
+def is_adapter(folder: Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A run's `final/` (or `merged/`): a PEFT adapter over its recorded base, or a full model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist: train the recipe first (finetune train RECIPE)")
+    if is_adapter(folder):
+        from peft import PeftModel
+
+        base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        check_model_folder(base_path)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        return PeftModel.from_pretrained(base, folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+
+
+def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """No KV cache in training or scoring: transformers then derives the packed (block-diagonal) mask from
+    position ids. A cache would silently fall back to one causal mask over the whole packed row."""
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,202 @@
+"""The prepare stage: recipe data + tokenizer -> `prepared/` (packed token rows, records, tokenizer, manifest).
+
+The result is cached under a content fingerprint: re-running with nothing changed does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from finetune import __version__, data, formats, packing
+from finetune.data import Split, describe
+from finetune.errors import UserError
+from finetune.formats import encode_segments, label_names, segments
+from finetune.modeling import load_tokenizer, tokenizer_source, train_tokenizer
+from finetune.recipe import DataConfig, HubSource, Recipe
+
+SPLITS = ("train", "validation")
+PREPARE_CODE = [Path(module.__file__) for module in (data, formats, packing)] + [Path(__file__)]
+PARALLEL_FROM_RECORDS = 20_000
+
+
+def fingerprint(recipe: Recipe, tokenizer: Any | None) -> str:
+    """A digest of everything the prepared data depends on."""
+    digest = hashlib.sha256()
+    data_section = {k: v for k, v in recipe.to_dict()["data"].items() if k != "num_proc"}
+    digest.update(json.dumps({"data": data_section, "tokenizer": recipe.to_dict()["tokenizer"],
+                              "tokenizer_source": tokenizer_source(recipe)}, sort_keys=True, default=str).encode())
+    for source in (recipe.data.train, recipe.data.validation):
+        if isinstance(source, str) and Path(source).is_file():
+            digest.update(_file_digest(Path(source)).encode())
+        elif isinstance(source, HubSource):
+            digest.update(repr(source).encode())
+    if tokenizer is not None:
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+        digest.update(repr((tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
+    for path in PREPARE_CODE:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(recipe: Recipe) -> dict | None:
+    path = recipe.prepared_dir / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prepare(recipe: Recipe, force: bool = False) -> dict:
+    """Run the stage (or find it cached) and return the manifest."""
+    out = recipe.prepared_dir
+    source = tokenizer_source(recipe)
+    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
+    digest = fingerprint(recipe, tokenizer)
+    manifest = read_manifest(recipe)
+    if not force and manifest and manifest.get("fingerprint") == digest and all((out / s).is_dir() for s in SPLITS):
+        print(f"prepare: {out} is up to date (fingerprint {digest[:12]}); nothing to do")
+        return manifest
+
+    started = time.perf_counter()
+    splits = data.load_splits(recipe.data)
+    if tokenizer is None:
+        tokenizer = _train_tokenizer(splits["train"], recipe)
+    tmp = out.with_name(f"prepared.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {"fingerprint": digest, "finetune_version": __version__, "format": recipe.data.format,
+                "block_size": recipe.data.block_size, "packing": recipe.data.packing,
+                "sources": {s: describe(getattr(recipe.data, s)) for s in SPLITS if getattr(recipe.data, s)},
+                "tokenizer": {"source": source or "trained", "vocab_size": len(tokenizer),
+                              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}}
+    if recipe.data.format == "classification":
+        manifest["labels"] = _label_info(tokenizer, recipe.data)
+    for name, split in splits.items():
+        rows, stats = tokenize_and_pack(split, tokenizer, recipe.data, name)
+        datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / name))
+        split.records.save_to_disk(str(tmp / "records" / name))
+        manifest[name] = stats
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    _print_summary(out, manifest)
+    return manifest
+
+
+def _train_tokenizer(train: Split, recipe: Recipe) -> Any:
+    texts = (text for record in train.records for text, _ in segments(record, recipe.data) if text)
+    print(f"prepare: training a byte-level BPE tokenizer (vocab {recipe.tokenizer.train.vocab_size}) on the train split")
+    return train_tokenizer(texts, recipe.tokenizer.train)
+
+
+def _label_info(tokenizer: Any, cfg: DataConfig) -> dict:
+    names = label_names(cfg.classification)
+    words = [cfg.classification.label_prefix + name for name in names]
+    ids = tokenizer(words, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return {"names": names, "words": words, "token_ids": ids}
+
+
+def encode_batch(batch: dict[str, list], tokenizer: Any, cfg: DataConfig) -> dict[str, list]:
+    """`datasets.map` function: records -> input_ids, labels (-100 off target) and a drop reason ('' if kept)."""
+    columns = list(batch)
+    records = [dict(zip(columns, values)) for values in zip(*batch.values())]
+    encoded = encode_segments(tokenizer, [segments(record, cfg) for record in records])
+    out: dict[str, list] = {"input_ids": [], "labels": [], "dropped": [], "truncated": []}
+    for ids, targets in encoded:
+        labels = [t if is_target else packing.IGNORE for t, is_target in zip(ids, targets)]
+        truncated = cfg.format != "text" and len(ids) > cfg.block_size
+        reason = ""
+        if truncated:
+            if cfg.overflow == "drop":
+                reason = "too_long"
+            ids, labels = ids[:cfg.block_size], labels[:cfg.block_size]
+        if labels:
+            labels[0] = packing.IGNORE
+        if not reason and all(label == packing.IGNORE for label in labels):
+            reason = "no_target_after_truncation" if truncated else "no_target"
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["dropped"].append(reason)
+        out["truncated"].append(truncated and not reason)
+    return out
+
+
+def tokenize_and_pack(split: Split, tokenizer: Any, cfg: DataConfig, name: str) -> tuple[dict, dict]:
+    """Tokenize a split's records and pack them into rows; returns the rows and the manifest figures."""
+    records = split.records
+    num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 4) if len(records) >= PARALLEL_FROM_RECORDS else None)
+    encoded = records.map(encode_batch, batched=True, batch_size=1000, num_proc=num_proc,
+                          fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
+                          remove_columns=records.column_names, desc=f"tokenize {name}")
+    table = encoded.data
+    ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    reasons = table.column("dropped").to_pylist()
+    dropped = Counter(split.dropped)
+    dropped.update(r for r in reasons if r)
+    examples = [(i, lab) for i, lab, r in zip(ids, labels, reasons) if not r]
+    if not examples:
+        raise UserError(f"the {name} split is empty after tokenization ({dict(dropped)})")
+    block = cfg.block_size
+    if cfg.format == "text":
+        rows = packing.pack_stream(examples, block) if cfg.packing else packing.one_per_row(
+            packing.split_long(examples, block))
+    else:
+        rows = packing.pack_examples(examples, block) if cfg.packing else packing.one_per_row(examples)
+    tokens = sum(len(r) for r in rows["input_ids"])
+    sequences = len(rows["input_ids"])
+    stats = {
+        "records_in": split.records_in,
+        "records_kept": len(examples),
+        "records_dropped": dict(sorted(dropped.items())),
+        "records_truncated": sum(table.column("truncated").to_pylist()),
+        "tokens": tokens,
+        "target_tokens": sum(1 for r in rows["labels"] for t in r if t != packing.IGNORE),
+        "sequences": sequences,
+        "positions": sequences * block,
+        "packing_efficiency": round(tokens / (sequences * block), 4),
+    }
+    return rows, stats
+
+
+def _print_summary(out: Path, manifest: dict) -> None:
+    for name in SPLITS:
+        s = manifest[name]
+        dropped = ", ".join(f"{n} {r}" for r, n in s["records_dropped"].items()) or "none"
+        print(f"prepare: {name}: {s['records_kept']}/{s['records_in']} records kept (dropped: {dropped}), "
+              f"{s['tokens']} tokens in {s['sequences']} rows, packing efficiency {s['packing_efficiency']:.1%}")
+    print(f"prepare: wrote {out} in {manifest['seconds']:.1f}s (fingerprint {manifest['fingerprint'][:12]})")
+
+
+def load_prepared(recipe: Recipe, split: str) -> datasets.Dataset:
+    path = recipe.prepared_dir / split
+    if not path.is_dir():
+        raise UserError(f"{path} not found: run 'finetune prepare {recipe.source}' first")
+    return datasets.load_from_disk(str(path))
+
+
+def load_records(recipe: Recipe, split: str) -> datasets.Dataset:
+    return datasets.load_from_disk(str(recipe.prepared_dir / "records" / split))
+
+
+def load_prepared_tokenizer(recipe: Recipe) -> Any:
+    from transformers import AutoTokenizer
+
+    from finetune.modeling import with_pad_token
+
+    return with_pad_token(AutoTokenizer.from_pretrained(str(recipe.prepared_dir / "tokenizer")))

@@ -1,0 +1,420 @@
+"""Recipes: YAML files with `extends:` chains and dotted overrides, validated into typed objects."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from finetune.errors import UserError
+
+FORMATS = ("text", "instruction", "chat", "classification")
+LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    vocab_size: int = 8192
+    min_frequency: int = 2
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    train: TokenizerTrainConfig | None = None
+
+
+@dataclass
+class ModelConfig:
+    base: str | None = None
+    init: dict | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class HubSource:
+    hub: str
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass
+class InstructionFormat:
+    template: str = ALPACA_TEMPLATE
+    template_no_input: str = ALPACA_TEMPLATE_NO_INPUT
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+
+
+@dataclass
+class ChatFormat:
+    messages_field: str | None = None
+    system: str = "System: {content}\n\n"
+    user: str = "User: {content}\n\n"
+    assistant: str = "Assistant:"
+    assistant_content: str = " {content}"
+    after_assistant: str = "\n\n"
+    system_prompt: str | None = None
+
+
+@dataclass
+class ClassificationFormat:
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: dict | list | None = None
+    template: str = "{text}\nLabel:"
+    label_prefix: str = " "
+
+
+@dataclass
+class DataConfig:
+    train: Union[str, HubSource, None] = None
+    validation: Union[str, HubSource, None] = None
+    format: str = "text"
+    text_field: str = "text"
+    sample_by: str = "line"
+    block_size: int = 256
+    packing: bool = True
+    overflow: str = "truncate"
+    max_records: int | None = None
+    validation_fraction: float = 0.05
+    seed: int = 42
+    num_proc: int | None = None
+    instruction: InstructionFormat = field(default_factory=InstructionFormat)
+    chat: ChatFormat = field(default_factory=ChatFormat)
+    classification: ClassificationFormat = field(default_factory=ClassificationFormat)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: Union[str, list] = "attn"
+    modules_to_save: list | None = None
+    bias: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    early_stopping_patience: int | None = None
+    resume: str = "auto"
+    dataloader_workers: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    files: list = field(default_factory=list)
+    stride: int | None = None
+    batch_size: int = 8
+    max_examples: int | None = None
+    baseline: bool = True
+    shots: int = 0
+    calibrate: bool = False
+    length_normalize: bool = False
+    generate_samples: int = 16
+    max_new_tokens: int = 128
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: list = field(default_factory=list)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_new_tokens_cap: int = 512
+    api_key_env: str = "FINETUNE_API_KEY"
+    extra_runs: list = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    output_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    source: str = field(default="", metadata={"internal": True})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("outputs") / self.name
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.run_dir / "prepared"
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what `recipe.yaml` in the run folder holds)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, follow its `extends:` chain, apply `key.path=value` overrides and validate."""
+    path = Path(path)
+    raw = _load_chain(path.resolve(), [])
+    for override in overrides:
+        _apply_override(raw, override)
+    recipe = _build(Recipe, raw, str(path))
+    recipe.source = str(path)
+    _resolve_paths(recipe, path.resolve().parent)
+    _validate(recipe, str(path))
+    return recipe
+
+
+def recipe_from_dict(raw: dict, base_dir: str | Path = ".", where: str = "<recipe>") -> Recipe:
+    """Build a recipe from already-merged data (as written to a run folder's `recipe.yaml`)."""
+    recipe = _build(Recipe, copy.deepcopy(raw), where)
+    recipe.source = where
+    _resolve_paths(recipe, Path(base_dir).resolve())
+    _validate(recipe, where)
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _load_chain(path: Path, seen: list[Path]) -> dict:
+    if path in seen:
+        chain = " -> ".join(str(p) for p in [*seen, path])
+        raise UserError(f"recipe extends itself in a cycle: {chain}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    _resolve_relative_sources(data, path.parent)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: 'extends' must be a file path, got {parent!r}")
+    base = _load_chain((path.parent / parent).resolve(), [*seen, path])
+    return deep_merge(base, data)
+
+
+def _resolve_relative_sources(data: dict, folder: Path) -> None:
+    """Data paths are relative to the recipe file that names them, so resolve them before merging."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for split in ("train", "validation"):
+        value = section.get(split)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            section[split] = str((folder / value).resolve())
+    files = data.get("eval", {}).get("files") if isinstance(data.get("eval"), dict) else None
+    if isinstance(files, list):
+        data["eval"]["files"] = [
+            str((folder / f).resolve()) if isinstance(f, str) and not Path(f).is_absolute() else f for f in files
+        ]
+    for key in ("base", "path"):
+        for owner in ("model", "tokenizer"):
+            value = data.get(owner, {}).get(key) if isinstance(data.get(owner), dict) else None
+            if isinstance(value, str) and value.startswith((".", "/")) and (folder / value).exists():
+                data[owner][key] = str((folder / value).resolve())
+
+
+def deep_merge(base: dict, child: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise UserError(f"override {override!r} must look like key.path=value")
+    key_path, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {override!r}: value is not valid YAML: {exc}") from None
+    keys = key_path.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    if key_path.startswith("data.") and keys[-1] in ("train", "validation") and isinstance(value, str):
+        value = str(Path(value).resolve())
+    node[keys[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        if dataclasses.is_dataclass(tp):
+            return "mapping"
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+                "dict": "mapping", "list": "list"}.get(tp.__name__, tp.__name__)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+
+
+def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _build(option, value, where, key)
+            except UserError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise UserError(f"{where}: '{key}' must be a {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: '{key or 'recipe'}' must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        known = [f.name for f in dataclasses.fields(tp) if not f.metadata.get("internal")]
+        kwargs = {}
+        for name, item in value.items():
+            full = f"{key}.{name}" if key else str(name)
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+                hint = f"; did you mean '{(key + '.') if key else ''}{close[0]}'?" if close else ""
+                raise UserError(f"{where}: unknown key '{full}'{hint}")
+            kwargs[name] = _build(hints[name], item, where, full)
+        try:
+            return tp(**kwargs)
+        except TypeError as exc:
+            raise UserError(f"{where}: '{key or 'recipe'}' is missing a required key: {exc}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    expected = origin or tp
+    if expected is Any:
+        return value
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise UserError(f"{where}: '{key}' must be a {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _resolve_paths(recipe: Recipe, folder: Path) -> None:
+    for split in ("train", "validation"):
+        value = getattr(recipe.data, split)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            setattr(recipe.data, split, str((folder / value).resolve()))
+
+
+def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def _validate(recipe: Recipe, where: str) -> None:
+    if not recipe.name:
+        raise UserError(f"{where}: 'name' is required (the run's name; outputs go to outputs/<name>/)")
+    if bool(recipe.model.base) == bool(recipe.model.init is not None):
+        raise UserError(f"{where}: set exactly one of 'model.base' (Hub id or folder) or 'model.init' (GPT-2 config)")
+    if recipe.data.train is None:
+        raise UserError(f"{where}: 'data.train' is required (a local file or a Hub spec {{hub: name}})")
+    _choice(where, "data.format", recipe.data.format, FORMATS)
+    _choice(where, "data.sample_by", recipe.data.sample_by, ("line", "paragraph", "document"))
+    _choice(where, "data.overflow", recipe.data.overflow, ("truncate", "drop"))
+    _choice(where, "model.dtype", recipe.model.dtype, ("float32", "bfloat16", "float16", "auto"))
+    _choice(where, "model.attn_implementation", recipe.model.attn_implementation, ("eager", "sdpa", "flash_attention_2"))
+    for split in ("train", "validation"):
+        source = getattr(recipe.data, split)
+        if isinstance(source, str) and not source.endswith(LOCAL_EXTENSIONS):
+            raise UserError(
+                f"{where}: 'data.{split}' = {source!r}: a local file must end in one of "
+                f"{', '.join(LOCAL_EXTENSIONS)}; for a Hub data set write {{hub: name, config: ..., split: ...}}"
+            )
+    if recipe.data.block_size < 8:
+        raise UserError(f"{where}: 'data.block_size' must be at least 8, got {recipe.data.block_size}")
+    if not 0 < recipe.data.validation_fraction < 1:
+        raise UserError(f"{where}: 'data.validation_fraction' must be between 0 and 1, got {recipe.data.validation_fraction}")
+    if recipe.data.format == "classification" and not recipe.data.classification.labels:
+        raise UserError(f"{where}: 'data.classification.labels' is required for the classification format "
+                        "(label value -> words, e.g. {0: negative, 1: positive})")
+    if recipe.model.init is not None and recipe.tokenizer.path is None and recipe.tokenizer.train is None:
+        raise UserError(f"{where}: a from-scratch model ('model.init') needs 'tokenizer.path' or 'tokenizer.train'")
+    if recipe.tokenizer.path is not None and recipe.tokenizer.train is not None:
+        raise UserError(f"{where}: set 'tokenizer.path' or 'tokenizer.train', not both")
