@@ -50,11 +50,10 @@ def label_index(value: Any, cfg: ClassificationFormat) -> int | None:
 
 
 def _field(row: dict, name: str, where: str) -> Any:
-    if name not in row:
-        raise UserError(f"{where}: missing field '{name}' (fields present: {', '.join(sorted(row)) or 'none'})")
-    value = row[name]
+    value = row.get(name)
     if value is None:
-        raise UserError(f"{where}: field '{name}' is empty (null)")
+        present = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
+        raise UserError(f"{where}: missing field '{name}' (fields present: {present})")
     return value
 
 
@@ -86,7 +85,7 @@ def _messages_field(row: dict, cfg: ChatFormat, where: str) -> str:
     if cfg.messages_field:
         return cfg.messages_field
     for name in ("messages", "conversations"):
-        if name in row:
+        if row.get(name) is not None:
             return name
     raise UserError(f"{where}: no 'messages' or 'conversations' field; set data.chat.messages_field")
 

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
+                          PreTrainedTokenizerFast)
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import UserError
@@ -34,8 +35,12 @@ def with_pad_token(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFas
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerFast:
+    folder = Path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        if folder.is_dir() and not (folder / "tokenizer_config.json").is_file() and (folder / "merges.txt").is_file():
+            tokenizer = GPT2TokenizerFast.from_pretrained(path)  # bare GPT-2 files: vocab.json + merges.txt
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as exc:  # noqa: BLE001 - a missing folder, an unreachable Hub id, a broken file
         raise UserError(f"could not load tokenizer {path!r}: {type(exc).__name__}: {exc}") from None
     if not tokenizer.is_fast:

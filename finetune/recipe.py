@@ -339,7 +339,7 @@ def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
-        raise UserError(f"{where}: '{key}' must be a {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be of type {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -370,7 +370,7 @@ def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
     if expected is Any:
         return value
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise UserError(f"{where}: '{key}' must be a {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be of type {_type_name(tp)}, got {value!r}")
     return value
 
 

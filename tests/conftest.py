@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny GPT-2 and tokenizer saved to disk (loaded through the same paths as Hub models)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega red green blue cyan magenta yellow black white good bad great awful").split()
+
+
+def shared_path(relative: str) -> Path:
+    """A file under ../shared/data, or skip the test when the shared data is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"../shared/data/{relative} is absent (shared data is not part of a fresh clone)")
+    return path
+
+
+def corpus_lines(n: int = 200, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer (vocab 300) trained on a small synthetic corpus, saved as a folder."""
+    from finetune.modeling import train_tokenizer
+    from finetune.recipe import TokenizerTrainConfig
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer = train_tokenizer(corpus_lines(), TokenizerTrainConfig(vocab_size=300, min_frequency=1))
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 (2 layers, 32 wide) with its tokenizer, saved like a Hub checkpoint."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from finetune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer),
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,211 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.cli import main
+from finetune.errors import UserError
+from finetune.packing import IGNORE, best_fit_decreasing, pack_stream
+from finetune.prepare import load_prepared, load_prepared_tokenizer, load_records, prepare
+from finetune.recipe import load_recipe
+
+from conftest import corpus_lines, shared_path
+
+
+def make_recipe(tmp_path: Path, tokenizer_dir: Path, train: str, overrides: tuple = (), **data):
+    spec = {"name": "t", "output_dir": str(tmp_path / "run"), "model": {"base": "gpt2"},
+            "tokenizer": {"path": str(tokenizer_dir)}, "data": {"train": train, "block_size": 64, **data}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_recipe(path, list(overrides))
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def examples_of(row: dict) -> list[tuple[list[int], list[int]]]:
+    """Split a packed row back into its examples at the position-id restarts."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    for a, b in zip(starts, starts[1:]):
+        assert row["position_ids"][a:b] == list(range(b - a))
+    return [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def target_texts(recipe, split="train") -> Counter:
+    tokenizer = load_prepared_tokenizer(recipe)
+    out = Counter()
+    for row in load_prepared(recipe, split):
+        for ids, labels in examples_of(row):
+            assert labels[0] == IGNORE
+            out[tokenizer.decode([t for t in labels if t != IGNORE])] += 1
+    return out
+
+
+INSTRUCTIONS = [{"instruction": f"name colour {i}", "input": "" if i % 2 else f"hint {i}",
+                 "output": f"colour number {i} is red"} for i in range(40)]
+
+
+def test_instruction_targets_are_exactly_response_and_eos(tmp_path, tokenizer_dir):
+    train = write_jsonl(tmp_path / "ins.jsonl", INSTRUCTIONS)
+    recipe = make_recipe(tmp_path, tokenizer_dir, train, format="instruction", validation_fraction=0.25,
+                         block_size=512)
+    manifest = prepare(recipe)
+    got = target_texts(recipe) + target_texts(recipe, "validation")
+    assert got == Counter(f"{r['output']}<|endoftext|>" for r in INSTRUCTIONS)
+    # whole examples were packed several to a row
+    assert manifest["train"]["sequences"] < manifest["train"]["records_kept"]
+    prompts = [r["prompt"] for r in load_records(recipe, "train")]
+    assert any("### Input:\nhint" in p for p in prompts) and any("### Input" not in p for p in prompts)
+
+
+def test_chat_targets_are_assistant_turns_each_closed_by_eos(tmp_path, tokenizer_dir):
+    rows = [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {i}"},
+                               {"from": "human", "value": "more"}, {"from": "gpt", "value": f"bye {i}"}]}
+            for i in range(20)]
+    rows.append({"messages": [{"role": "user", "content": "only a question"}]})
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    recipe = make_recipe(tmp_path, tokenizer_dir, train, format="chat", validation=train)
+    manifest = prepare(recipe)
+    assert manifest["train"]["records_dropped"] == {"no_assistant_turn": 1}
+    tokenizer = load_prepared_tokenizer(recipe)
+    for row in load_prepared(recipe, "train"):
+        for ids, labels in examples_of(row):
+            targets = tokenizer.decode([t for t in labels if t != IGNORE])
+            i = tokenizer.decode(ids).split("hi ")[1].split("\n")[0]
+            assert targets == f" hello {i}<|endoftext|> bye {i}<|endoftext|>"
+            assert "User: hi" in tokenizer.decode(ids)
+
+
+def test_classification_targets_only_label_words(tmp_path, tokenizer_dir):
+    lines = ["text\tlabel"] + [f"{w} review {i}\t{i % 2}" for i, w in enumerate(corpus_lines(30))]
+    (tmp_path / "cls.tsv").write_text("\n".join(lines) + "\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "cls.tsv"), format="classification",
+                         classification={"labels": {0: "bad", 1: "good"}, "template": "{text}\nVerdict:"})
+    manifest = prepare(recipe)
+    assert manifest["labels"]["names"] == ["bad", "good"]
+    got = target_texts(recipe) + target_texts(recipe, "validation")
+    assert got == Counter({" bad": 15, " good": 15})
+
+
+def test_text_stream_keeps_every_target_and_restarts_positions(tmp_path, tokenizer_dir):
+    lines = corpus_lines(60)
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"), block_size=16, validation_fraction=0.1)
+    manifest = prepare(recipe)
+    tokenizer = load_prepared_tokenizer(recipe)
+    rows = load_prepared(recipe, "train")
+    stream = [t for row in rows for t in row["input_ids"]]
+    kept = [r["text"] for r in load_records(recipe, "train")]
+    expected = [t for text in kept for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    assert stream == expected  # nothing lost, order kept, EOS between documents
+    doc_starts = sum(1 for row in rows for p in row["position_ids"] if p == 0)
+    targets = sum(1 for row in rows for t in row["labels"] if t != IGNORE)
+    assert targets == len(stream) - doc_starts == manifest["train"]["target_tokens"]
+    assert all(len(r["input_ids"]) == 16 for r in list(rows)[:-1])
+    assert manifest["train"]["packing_efficiency"] > 0.9
+
+
+def test_pack_stream_positions_restart_at_documents_and_rows():
+    rows = pack_stream([([1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7, 8], [4, 5, 6, 7, 8])], block_size=4)
+    assert rows["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert rows["position_ids"] == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert rows["labels"] == [[IGNORE, 2, 3, IGNORE], [IGNORE, 6, 7, 8]]
+
+
+def test_best_fit_decreasing_fills_bins_and_loses_nothing():
+    lengths = [5, 3, 3, 2, 7, 1, 4, 4, 1]
+    bins = best_fit_decreasing(lengths, capacity=8)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 8 for b in bins)
+    assert len(bins) == 4  # 30 tokens need at least 4 bins of 8
+
+
+def test_no_packing_keeps_one_example_per_row(tmp_path, tokenizer_dir):
+    train = write_jsonl(tmp_path / "ins.jsonl", INSTRUCTIONS)
+    recipe = make_recipe(tmp_path, tokenizer_dir, train, format="instruction", packing=False, block_size=512)
+    manifest = prepare(recipe)
+    assert manifest["train"]["sequences"] == manifest["train"]["records_kept"]
+    assert all(row["position_ids"].count(0) == 1 for row in load_prepared(recipe, "train"))
+
+
+def test_long_examples_truncated_or_dropped_and_counted(tmp_path, tokenizer_dir):
+    rows = INSTRUCTIONS[:10] + [{"instruction": "x " * 400, "output": "too long"}]
+    train = write_jsonl(tmp_path / "ins.jsonl", rows)
+    recipe = make_recipe(tmp_path, tokenizer_dir, train, format="instruction", validation=train, block_size=512)
+    assert prepare(recipe)["train"]["records_dropped"] == {"no_target_after_truncation": 1}
+    recipe = make_recipe(tmp_path, tokenizer_dir, train, ("data.overflow=drop",), format="instruction",
+                         validation=train, block_size=512)
+    assert prepare(recipe)["train"]["records_dropped"] == {"too_long": 1}
+
+
+def test_empty_records_are_dropped_and_counted(tmp_path, tokenizer_dir):
+    (tmp_path / "c.txt").write_text("one two\n   \nthree four\n\nfive six\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"), validation=str(tmp_path / "c.txt"))
+    manifest = prepare(recipe)
+    assert manifest["train"]["records_in"] == 5
+    assert manifest["train"]["records_kept"] == 3
+    assert manifest["train"]["records_dropped"] == {"empty": 2}
+
+
+def test_cache_hit_and_miss(tmp_path, tokenizer_dir, capsys):
+    train = write_jsonl(tmp_path / "ins.jsonl", INSTRUCTIONS)
+    recipe = make_recipe(tmp_path, tokenizer_dir, train, format="instruction", block_size=512)
+    first = prepare(recipe)
+    assert prepare(recipe)["fingerprint"] == first["fingerprint"]
+    assert "up to date" in capsys.readouterr().out
+    changed = make_recipe(tmp_path, tokenizer_dir, train, ('data.instruction.template_no_input="Q: {instruction}\\nA:"',),
+                          format="instruction", block_size=512)
+    assert prepare(changed)["fingerprint"] != first["fingerprint"]
+    assert "up to date" not in capsys.readouterr().out
+    write_jsonl(tmp_path / "ins.jsonl", INSTRUCTIONS[:-1])
+    assert prepare(recipe)["fingerprint"] not in (first["fingerprint"],)
+
+
+def test_trained_tokenizer_is_saved_with_eos(tmp_path):
+    (tmp_path / "c.txt").write_text("\n".join(corpus_lines(80)) + "\n")
+    spec = {"name": "s", "output_dir": str(tmp_path / "run"), "model": {"init": {"n_layer": 1}},
+            "tokenizer": {"train": {"vocab_size": 280, "min_frequency": 1}}, "data": {"train": "c.txt"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    manifest = prepare(recipe)
+    tokenizer = load_prepared_tokenizer(recipe)
+    assert tokenizer.eos_token == "<|endoftext|>" and manifest["tokenizer"]["vocab_size"] == len(tokenizer) <= 280
+    assert tokenizer("<|endoftext|>")["input_ids"] == [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("content, override, message", [
+    (None, (), "data file not found"),
+    (b"text\n\xff\xfe broken\n", (), r"not valid UTF-8 at byte offset 5"),
+    (b'{"instruction": "a", "output": "b"}\n{"output": "c"}\n', ("data.format=instruction",),
+     r"line 2: missing field 'instruction'"),
+    (b'{"text": "a", "label": 0}\n{"text": "b", "label": 7}\n',
+     ("data.format=classification", "data.classification.labels=[no, yes]"), r"line 2: label 7 is not in the label set"),
+    (b"\n  \n\n", (), "empty after filtering"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, tokenizer_dir, capsys, content, override, message):
+    suffix = ".txt" if content is None or content.startswith((b"text", b"\n")) else ".jsonl"
+    data_file = tmp_path / f"data{suffix}"
+    if content is not None:
+        data_file.write_bytes(content)
+    spec = {"name": "t", "output_dir": str(tmp_path / "run"), "model": {"base": "gpt2"},
+            "tokenizer": {"path": str(tokenizer_dir)},
+            "data": {"train": str(data_file), "validation": str(data_file)}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["prepare", str(tmp_path / "r.yaml"), *override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_real_data_sst2_and_alpaca_pack_efficiently(tmp_path):
+    tokenizer = shared_path("gpt2-tokenizer")
+    sst2 = make_recipe(tmp_path, tokenizer, str(shared_path("sst2/train.tsv")), ("data.max_records=5000",),
+                       format="classification", block_size=128,
+                       classification={"text_field": "sentence", "labels": {0: "negative", 1: "positive"}})
+    manifest = prepare(sst2)
+    assert manifest["train"]["packing_efficiency"] >= 0.95
+    assert manifest["train"]["records_in"] + manifest["validation"]["records_in"] == 5000

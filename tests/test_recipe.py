@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.errors import UserError
+from finetune.recipe import load_recipe, recipe_from_dict, save_recipe
+
+
+def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"name": "base", "model": {"base": "gpt2"}, "data": {"train": "data/train.txt", "block_size": 64},
+        "train": {"lr": 1e-3, "max_steps": 5}}
+
+
+def test_extends_deep_merges_and_child_wins(tmp_path):
+    write(tmp_path / "common" / "base.yaml", BASE)
+    child = write(tmp_path / "child.yaml", {"extends": "common/base.yaml", "name": "child",
+                                            "train": {"max_steps": 9}})
+    recipe = load_recipe(child)
+    assert recipe.name == "child"
+    assert recipe.train.max_steps == 9 and recipe.train.lr == 1e-3
+    # a data path is relative to the file that names it
+    assert recipe.data.train == str((tmp_path / "common" / "data" / "train.txt").resolve())
+
+
+def test_extends_cycle_is_detected(tmp_path):
+    write(tmp_path / "a.yaml", {"extends": "b.yaml", **BASE})
+    write(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(UserError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_overrides_are_typed_as_yaml(tmp_path):
+    path = write(tmp_path / "r.yaml", BASE)
+    recipe = load_recipe(path, ["train.lr=3e-4", "lora=null", "data.block_size=128", "data.packing=false"])
+    assert recipe.train.lr == pytest.approx(3e-4)
+    assert recipe.lora is None
+    assert recipe.data.block_size == 128 and recipe.data.packing is False
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    path = write(tmp_path / "r.yaml", {**BASE, "train": {"learning_rte": 1}})
+    with pytest.raises(UserError, match=r"r\.yaml.*unknown key 'train\.learning_rte'"):
+        load_recipe(path)
+    path = write(tmp_path / "r2.yaml", {**BASE, "data": {**BASE["data"], "blok_size": 3}})
+    with pytest.raises(UserError, match="did you mean 'data.block_size'"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    path = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(UserError, match="'train.max_steps' must be of type integer"):
+        load_recipe(path, ["train.max_steps=many"])
+    with pytest.raises(UserError, match="'data.packing' must be of type boolean"):
+        load_recipe(path, ["data.packing=3"])
+
+
+def test_bad_choices_and_missing_keys(tmp_path):
+    path = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(UserError, match="'data.format' must be one of .*did you mean 'chat'"):
+        load_recipe(path, ["data.format=chta"])
+    with pytest.raises(UserError, match="exactly one of 'model.base'"):
+        load_recipe(path, ["model.init={n_layer: 2}"])
+    with pytest.raises(UserError, match="must end in one of"):
+        load_recipe(path, ["data.train=notes.docx"])
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(write(tmp_path / "r.yaml", BASE))
+    save_recipe(recipe, tmp_path / "resolved.yaml")
+    again = recipe_from_dict(yaml.safe_load((tmp_path / "resolved.yaml").read_text()))
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert recipes, "no shipped recipes found"
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.name, path
