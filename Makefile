@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/demo-tune.yaml
 ARGS ?=
 export HF_HUB_OFFLINE ?= 1
-export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test prepare
+.PHONY: setup test prepare eval
+NPROC ?= 1
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,11 @@ test: setup
 
 prepare: setup
 	$(PY) -m finetune prepare $(RECIPE) $(ARGS)
+
+eval: setup
+ifeq ($(NPROC),1)
+	$(PY) -m finetune eval $(RECIPE) $(ARGS)
+else
+	$(PY) -m finetune prepare $(RECIPE)
+	$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) -m finetune eval $(RECIPE) $(ARGS)
+endif

@@ -65,14 +65,22 @@ def load_raw(source: str | HubSource, cfg: DataConfig) -> datasets.Dataset:
         raise UserError(f"{path}: could not be read as {suffix[1:]}: {type(exc).__name__}: {exc}") from None
 
 
-def _row_label(source: str | HubSource, index: int) -> str:
-    if isinstance(source, HubSource):
-        return f"{describe(source)} row {index + 1}"
-    path = Path(source)
-    if path.suffix.lower() == ".jsonl":
-        return f"{path} line {index + 1}"
-    header = HEADER_ROWS.get(path.suffix.lower(), 0)
-    return f"{path} row {index + 1}" + (f" (line {index + 1 + header})" if header else "")
+class RowRef:
+    """Names a row for error messages ("file line N"); built for every row, formatted only on error."""
+
+    __slots__ = ("source", "index")
+
+    def __init__(self, source: str | HubSource, index: int) -> None:
+        self.source, self.index = source, index
+
+    def __str__(self) -> str:
+        if isinstance(self.source, HubSource):
+            return f"{describe(self.source)} row {self.index + 1}"
+        path = Path(self.source)
+        if path.suffix.lower() == ".jsonl":
+            return f"{path} line {self.index + 1}"
+        header = HEADER_ROWS.get(path.suffix.lower(), 0)
+        return f"{path} row {self.index + 1}" + (f" (line {self.index + 1 + header})" if header else "")
 
 
 def normalize_dataset(
@@ -86,10 +94,12 @@ def normalize_dataset(
     outs: list[dict[str, list]] = [{name: [] for name in columns} for _ in range(n_parts)]
     dropped = [Counter() for _ in range(n_parts)]
     totals = [0] * n_parts
-    for index, row in enumerate(raw):
+    columns_in = raw.to_dict()
+    names = list(columns_in)
+    for index, values in enumerate(zip(*columns_in.values())):
         part = part_of[index] if part_of is not None else 0
         totals[part] += 1
-        record, reason = normalize(row, cfg, _row_label(source, index))
+        record, reason = normalize(dict(zip(names, values)), cfg, RowRef(source, index))
         if record is None:
             dropped[part][reason] += 1
             continue

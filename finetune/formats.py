@@ -49,7 +49,7 @@ def label_index(value: Any, cfg: ClassificationFormat) -> int | None:
     return None
 
 
-def _field(row: dict, name: str, where: str) -> Any:
+def _field(row: dict, name: str, where: Any) -> Any:
     value = row.get(name)
     if value is None:
         present = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
@@ -57,7 +57,7 @@ def _field(row: dict, name: str, where: str) -> Any:
     return value
 
 
-def normalize(row: dict, cfg: DataConfig, where: str) -> tuple[dict | None, str | None]:
+def normalize(row: dict, cfg: DataConfig, where: Any) -> tuple[dict | None, str | None]:
     """One raw row -> (record, None), or (None, reason) when the row is dropped. Raises UserError on bad rows."""
     fmt = cfg.format
     if fmt == "text":
@@ -70,7 +70,7 @@ def normalize(row: dict, cfg: DataConfig, where: str) -> tuple[dict | None, str 
     return _normalize_classification(row, cfg.classification, where)
 
 
-def _normalize_instruction(row: dict, cfg: InstructionFormat, where: str) -> tuple[dict | None, str | None]:
+def _normalize_instruction(row: dict, cfg: InstructionFormat, where: Any) -> tuple[dict | None, str | None]:
     instruction = str(_field(row, cfg.instruction_field, where))
     response = str(_field(row, cfg.output_field, where))
     extra = row.get(cfg.input_field)
@@ -81,7 +81,7 @@ def _normalize_instruction(row: dict, cfg: InstructionFormat, where: str) -> tup
     return {"prompt": template.format(instruction=instruction, input=extra), "response": response}, None
 
 
-def _messages_field(row: dict, cfg: ChatFormat, where: str) -> str:
+def _messages_field(row: dict, cfg: ChatFormat, where: Any) -> str:
     if cfg.messages_field:
         return cfg.messages_field
     for name in ("messages", "conversations"):
@@ -90,7 +90,7 @@ def _messages_field(row: dict, cfg: ChatFormat, where: str) -> str:
     raise UserError(f"{where}: no 'messages' or 'conversations' field; set data.chat.messages_field")
 
 
-def _normalize_chat(row: dict, cfg: ChatFormat, where: str) -> tuple[dict | None, str | None]:
+def _normalize_chat(row: dict, cfg: ChatFormat, where: Any) -> tuple[dict | None, str | None]:
     turns = _field(row, _messages_field(row, cfg, where), where)
     if not isinstance(turns, list):
         raise UserError(f"{where}: chat messages must be a list, got {type(turns).__name__}")
@@ -111,7 +111,7 @@ def _normalize_chat(row: dict, cfg: ChatFormat, where: str) -> tuple[dict | None
     return {"messages": messages}, None
 
 
-def _normalize_classification(row: dict, cfg: ClassificationFormat, where: str) -> tuple[dict | None, str | None]:
+def _normalize_classification(row: dict, cfg: ClassificationFormat, where: Any) -> tuple[dict | None, str | None]:
     text = str(_field(row, cfg.text_field, where))
     raw_label = _field(row, cfg.label_field, where)
     index = label_index(raw_label, cfg)
@@ -168,22 +168,38 @@ def prompt_segments(record: dict, cfg: DataConfig) -> list[Segment]:
     return prefix
 
 
-def encode_segments(tokenizer: Any, batch: list[list[Segment]]) -> list[tuple[list[int], list[bool]]]:
-    """Tokenize many segment lists with one batched tokenizer call; returns (token ids, is-target flags) each."""
-    texts = [text for segs in batch for text, _ in segs if text is not None]
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
-    eos = tokenizer.eos_token_id
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain texts, straight from the Rust tokenizer (no special tokens added, and special-token
+    strings inside the data, such as a literal "<|endoftext|>", encoded as ordinary text)."""
+    if not texts:
+        return []
+    backend = tokenizer.backend_tokenizer
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = previous
+
+
+def encode_segments(tokenizer: Any, batch: list[list[Segment]], ignore: int = -100) -> list[tuple[list[int], list[int]]]:
+    """Tokenize many segment lists with one batched tokenizer call.
+
+    Returns (token ids, labels) per segment list: labels repeat the ids on target segments, `ignore` elsewhere.
+    """
+    encoded = encode_texts(tokenizer, [text for segs in batch for text, _ in segs if text is not None])
+    eos = [tokenizer.eos_token_id]
     out, cursor = [], 0
     for segs in batch:
         ids: list[int] = []
-        targets: list[bool] = []
+        labels: list[int] = []
         for text, target in segs:
             if text is None:
-                piece = [eos]
+                piece = eos
             else:
                 piece = encoded[cursor]
                 cursor += 1
             ids += piece
-            targets += [target] * len(piece)
-        out.append((ids, targets))
+            labels += piece if target else [ignore] * len(piece)
+        out.append((ids, labels))
     return out

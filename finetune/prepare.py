@@ -19,13 +19,12 @@ import datasets
 from finetune import __version__, data, formats, packing
 from finetune.data import Split, describe
 from finetune.errors import UserError
-from finetune.formats import encode_segments, label_names, segments
+from finetune.formats import encode_segments, encode_texts, label_names, segments
 from finetune.modeling import load_tokenizer, tokenizer_source, train_tokenizer
 from finetune.recipe import DataConfig, HubSource, Recipe
 
 SPLITS = ("train", "validation")
 PREPARE_CODE = [Path(module.__file__) for module in (data, formats, packing)] + [Path(__file__)]
-PARALLEL_FROM_RECORDS = 20_000
 
 
 def fingerprint(recipe: Recipe, tokenizer: Any | None) -> str:
@@ -108,7 +107,7 @@ def _train_tokenizer(train: Split, recipe: Recipe) -> Any:
 def _label_info(tokenizer: Any, cfg: DataConfig) -> dict:
     names = label_names(cfg.classification)
     words = [cfg.classification.label_prefix + name for name in names]
-    ids = tokenizer(words, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = encode_texts(tokenizer, words)
     return {"names": names, "words": words, "token_ids": ids}
 
 
@@ -116,10 +115,9 @@ def encode_batch(batch: dict[str, list], tokenizer: Any, cfg: DataConfig) -> dic
     """`datasets.map` function: records -> input_ids, labels (-100 off target) and a drop reason ('' if kept)."""
     columns = list(batch)
     records = [dict(zip(columns, values)) for values in zip(*batch.values())]
-    encoded = encode_segments(tokenizer, [segments(record, cfg) for record in records])
+    encoded = encode_segments(tokenizer, [segments(record, cfg) for record in records], packing.IGNORE)
     out: dict[str, list] = {"input_ids": [], "labels": [], "dropped": [], "truncated": []}
-    for ids, targets in encoded:
-        labels = [t if is_target else packing.IGNORE for t, is_target in zip(ids, targets)]
+    for ids, labels in encoded:
         truncated = cfg.format != "text" and len(ids) > cfg.block_size
         reason = ""
         if truncated:
@@ -128,7 +126,7 @@ def encode_batch(batch: dict[str, list], tokenizer: Any, cfg: DataConfig) -> dic
             ids, labels = ids[:cfg.block_size], labels[:cfg.block_size]
         if labels:
             labels[0] = packing.IGNORE
-        if not reason and all(label == packing.IGNORE for label in labels):
+        if not reason and labels.count(packing.IGNORE) == len(labels):
             reason = "no_target_after_truncation" if truncated else "no_target"
         out["input_ids"].append(ids)
         out["labels"].append(labels)
@@ -140,8 +138,8 @@ def encode_batch(batch: dict[str, list], tokenizer: Any, cfg: DataConfig) -> dic
 def tokenize_and_pack(split: Split, tokenizer: Any, cfg: DataConfig, name: str) -> tuple[dict, dict]:
     """Tokenize a split's records and pack them into rows; returns the rows and the manifest figures."""
     records = split.records
-    num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 4) if len(records) >= PARALLEL_FROM_RECORDS else None)
-    encoded = records.map(encode_batch, batched=True, batch_size=1000, num_proc=num_proc,
+    # In one process the Rust tokenizer already encodes each batch on every core; num_proc is for huge data.
+    encoded = records.map(encode_batch, batched=True, batch_size=10_000, num_proc=cfg.num_proc, keep_in_memory=True,
                           fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
                           remove_columns=records.column_names, desc=f"tokenize {name}")
     table = encoded.data

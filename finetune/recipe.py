@@ -158,6 +158,7 @@ class EvalConfig:
     length_normalize: bool = False
     generate_samples: int = 16
     max_new_tokens: int = 128
+    seed: int = 42
 
 
 @dataclass
@@ -168,6 +169,7 @@ class GenerateConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop: list = field(default_factory=list)
+    seed: int | None = None
 
 
 @dataclass
@@ -177,6 +179,7 @@ class ServeConfig:
     max_new_tokens_cap: int = 512
     api_key_env: str = "FINETUNE_API_KEY"
     extra_runs: list = field(default_factory=list)
+    max_batch_size: int = 32
 
 
 @dataclass
@@ -264,7 +267,8 @@ def _load_chain(path: Path, seen: list[Path]) -> dict:
 
 
 def _resolve_relative_sources(data: dict, folder: Path) -> None:
-    """Data paths are relative to the recipe file that names them, so resolve them before merging."""
+    """Paths are relative to the recipe file that names them, so resolve them before merging: data files
+    always, model and tokenizer folders when written as ./ or ../ (anything else may be a Hub id)."""
     section = data.get("data")
     if not isinstance(section, dict):
         return
@@ -277,11 +281,10 @@ def _resolve_relative_sources(data: dict, folder: Path) -> None:
         data["eval"]["files"] = [
             str((folder / f).resolve()) if isinstance(f, str) and not Path(f).is_absolute() else f for f in files
         ]
-    for key in ("base", "path"):
-        for owner in ("model", "tokenizer"):
-            value = data.get(owner, {}).get(key) if isinstance(data.get(owner), dict) else None
-            if isinstance(value, str) and value.startswith((".", "/")) and (folder / value).exists():
-                data[owner][key] = str((folder / value).resolve())
+    for owner, key in (("model", "base"), ("tokenizer", "path")):
+        value = data.get(owner, {}).get(key) if isinstance(data.get(owner), dict) else None
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            data[owner][key] = str((folder / value).resolve())
 
 
 def deep_merge(base: dict, child: dict) -> dict:

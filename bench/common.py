@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmarks: shared-data lookup, result recording."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+
+
+def shared_or_skip(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        print(f"skip: ../shared/data/{relative} is absent")
+        sys.exit(0)
+    return path
+
+
+def record(name: str, figures: dict) -> None:
+    """Print the figures and append them to bench/results/<name>.jsonl."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
+             "python": platform.python_version(), **figures}
+    with (RESULTS / f"{name}.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    for key, value in figures.items():
+        print(f"  {key}: {value}")
