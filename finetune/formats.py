@@ -73,7 +73,7 @@ def normalize(row: dict, cfg: DataConfig, where: Any) -> tuple[dict | None, str 
 def _normalize_instruction(row: dict, cfg: InstructionFormat, where: Any) -> tuple[dict | None, str | None]:
     instruction = str(_field(row, cfg.instruction_field, where))
     response = str(_field(row, cfg.output_field, where))
-    extra = row.get(cfg.input_field)
+    extra = row.get(cfg.input_field) if cfg.input_field else None
     extra = "" if extra is None else str(extra)
     if not instruction.strip() or not response.strip():
         return None, "empty"

@@ -66,7 +66,7 @@ class InstructionFormat:
     template: str = ALPACA_TEMPLATE
     template_no_input: str = ALPACA_TEMPLATE_NO_INPUT
     instruction_field: str = "instruction"
-    input_field: str = "input"
+    input_field: str | None = "input"
     output_field: str = "output"
 
 
