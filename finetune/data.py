@@ -119,7 +119,8 @@ def load_splits(cfg: DataConfig) -> dict[str, Split]:
         sources = {"train": cfg.train, "validation": cfg.validation}
     else:
         if len(raw_train) < 2:
-            raise UserError(f"{describe(cfg.train)}: needs at least 2 records to carve a validation split")
+            raise UserError(f"{describe(cfg.train)}: needs at least 2 records to carve a validation split "
+                            "(set data.validation, or for a .txt file data.sample_by: line or paragraph)")
         size = max(1, round(len(raw_train) * cfg.validation_fraction))
         part_of = [0] * len(raw_train)
         for index in numpy.random.default_rng(cfg.seed).permutation(len(raw_train))[:size]:
