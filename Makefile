@@ -38,12 +38,14 @@ else
 		--num_processes $(NPROC) -m finetune train $(RECIPE) $(ARGS)
 endif
 
+# eval: ARGS takes recipe overrides and --model FOLDER (default: the run's final/); NPROC as for train.
 eval: setup
 ifeq ($(NPROC),1)
 	$(PY) -m finetune eval $(RECIPE) $(ARGS)
 else
-	$(PY) -m finetune prepare $(RECIPE)
-	$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) -m finetune eval $(RECIPE) $(ARGS)
+	$(PY) -m finetune prepare $(RECIPE) $(filter-out --%,$(foreach a,$(ARGS),$(if $(findstring =,$(a)),$(a))))
+	$(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
+		--num_processes $(NPROC) -m finetune eval $(RECIPE) $(ARGS)
 endif
 
 # Use the tuned model: PROMPT="..." for generate (empty: an unconditional sample); REPO=user/name for push

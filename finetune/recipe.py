@@ -121,29 +121,30 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.0
+    """The Trainer's settings (finetune/train.py maps them onto TrainingArguments)."""
+    epochs: float = 1.0  # ignored when max_steps > 0
     max_steps: int = -1
     lr: float = 2e-4
-    scheduler: str = "cosine"
+    scheduler: str = "cosine"  # any transformers lr_scheduler_type: linear, cosine, constant, ...
     warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    batch_size: int = 8
-    eval_batch_size: int | None = None
+    warmup_ratio: float = 0.0  # share of all steps; set this or warmup_steps
+    batch_size: int = 8  # per process; global batch = batch_size x grad_accum x processes
+    eval_batch_size: int | None = None  # default: batch_size
     grad_accum: int = 1
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
     logging_steps: int = 10
-    eval_steps: int | None = None
-    save_steps: int = 500
-    save_total_limit: int | None = 2
+    eval_steps: int | None = None  # None = at every save (the best checkpoint is kept and used); 0 = never
+    save_steps: int = 500  # must be a multiple of eval_steps
+    save_total_limit: int | None = 2  # the best checkpoint is kept on top
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
-    early_stopping_patience: int | None = None
-    resume: str = "auto"
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    resume: str = "auto"  # auto (newest checkpoint of the run), never (start over), or a checkpoint path
     dataloader_workers: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
 
 
 @dataclass

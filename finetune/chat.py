@@ -1,0 +1,96 @@
+"""`finetune chat RECIPE`: a dialogue loop with the run's model and the recipe's chat template.
+
+History is trimmed from the oldest turns to fit the context window (a system prompt is always kept). Typed
+commands: /reset (forget the conversation) and /exit. Piped stdin is read line by line, without prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+from finetune.errors import UserError
+from finetune.generation import (Generator, Message, SamplingParams, add_sampling_arguments, load_generator,
+                                 sampling_params, write_stream)
+from finetune.recipe import Recipe
+
+
+class ChatSession:
+    """A conversation: the system prompt, the turns kept so far, and how replies are sampled."""
+
+    def __init__(self, generator: Generator, params: SamplingParams, system: str | None = None):
+        self.generator = generator
+        self.params = params
+        self.system = system
+        self.turns: list[Message] = []
+        self.replies = 0
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def messages(self) -> list[Message]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer one user message; turns that no longer fit the context window are dropped for good."""
+        ids, kept = self.generator.fit_chat([*self.messages(), {"role": "user", "content": text}],
+                                            self.params.max_new_tokens)
+        self.turns = kept[1:] if self.system else kept
+        seed = (self.params.seed + self.replies) % 2**64 if self.params.seed is not None else None
+        request = self.generator.generate(ids, replace(self.params, seed=seed), on_text=on_text)
+        self.replies += 1
+        answer = request.text.strip()
+        self.turns.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def _without_leading_space() -> Callable[[str], None]:
+    """Stream a reply to the terminal without the space the template puts after "Assistant:"."""
+    started = False
+
+    def show(piece: str) -> None:
+        nonlocal started
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        write_stream(piece)
+
+    return show
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--system", help="system prompt (default: data.chat.system_prompt)")
+    add_sampling_arguments(parser)
+
+
+def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
+    generator = load_generator(recipe, base=args.base)
+    params = sampling_params(recipe, args, extra_stops=generator.chat_stops())
+    session = ChatSession(generator, params, args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {generator.name} ({generator.context}-token window); /reset, /exit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not line and not interactive:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        try:
+            session.reply(text, on_text=_without_leading_space())
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        print()
+    return 0

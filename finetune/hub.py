@@ -1,0 +1,252 @@
+"""`finetune merge` (a LoRA adapter folded into its base: a plain transformers model) and `finetune push` (an
+upload folder with the model, tokenizer, recipe, eval results and a model card, loaded back and checked against
+the run's model before it is sent to the Hugging Face Hub)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from finetune.errors import UserError
+from finetune.generation import trained_recipe, user_prompt_segments
+from finetune.modeling import is_adapter, load_final, load_tokenizer
+from finetune.recipe import HubSource, Recipe
+
+MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "*.safetensors",
+               "model.safetensors.index.json")
+METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
+PROBE = "The quick brown fox jumps over the lazy dog. 0123456789"
+EXAMPLES = {"text": "Once upon a time", "instruction": "Explain what a language model is in one sentence.",
+            "chat": "Hello! What can you do?", "classification": "A wonderful, moving film."}
+
+
+def merge(recipe: Recipe) -> Path:
+    """Write `<run>/merged/`: the adapter merged into its base, in safetensors, with the tokenizer and recipe."""
+    final = recipe.run_dir / "final"
+    if final.is_dir() and not is_adapter(final):
+        raise UserError(f"{final} is already a full model (the run had no LoRA adapter): nothing to merge; "
+                        "load final/ directly")
+    model = load_final(final).merge_and_unload()
+    model.config.use_cache = True
+    out = recipe.run_dir / "merged"
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    load_tokenizer(str(final)).save_pretrained(out)
+    if (final / "recipe.yaml").is_file():
+        shutil.copy2(final / "recipe.yaml", out / "recipe.yaml")
+    print(f"merged model written to {out}")
+    return out
+
+
+def _recorded_base(recipe: Recipe, final: Path) -> str | None:
+    """The base model the run started from: what the adapter records, else the recipe's model.base."""
+    if is_adapter(final):
+        return json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return recipe.model.base
+
+
+def _check_repo_id(value: str, option: str) -> None:
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise UserError(f"{option} {value!r} is not a Hub repository id (user/name): {exc}") from None
+
+
+def _copy_model(source: Path, folder: Path, hub_base: str | None) -> None:
+    for pattern in MODEL_FILES:
+        for path in source.glob(pattern):
+            shutil.copy2(path, folder / path.name)
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{source} has no .safetensors weights to upload")
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file() and hub_base:
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = hub_base  # a local path means nothing to whoever downloads this
+        adapter_config.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def usage_snippet(repo: str, adapter: bool, recipe: Recipe, eos_token: str) -> str:
+    """Python that loads the pushed model from the Hub and generates with the recipe's prompt template."""
+    segments = user_prompt_segments(EXAMPLES[recipe.data.format], recipe.data)
+    prompt = "".join(eos_token if text is None else text for text, _ in segments)
+    cfg = recipe.generate
+    sampling = (f"do_sample=True, temperature={cfg.temperature}, top_p={cfg.top_p}" if cfg.temperature > 0
+                else "do_sample=False")
+    loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+    imports = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer"] if adapter \
+        else ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    return "\n".join([
+        *imports, "",
+        f"model = {loader}.from_pretrained({repo!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({repo!r})",
+        f"prompt = {prompt!r}",
+        'inputs = tokenizer(prompt, return_tensors="pt")',
+        f"output = model.generate(**inputs, max_new_tokens={cfg.max_new_tokens}, {sampling},",
+        "                        pad_token_id=tokenizer.eos_token_id)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ]) + "\n"
+
+
+def _data_sources(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(Hub data set ids, descriptions of every source) of the recipe's data."""
+    hub, described = [], []
+    for source in (recipe.data.train, recipe.data.validation):
+        if isinstance(source, HubSource):
+            hub.append(source.hub)
+            described.append(f"[{source.hub}](https://huggingface.co/datasets/{source.hub})"
+                             + (f" ({source.config})" if source.config else ""))
+        elif source:
+            described.append(f"a local file `{Path(source).name}`")
+    return list(dict.fromkeys(hub)), described
+
+
+def model_card(recipe: Recipe, repo: str, adapter: bool, hub_base: str | None, evaluation: dict | None,
+               eos_token: str) -> ModelCard:
+    hub_data, described = _data_sources(recipe)
+    metrics = [m for m in METRICS if evaluation and isinstance(evaluation.get(m), (int, float))]
+    tags = ["gpt2-finetune", "text-generation", recipe.data.format] + (["lora", "peft"] if adapter else [])
+    data = ModelCardData(base_model=hub_base, library_name="peft" if adapter else "transformers",
+                         pipeline_tag="text-generation", tags=tags, datasets=hub_data or None,
+                         metrics=metrics or None)
+    base = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else (
+        "a GPT-2 trained from scratch" if recipe.model.init is not None else "a local base model")
+    kind = (f"A LoRA adapter (r={recipe.lora.r}, alpha={recipe.lora.alpha}, targets {recipe.lora.targets}) for "
+            if adapter else ("A merged LoRA fine-tune of " if recipe.lora else "A full fine-tune of "))
+    lines = [f"# {repo.split('/')[-1]}", "",
+             f"{kind}{base}, trained with gpt2-finetune (recipe `{recipe.name}`) on {' and '.join(described)} "
+             f"in the `{recipe.data.format}` format.", ""]
+    if metrics:
+        baseline = evaluation.get("baseline") or {}
+        lines += ["## Evaluation", "", "| metric | fine-tuned | base |", "|---|---|---|"]
+        lines += [f"| {m} | {evaluation[m]:.4g} | {baseline[m]:.4g} |" if isinstance(baseline.get(m), (int, float))
+                  else f"| {m} | {evaluation[m]:.4g} | |" for m in metrics]
+        lines.append("")
+    length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps > 0 else f"{recipe.train.epochs} epochs")
+    lines += ["## Usage", "", "```python", usage_snippet(repo, adapter, recipe, eos_token).rstrip(), "```", "",
+              "Prompts follow the template the model was trained with (see `recipe.yaml`, section `data`).", "",
+              "## Training", "",
+              f"- block size {recipe.data.block_size}, learning rate {recipe.train.lr}, {length}, "
+              f"seed {recipe.train.seed}",
+              "- the full resolved recipe is `recipe.yaml`; evaluation figures are in `eval.json`", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.eval()(input_ids=torch.tensor([ids]), use_cache=False).logits.float()
+
+
+def check_loads(folder: Path, final: Path, adapter: bool, base: str | None) -> None:
+    """Load the upload folder the way a user would (peft / transformers) and compare with the run's model."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - whatever stops a user from loading it stops the push
+        raise UserError(f"the upload folder {folder} does not load back: {type(exc).__name__}: {exc}") from None
+    reference_tokenizer = load_tokenizer(str(final))
+    ids = reference_tokenizer(PROBE)["input_ids"]
+    if tokenizer(PROBE)["input_ids"] != ids:
+        raise UserError(f"the tokenizer in {folder} encodes differently from the one in {final}")
+    gap = (_logits(model, ids) - _logits(load_final(final), ids)).abs().max().item()
+    if gap > 1e-3:
+        raise UserError(f"the model in {folder} does not reproduce {final} (logits differ by up to {gap:.3g})")
+
+
+def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) -> tuple[Path, bool]:
+    """Write `<run>/hub/` (what would be uploaded) and check that it loads back; returns (folder, is_adapter)."""
+    final = recipe.run_dir / "final"
+    if not final.is_dir():
+        raise UserError(f"{final} does not exist: train the recipe first (finetune train RECIPE)")
+    base = _recorded_base(recipe, final)
+    adapter = is_adapter(final) and not merged
+    source = final
+    if merged and is_adapter(final):
+        source = recipe.run_dir / "merged"
+        if not (source / "config.json").is_file() or source.stat().st_mtime < final.stat().st_mtime:
+            merge(recipe)
+    hub_base = base_model or (base if base and not Path(base).exists() else None)  # else a local folder
+    if adapter and hub_base is None:
+        raise UserError(f"the adapter's base model is a local folder ({base}), which people downloading the adapter "
+                        "cannot load: pass --base-model USER/NAME naming the Hub model that folder is a copy of, "
+                        "or push the full model with --merged")
+    folder = recipe.run_dir / "hub"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    _copy_model(source, folder, hub_base if adapter else None)
+    tokenizer = load_tokenizer(str(final))
+    tokenizer.save_pretrained(folder)
+    if (final / "recipe.yaml").is_file():
+        shutil.copy2(final / "recipe.yaml", folder / "recipe.yaml")
+    evaluation = None
+    if (recipe.run_dir / "eval.json").is_file():
+        shutil.copy2(recipe.run_dir / "eval.json", folder / "eval.json")
+        evaluation = json.loads((folder / "eval.json").read_text())
+    else:
+        print(f"note: no {recipe.run_dir / 'eval.json'} (run finetune eval first): the model card has no figures")
+    model_card(trained_recipe(recipe, final), repo, adapter, hub_base, evaluation, tokenizer.eos_token).save(
+        folder / "README.md")
+    check_loads(folder, final, adapter, base)
+    return folder, adapter
+
+
+def push(recipe: Recipe, repo: str, private: bool = False, merged: bool = False, dry_run: bool = False,
+         base_model: str | None = None, api: Any = None) -> Path:
+    """Assemble and check the upload folder, then (unless `dry_run`) upload it with `api` (an HfApi)."""
+    _check_repo_id(repo, "--repo")
+    if base_model:
+        _check_repo_id(base_model, "--base-model")
+    folder, adapter = assemble(recipe, repo, merged, base_model)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    print(f"{'would upload' if dry_run else 'uploading'} {folder} to {repo} "
+          f"({'private' if private else 'public'}, {'adapter' if adapter else 'full model'}):")
+    for path in files:
+        print(f"  {path.name:32} {path.stat().st_size:>12,} bytes")
+    if dry_run:
+        return folder
+    token = get_token()
+    if not token:
+        raise UserError("not logged in to the Hugging Face Hub: set HF_TOKEN or run `hf auth login`")
+    api = api or HfApi(token=token)
+    try:
+        api.create_repo(repo_id=repo, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                          commit_message=f"Upload {recipe.name} with gpt2-finetune")
+    except Exception as exc:  # noqa: BLE001 - network, permission or quota problems: report, never the token
+        message = str(exc).replace(token, "***")
+        raise UserError(f"upload to {repo} failed: {type(exc).__name__}: {message}") from None
+    print(f"pushed: https://huggingface.co/{repo}")
+    return folder
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command != "push":
+        return
+    parser.add_argument("--repo", required=True, help="Hub repository id, user/name")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--merged", action="store_true", help="push the merged full model instead of the adapter")
+    parser.add_argument("--dry-run", action="store_true", help="write and check the upload folder; send nothing")
+    parser.add_argument("--base-model", help="Hub id of the base model, when the run's base is a local copy of it")
+
+
+def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
+    if command == "merge":
+        merge(recipe)
+    else:
+        push(recipe, args.repo, private=args.private, merged=args.merged, dry_run=args.dry_run,
+             base_model=args.base_model)
+    return 0

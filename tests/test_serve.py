@@ -1,0 +1,244 @@
+"""The HTTP server, through the official `openai` client and raw HTTP, on a real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from _helpers_use import one_thread, runs
+from conftest import WORDS
+from fastapi.testclient import TestClient
+
+from finetune.cli import main
+from finetune.generation import Generator, SamplingParams
+from finetune.recipe import load_recipe
+from finetune.serve import ApiError, BackgroundServer, ModelWorker, Pending, create_app, load_workers
+
+KEY = "test-key-123"
+CAP = 64
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> list[ModelWorker]:
+    return load_workers(load_recipe(runs(tmp_path_factory, tokenizer_dir)["lora"]))
+
+
+@pytest.fixture(scope="module")
+def url(workers: list[ModelWorker]):
+    with one_thread(), BackgroundServer(create_app(workers, api_key=KEY, max_new_tokens_cap=CAP)) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def models(workers: list[ModelWorker]) -> dict[str, Generator]:
+    return {w.name: w.generator for w in workers}
+
+
+def single(generator: Generator, ids: list[int], **settings) -> str:
+    """What one request alone produces, without the server."""
+    return generator.generate(ids, SamplingParams(**settings)).text
+
+
+def test_models_and_health(client: openai.OpenAI, url: str) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny-lora", "tiny-full"]
+    health = httpx.get(f"{url}/health").json()  # no key needed for health checks
+    assert health["status"] == "ok" and health["models"]["tiny-lora"]["context_length"] == 128
+
+
+def test_completions_plain_and_streaming(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="tiny-lora", prompt="good", max_tokens=20, temperature=0)
+    assert result.choices[0].text == " bad great awful"
+    assert result.choices[0].finish_reason == "stop"
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens > 1
+    chunks = list(client.completions.create(model="tiny-lora", prompt="pi rho", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    plain = client.completions.create(model="tiny-lora", prompt="pi rho", max_tokens=12, temperature=0)
+    assert text == plain.choices[0].text and len([c for c in chunks if c.choices]) > 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_completions_plain_and_streaming(client: openai.OpenAI, models: dict[str, Generator]) -> None:
+    messages = [{"role": "system", "content": "recite"}, {"role": "user", "content": "alpha beta"}]
+    result = client.chat.completions.create(model="tiny-full", messages=messages, max_tokens=16, temperature=0)
+    generator = models["tiny-full"]
+    expected = single(generator, generator.chat_ids(messages), max_new_tokens=16, temperature=0.0,
+                      stop=generator.chat_stops())
+    assert result.choices[0].message.content == expected.strip()
+    assert result.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny-full", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.strip()
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_generate_endpoint_applies_the_template_and_selects_the_model(url: str) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    reply = httpx.post(f"{url}/generate", headers=headers, json={"prompt": "good", "temperature": 0,
+                                                                  "model": "tiny-full"}).json()
+    assert reply["text"] == " bad great awful" and reply["model"] == "tiny-full"
+    assert reply["finish_reason"] == "stop" and reply["completion_tokens"] > 0
+    cut = httpx.post(f"{url}/generate", headers=headers, json={"prompt": "good", "temperature": 0,
+                                                                "stop": ["great"], "max_new_tokens": 8}).json()
+    assert cut["text"] == " bad "
+
+
+def test_n_choices_use_consecutive_seeds(client: openai.OpenAI, models: dict[str, Generator]) -> None:
+    result = client.completions.create(model="tiny-lora", prompt="alpha", max_tokens=10, temperature=1.2, n=3,
+                                       seed=40, top_p=1.0)
+    generator = models["tiny-lora"]
+    ids = generator.encode([("alpha", False)])
+    assert [c.text for c in result.choices] == [
+        single(generator, ids, max_new_tokens=10, temperature=1.2, top_p=1.0, seed=s) for s in (40, 41, 42)]
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "a", "max_tokens": -5}, 400),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 10**9}, 400),
+    ("/v1/completions", {"prompt": "a", "max_tokens": CAP + 1}, 400),
+    ("/v1/completions", {"prompt": "a", "temperature": -0.5}, 400),
+    ("/v1/completions", {"prompt": "a", "temperature": "hot"}, 400),
+    ("/v1/completions", {"prompt": "a", "max_tokens": "10"}, 400),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2.5}, 400),
+    ("/v1/completions", {"prompt": 42}, 400),
+    ("/v1/completions", {"prompt": []}, 400),
+    ("/v1/completions", {}, 400),
+    ("/v1/completions", {"prompt": "a", "top_p": 0}, 400),
+    ("/v1/completions", {"prompt": "a", "top_k": -1}, 400),
+    ("/v1/completions", {"prompt": "a", "n": 0}, 400),
+    ("/v1/completions", {"prompt": "a", "stop": [""]}, 400),
+    ("/v1/completions", {"prompt": "a", "seed": "x"}, 400),
+    ("/v1/completions", {"prompt": "a", "presence_penalty": 1.0}, 400),
+    ("/v1/completions", {"prompt": "a", "echo": True}, 400),
+    ("/v1/completions", {"prompt": "a", "max_tokenz": 5}, 400),
+    ("/v1/completions", {"prompt": "alpha " * 200}, 400),
+    ("/v1/completions", {"prompt": "a", "model": "no-such-model"}, 404),
+    ("/v1/chat/completions", {"messages": []}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400),
+    ("/v1/chat/completions", {"messages": "hello"}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "alpha " * 200}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": []}, 400),
+    ("/generate", {"prompt": "a", "max_new_tokens": -1}, 400),
+    ("/generate", {"prompt": "a", "temperature": -1}, 400),
+    ("/generate", {"prompt": None}, 400),
+    ("/generate", {"prompt": "alpha " * 200}, 400),
+    ("/generate", '{"prompt": "a",', 400),
+    ("/generate", "[1, 2]", 400),
+    ("/nowhere", {}, 404),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_json_error(url: str, path: str, body, status: int) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else None
+    response = httpx.post(f"{url}{path}", headers=headers, content=content, json=None if content else body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_wrong_method_content_type_and_openai_client_errors(url: str, client: openai.OpenAI) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{url}/generate", headers=headers).status_code == 405
+    form = httpx.post(f"{url}/generate", headers=headers, data={"prompt": "good"})  # curl -d without a JSON header
+    assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="context window"):
+        client.completions.create(model="tiny-lora", prompt="alpha " * 200)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="a")
+
+
+def test_the_api_key_is_enforced(url: str) -> None:
+    body = {"prompt": "good", "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+    wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.post(f"{url}/v1/completions", content=b"{", headers={"Content-Type": "application/json"}
+                      ).status_code == 401  # checked before the body is read
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_without_a_key_nothing_is_required(workers: list[ModelWorker], url: str) -> None:
+    plain = TestClient(create_app(workers))  # no lifespan: the workers are those the server at `url` started
+    assert plain.get("/v1/models").status_code == 200
+    assert plain.post("/generate", json={"prompt": "good", "temperature": 0}).json()["text"] == " bad great awful"
+
+
+def test_32_concurrent_requests_get_their_own_outputs(url: str, models: dict[str, Generator]) -> None:
+    jobs = []
+    for i in range(32):
+        model = "tiny-lora" if i % 2 else "tiny-full"
+        settings = {"max_tokens": 8 + i % 5, "temperature": 0.0 if i % 4 == 0 else 0.9, "top_p": 0.9, "seed": i}
+        prompt = " ".join(WORDS[i % len(WORDS):][:2])
+        kind = ("completion", "chat", "generate")[i % 3]
+        jobs.append((kind, model, prompt, settings))
+
+    def expected(kind: str, model: str, prompt: str, settings: dict) -> str:
+        g = models[model]
+        params = {"max_new_tokens": settings["max_tokens"], "temperature": settings["temperature"],
+                  "top_p": settings["top_p"], "seed": settings["seed"]}
+        if kind == "completion":
+            return single(g, g.encode([(prompt, False)]), **params)
+        if kind == "chat":
+            return single(g, g.chat_ids([{"role": "user", "content": prompt}]), stop=g.chat_stops(), **params).strip()
+        return single(g, g.prompt_ids(prompt), **params)
+
+    async def send(http: httpx.AsyncClient, kind: str, model: str, prompt: str, settings: dict) -> str:
+        if kind == "completion":
+            reply = await http.post("/v1/completions", json={"model": model, "prompt": prompt, **settings})
+            return reply.json()["choices"][0]["text"]
+        if kind == "chat":
+            reply = await http.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": prompt}], **settings})
+            return reply.json()["choices"][0]["message"]["content"]
+        body = {"model": model, "prompt": prompt, "max_new_tokens": settings["max_tokens"],
+                **{k: v for k, v in settings.items() if k != "max_tokens"}}
+        return (await http.post("/generate", json=body)).json()["text"]
+
+    async def all_at_once() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+            return await asyncio.gather(*(send(http, *job) for job in jobs))
+
+    before = httpx.get(f"{url}/health").json()["models"]
+    answers = asyncio.run(all_at_once())
+    assert answers == [expected(*job) for job in jobs]
+    after = httpx.get(f"{url}/health").json()["models"]
+    assert sum(after[m]["requests"] - before[m]["requests"] for m in after) == 32
+    assert max(after[m]["largest_batch"] for m in after) > 1  # the requests were decoded in batches
+
+
+def test_serve_command_reports_a_busy_port(tmp_path_factory, tokenizer_dir: Path, capsys) -> None:
+    recipe = str(runs(tmp_path_factory, tokenizer_dir)["lora"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", recipe, "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_a_failed_generation_is_reported_and_the_worker_goes_on(workers: list[ModelWorker], url: str) -> None:
+    async def out_of_vocabulary() -> None:  # a token id the embedding does not have: the prefill raises
+        await Pending(workers[0], [[10**6]], [SamplingParams(max_new_tokens=2)], stream=False).results()
+
+    with pytest.raises(ApiError, match="generation failed: IndexError"):
+        asyncio.run(out_of_vocabulary())
+    reply = httpx.post(f"{url}/generate", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"prompt": "good", "temperature": 0})
+    assert reply.json()["text"] == " bad great awful"
