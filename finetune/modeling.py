@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
-                          PreTrainedTokenizerFast)
+                          PretrainedConfig, PreTrainedTokenizerFast)
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import UserError
@@ -79,7 +80,7 @@ def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch
     if cfg.init is not None:
         try:
             config = GPT2Config(**{**cfg.init, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
-                                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+                                   "eos_token_id": tokenizer.eos_token_id})
         except TypeError as exc:
             raise UserError(f"{recipe.source}: 'model.init' is not a valid GPT-2 config: {exc}") from None
         config._attn_implementation = cfg.attn_implementation
@@ -101,8 +102,8 @@ def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch
     return model
 
 
-def context_length(model: torch.nn.Module) -> int:
-    config = model.config
+def context_length(model: torch.nn.Module | PretrainedConfig) -> int:
+    config = getattr(model, "config", model)
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))
 
 
@@ -134,7 +135,9 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> tuple[torch.nn.Module
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=patterns, bias=cfg.bias,
         fan_in_fan_out=conv1d, modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config), matched
+    with warnings.catch_warnings():  # peft 0.21 reads a property that transformers 5 deprecated
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        return get_peft_model(model, peft_config), matched
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,0 +1,31 @@
+"""`loss.png`: training and validation loss curves from a run's `metrics.jsonl`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure  # the object API renders with Agg: no display, no global pyplot state
+
+
+def plot_loss(metrics: Path, out: Path) -> Path | None:
+    """Draw `out` from `metrics`; returns None when there is nothing to draw."""
+    metrics = Path(metrics)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    validation = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if not train and not validation:
+        return None
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if validation:
+        ax.plot(*zip(*validation), label="validation", marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return Path(out)

@@ -1,0 +1,322 @@
+"""The train stage: prepared data + base model (+ LoRA) -> a Trainer run -> checkpoints/, final/, metrics.jsonl,
+loss.png.
+
+One process or many: `accelerate launch --multi_gpu --num_processes N -m finetune train RECIPE` runs the same
+code on every rank. Prepared data is made once before the launch (`make train` runs `finetune prepare` first);
+ranks only check that it is current. A run resumes from its newest complete checkpoint (`train.resume: auto`),
+with optimizer, scheduler, data order and RNG state, so a killed run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import (AutoConfig, EarlyStoppingCallback, GPT2Config, PreTrainedTokenizerBase, ProgressCallback,
+                          Trainer, TrainingArguments, set_seed)
+from transformers.trainer_utils import EvalLoopOutput
+
+from finetune.callbacks import MetricsFile, Throughput, TokenProgress
+from finetune.collate import PackedCollator
+from finetune.errors import UserError
+from finetune.modeling import (apply_lora, check_model_folder, context_length, load_base_model, load_tokenizer,
+                               parameter_counts, prepare_for_training, tokenizer_source)
+from finetune.packing import IGNORE
+from finetune.plots import plot_loss
+from finetune.prepare import fingerprint, load_prepared, load_prepared_tokenizer, prepare, read_manifest
+from finetune.recipe import Recipe, save_recipe
+
+# TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
+CORE_ARGUMENTS = {
+    "epochs": "num_train_epochs", "max_steps": "max_steps", "lr": "learning_rate", "scheduler": "lr_scheduler_type",
+    "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+    "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps",
+    "save_steps": "save_steps", "save_total_limit": "save_total_limit", "seed": "seed", "bf16": "bf16",
+    "fp16": "fp16", "gradient_checkpointing": "activation_checkpointing", "dataloader_workers": "dataloader_num_workers",
+}
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """No options of its own: everything is in the recipe (`train.*`, `lora.*`), overridable as key=value."""
+
+
+def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
+    train(recipe)
+    return 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train(recipe: Recipe) -> Trainer:
+    """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating)."""
+    check_model_source(recipe)
+    resume = resume_checkpoint(recipe)
+    ensure_prepared(recipe)
+    tokenizer = load_prepared_tokenizer(recipe)
+    model = build_model(recipe, tokenizer)
+    trainer = build_trainer(recipe, model, tokenizer)
+    if resume is None and recipe.train.resume == "never":
+        clear_checkpoints(trainer, recipe.run_dir / "checkpoints")
+    if resume is not None and trainer.is_world_process_zero():
+        print(f"train: resuming from {resume} (train.resume=never starts over)")
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(recipe, trainer, tokenizer)
+    return trainer
+
+
+def check_model_source(recipe: Recipe) -> None:
+    """Fail before any work on a base folder that is not a model or a block size the model cannot take."""
+    cfg = recipe.model
+    if cfg.base is not None:
+        check_model_folder(cfg.base)
+        try:
+            config = AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"could not load model.base {cfg.base!r}: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            config = GPT2Config(**cfg.init)
+        except TypeError as exc:
+            raise UserError(f"{recipe.source}: 'model.init' is not a valid GPT-2 config: {exc}") from None
+    limit = context_length(config)
+    if recipe.data.block_size > limit:
+        raise UserError(f"{recipe.source}: 'data.block_size' = {recipe.data.block_size} is above the model's "
+                        f"context length (n_positions = {limit}); use at most {limit}")
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The highest-step `checkpoint-N` under `folder` that was completely written (trainer_state.json is last)."""
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name))
+             and (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def resume_checkpoint(recipe: Recipe) -> str | None:
+    """`train.resume`: auto (newest checkpoint of this run, if any), never, or a checkpoint (or folder of them)."""
+    mode = recipe.train.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = newest_checkpoint(recipe.run_dir / "checkpoints")
+        return str(found) if found else None
+    path = Path(mode)
+    found = path if (path / "trainer_state.json").is_file() else newest_checkpoint(path)
+    if found is None:
+        raise UserError(f"{recipe.source}: 'train.resume' = {mode!r} holds no checkpoint (no trainer_state.json in "
+                        "it or in a checkpoint-N folder under it); use auto, never or a checkpoint folder")
+    return str(found)
+
+
+def clear_checkpoints(trainer: Trainer, folder: Path) -> None:
+    """A fresh run (`train.resume: never`) must not leave an older run's checkpoints for `auto` to pick up."""
+    if trainer.is_world_process_zero() and newest_checkpoint(folder) is not None:
+        print(f"train: train.resume=never: removing the old checkpoints in {folder}")
+        shutil.rmtree(folder)
+    trainer.accelerator.wait_for_everyone()
+
+
+def ensure_prepared(recipe: Recipe) -> dict:
+    """Prepare in a single process; under a multi-process launch only check that it was done (before launch)."""
+    if world_size() == 1:
+        return prepare(recipe)
+    manifest = read_manifest(recipe)
+    source = tokenizer_source(recipe)
+    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
+    if manifest is None or manifest.get("fingerprint") != fingerprint(recipe, tokenizer):
+        state = "missing" if manifest is None else "stale (the recipe's data, tokenizer or prepare code changed)"
+        raise UserError(f"{recipe.prepared_dir} is {state}, and ranks of a {world_size()}-process launch do not "
+                        f"prepare: run 'finetune prepare {recipe.source}' before 'accelerate launch' (make train does)")
+    return manifest
+
+
+def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """The base model, with a LoRA adapter unless `lora: null` (full fine-tuning); prints what is trained."""
+    set_seed(recipe.train.seed)
+    model = load_base_model(recipe, tokenizer)
+    if recipe.lora is None:
+        trainable, total = parameter_counts(model)
+        main_print(f"train: full fine-tuning, {trainable:,} trainable parameters")
+        return prepare_for_training(model)
+    if recipe.model.init is not None and is_main_process():
+        save_initialized_base(model, tokenizer, base_dir(recipe))
+    model, matched = apply_lora(model, recipe.lora)
+    model.peft_config["default"].base_model_name_or_path = recipe.model.base or str(base_dir(recipe))
+    trainable, total = parameter_counts(model)
+    main_print(f"train: LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g} on {len(matched)} modules: "
+               + ", ".join(group_module_names(matched)))
+    main_print(f"train: {trainable:,} trainable parameters of {total:,} ({trainable / total:.3%})")
+    return prepare_for_training(model)
+
+
+def base_dir(recipe: Recipe) -> Path:
+    """Where a from-scratch model is saved before LoRA, so the adapter has a base to point at."""
+    return (recipe.run_dir / "base").resolve()
+
+
+def save_initialized_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"train: saved the initialized base model to {folder} (the LoRA adapter's base)")
+
+
+def group_module_names(names: list[str]) -> list[str]:
+    """`transformer.h.0.attn.c_attn` ... `transformer.h.11.attn.c_attn` -> `transformer.h.[0-11].attn.c_attn`."""
+    layers: dict[str, list[int]] = defaultdict(list)
+    for name in names:
+        match = re.match(r"^(.*?\.)(\d+)(\..*)$", name)
+        if match:
+            layers[f"{match.group(1)}{{}}{match.group(3)}"].append(int(match.group(2)))
+        else:
+            layers[name] = []
+    def span(ids: list[int]) -> str:
+        contiguous = len(ids) > 1 and ids == list(range(ids[0], ids[-1] + 1))
+        return f"[{ids[0]}-{ids[-1]}]" if contiguous else f"[{','.join(map(str, ids))}]" if len(ids) > 1 else str(ids[0])
+
+    return [pattern.replace("{}", span(sorted(ids))) if ids else pattern for pattern, ids in layers.items()]
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def main_print(message: str) -> None:
+    if is_main_process():
+        print(message)
+
+
+def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
+    """TrainingArguments from the documented `train.*` core, plus `train.extra` passed through: extra may change
+    the defaults below, not what the core or the stage itself decides."""
+    cfg = recipe.train
+    if cfg.warmup_ratio and cfg.warmup_steps:
+        raise UserError(f"{recipe.source}: set 'train.warmup_steps' or 'train.warmup_ratio', not both")
+    eval_steps = cfg.save_steps if cfg.eval_steps is None else cfg.eval_steps
+    stage = dict(
+        output_dir=str(recipe.run_dir / "checkpoints"),
+        warmup_steps=cfg.warmup_ratio or cfg.warmup_steps,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+        save_strategy="steps",
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps if evaluate else None,
+        load_best_model_at_end=evaluate,
+        metric_for_best_model="eval_loss" if evaluate else None,
+        greater_is_better=False if evaluate else None,
+        include_num_input_tokens_seen="all",  # for tokens/s
+        remove_unused_columns=False,  # the collator builds exactly the model's inputs
+    )
+    defaults = dict(
+        logging_first_step=True,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # LoRA or not, every trainable GPT-2 parameter is used in forward
+        report_to="none",
+        # Without CUDA, `accelerate launch --multi_gpu` ranks must be told to run as gloo CPU processes.
+        use_cpu=world_size() > 1 and not torch.cuda.is_available(),
+    )
+    known = TrainingArguments.__dataclass_fields__
+    for key in cfg.extra:
+        owner = next((k for k, arg in CORE_ARGUMENTS.items() if arg == key), None)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{recipe.source}: 'train.extra.{key}' is not a TrainingArguments argument{hint}")
+        if owner or key in stage:
+            hint = f"set 'train.{owner}' instead" if owner else "the train stage derives it from the recipe"
+            raise UserError(f"{recipe.source}: 'train.extra.{key}' cannot be passed through: {hint}")
+    kwargs = {**{arg: getattr(cfg, key) for key, arg in CORE_ARGUMENTS.items()}, **defaults, **cfg.extra, **stage}
+    try:
+        return TrainingArguments(**kwargs)
+    except ValueError as exc:
+        raise UserError(f"{recipe.source}: the train section is inconsistent: {exc}") from None
+
+
+def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Trainer:
+    cfg = recipe.train
+    validation = (recipe.prepared_dir / "validation").is_dir()
+    evaluate = validation and cfg.eval_steps != 0
+    if cfg.early_stopping_patience and not evaluate:
+        raise UserError(f"{recipe.source}: 'train.early_stopping_patience' needs evaluation (a validation split and "
+                        "'train.eval_steps' other than 0)")
+    throughput = Throughput()
+    trainer = PackedTrainer(
+        model=model, args=training_arguments(recipe, evaluate), data_collator=PackedCollator(tokenizer.pad_token_id),
+        train_dataset=load_prepared(recipe, "train"),
+        eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
+        callbacks=[throughput, MetricsFile(recipe.run_dir / "metrics.jsonl")],
+    )  # no processing_class: Trainer would copy pad = EOS into the model config (final/ gets the tokenizer)
+    if not trainer.args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TokenProgress(throughput))
+    if cfg.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    return trainer
+
+
+class PackedTrainer(Trainer):
+    """Trainer whose evaluation loss is the mean over all target tokens of the split, so it does not depend on
+    the evaluation batch size (Trainer's own loop averages per-batch means)."""
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval") -> EvalLoopOutput:
+        model = self.model_wrapped  # DDP / FSDP / DeepSpeed engine during training, the plain model otherwise
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64)
+        count = rows = 0
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            labels = batch["labels"]
+            with torch.no_grad(), self.compute_loss_context_manager():
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            targets = labels[:, 1:]
+            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                     reduction="none").view_as(targets)
+            sums, counts = self.accelerator.gather_for_metrics((losses.sum(1), targets.ne(IGNORE).sum(1)))
+            total += sums.double().sum().cpu()
+            count += int(counts.sum())
+            rows += len(sums)
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+        metrics = {f"{metric_key_prefix}_loss": (total / max(count, 1)).item()}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=rows)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Checkpoints store GPT-2's tied lm_head once, as wte: transformers 5.23 reports it as a missing key
+        when loading the best checkpoint, although the tie holds. Report only keys that are really missing."""
+        tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
+
+
+def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """`final/`: the adapter (PEFT format) or the full model (safetensors), the tokenizer and the resolved recipe;
+    its config has `use_cache` back on so generation uses a KV cache."""
+    final = recipe.run_dir / "final"
+    staging = recipe.run_dir / "final.tmp"
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.config.use_cache = True
+    trainer.save_model(str(staging))
+    if main:
+        (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep it
+        tokenizer.save_pretrained(staging)
+        save_recipe(recipe, staging / "recipe.yaml")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        plot_loss(recipe.run_dir / "metrics.jsonl", recipe.run_dir / "loss.png")
+        print(f"train: wrote {final}" + (f" (best checkpoint: {trainer.state.best_model_checkpoint})"
+                                         if trainer.state.best_model_checkpoint else ""))
+    trainer.accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,270 @@
+"""The train stage on tiny GPT-2 models: it learns (full, LoRA, from scratch), `final/` loads with plain
+transformers / peft, resume after SIGKILL is exact, 2 processes equal 1, and bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import corpus_lines
+from finetune import cli
+from finetune.errors import UserError
+from finetune.prepare import prepare
+from finetune.recipe import load_recipe
+from finetune.train import ensure_prepared, train
+
+# peft 0.21 reads a GPT-2 property that transformers 5 deprecated, when loading an adapter.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
+           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The same arithmetic in this process and in the subprocesses (and no thread thrashing on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def write_recipe(tmp_path: Path, model: dict, name: str = "run", **sections) -> Path:
+    train_file = tmp_path / "train.txt"
+    if not train_file.exists():
+        train_file.write_text("\n".join(corpus_lines(300, seed=1)) + "\n")
+    raw = {"name": name, "output_dir": str(tmp_path / name), **model,
+           "data": {"train": str(train_file), "block_size": 32},
+           "lora": None,
+           "train": {"max_steps": 20, "lr": 3e-3, "batch_size": 8, "logging_steps": 1, "save_steps": 10,
+                     "scheduler": "constant", "seed": 0}}
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> list[float]:
+    return [row["loss"] for row in metrics(run) if "loss" in row]
+
+
+def assert_learns(run: Path, drop: float) -> None:
+    losses = train_losses(run)
+    assert sum(losses[-3:]) / 3 < losses[0] - drop, losses
+    evals = [row["eval_loss"] for row in metrics(run) if "eval_loss" in row]
+    assert evals and evals[-1] < losses[0] - drop, evals
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 1]])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_full_finetune_learns_and_final_loads_with_transformers(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}})
+    trainer = train(load_recipe(path))
+    run = tmp_path / "run"
+    assert_learns(run, drop=1.0)
+    assert "full fine-tuning" in capsys.readouterr().out
+    rows = metrics(run)
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0]) and rows[0]["tokens_per_s"] > 0
+    final = run / "final"
+    assert (final / "model.safetensors").is_file() and (final / "recipe.yaml").is_file()
+    assert not (final / "training_args.bin").exists() and (run / "loss.png").stat().st_size > 0
+    loaded = AutoModelForCausalLM.from_pretrained(final)
+    assert loaded.config.use_cache is True
+    torch.testing.assert_close(logits(loaded), logits(trainer.model), atol=1e-6, rtol=0)
+    assert len(AutoTokenizer.from_pretrained(final)) == loaded.config.vocab_size
+
+
+@pytest.fixture(scope="module")
+def lora_base_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 whose embeddings are large enough (init std 0.1) for logits to move when only LoRA
+    weights train: with the default 0.02 the frozen tied embeddings cap every logit near zero."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from finetune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer),
+                        initializer_range=0.1, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("lora-base")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_lora_learns_and_adapter_loads_with_peft(tmp_path, lora_base_dir, capsys):
+    from peft import AutoPeftModelForCausalLM
+
+    path = write_recipe(tmp_path, {"model": {"base": str(lora_base_dir)}},
+                        lora={"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all"}, train={"lr": 3e-2})
+    trainer = train(load_recipe(path))
+    run = tmp_path / "run"
+    assert_learns(run, drop=0.3)
+    out = capsys.readouterr().out
+    assert "transformer.h.[0-1].attn.c_attn" in out and "transformer.h.[0-1].mlp.c_proj" in out
+    assert "trainable parameters of" in out
+    adapter = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(lora_base_dir) and adapter["fan_in_fan_out"] is True
+    loaded = AutoPeftModelForCausalLM.from_pretrained(run / "final")
+    torch.testing.assert_close(logits(loaded), logits(trainer.model), atol=1e-6, rtol=0)
+
+
+def test_from_scratch_lora_saves_its_base_for_the_adapter(tmp_path, tokenizer_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    path = write_recipe(tmp_path, {"model": {"init": SCRATCH}, "tokenizer": {"path": str(tokenizer_dir)}},
+                        lora={"targets": "attn"}, train={"max_steps": 4, "save_steps": 4, "eval_steps": 0})
+    trainer = train(load_recipe(path))
+    base = tmp_path / "run" / "base"
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base.resolve())
+    assert json.loads((base / "config.json").read_text())["use_cache"] is True
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    torch.testing.assert_close(logits(loaded), logits(trainer.model), atol=1e-6, rtol=0)
+
+
+def test_grad_accumulation_matches_one_larger_batch_and_eval_loss_ignores_batch_size(tmp_path, tokenizer_dir):
+    """Rows of different lengths (no packing) hold different numbers of targets per micro-batch: Trainer's
+    num_items_in_batch must normalise over the whole accumulated batch for 4 x 2 to equal 8 x 1."""
+    model = {"model": {"init": SCRATCH}, "tokenizer": {"path": str(tokenizer_dir)}}
+    data = {"packing": False}
+    one = train(load_recipe(write_recipe(tmp_path, model, name="one", data=data)))
+    two = train(load_recipe(write_recipe(tmp_path, model, name="two", data=data,
+                                         train={"batch_size": 4, "grad_accum": 2})))
+    assert_learns(tmp_path / "one", drop=1.0)  # from scratch, full
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "two")),
+                               torch.tensor(train_losses(tmp_path / "one")), atol=1e-5, rtol=0)
+    for a, b in zip(one.model.parameters(), two.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    by_batch = []
+    for size in (3, 16):
+        one.args.per_device_eval_batch_size = size
+        by_batch.append(one.evaluate()["eval_loss"])
+    assert by_batch[0] == pytest.approx(by_batch[1], abs=1e-6)
+
+
+def test_early_stopping_stops_when_validation_loss_stops_improving(tmp_path, tiny_model_dir):
+    """lr 1.0 makes the model diverge: the validation loss rises after the first evaluation, so patience 1
+    stops the run at the second one and final/ is the best (first) checkpoint."""
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}},
+                        train={"lr": 1.0, "max_steps": 30, "eval_steps": 2, "save_steps": 2,
+                               "early_stopping_patience": 1})
+    trainer = train(load_recipe(path))
+    assert trainer.state.global_step == 4
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """Dropout on, an epoch boundary crossed, evaluation and best-checkpoint tracking on: the killed run,
+    restarted, must log the same losses and end with the same weights as a run never interrupted."""
+    model = {"model": {"base": str(tiny_model_dir)}}
+    settings = {"max_steps": 40, "save_steps": 4, "eval_steps": 4, "save_total_limit": 3}
+    killed = write_recipe(tmp_path, model, name="killed", train=settings)
+    prepare(load_recipe(killed))
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(killed)], env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.monotonic() + 120
+    while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, err = process.communicate()
+    assert first.is_file(), err.decode()[-2000:]
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+
+    resumed = train(load_recipe(killed))
+    uninterrupted = train(load_recipe(write_recipe(tmp_path, model, name="straight", train=settings)))
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == [r["step"] for r in metrics(tmp_path / "straight")]
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "killed")),
+                               torch.tensor(train_losses(tmp_path / "straight")), atol=1e-6, rtol=0)
+    assert resumed.state.best_model_checkpoint.endswith(Path(uninterrupted.state.best_model_checkpoint).name)
+    final_killed = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    final_straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    for name, tensor in final_straight.items():
+        torch.testing.assert_close(final_killed[name], tensor, atol=1e-6, rtol=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tokenizer_dir):
+    model = {"model": {"init": SCRATCH}, "tokenizer": {"path": str(tokenizer_dir)}}
+    two = write_recipe(tmp_path, model, name="two", train={"batch_size": 4})
+    prepare(load_recipe(two))  # once, before the launch, as `make train` does
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
+                             "--main_process_port", str(free_port()), "-m", "finetune", "train", str(two)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train(load_recipe(write_recipe(tmp_path, model, name="one", train={"batch_size": 8})))
+    one_rows, two_rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows]
+    assert two_rows[0]["tokens"] == one_rows[0]["tokens"]  # both processes' tokens are counted
+    for key in ("loss", "eval_loss"):
+        a = torch.tensor([r[key] for r in one_rows if key in r])
+        b = torch.tensor([r[key] for r in two_rows if key in r])
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_ranks_of_a_launch_refuse_missing_or_stale_prepared_data(tmp_path, tiny_model_dir, monkeypatch):
+    recipe = load_recipe(write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="missing.*finetune prepare"):
+        ensure_prepared(recipe)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    prepare(recipe)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ensure_prepared(recipe)["fingerprint"]
+    (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=2)) + "\n")
+    with pytest.raises(UserError, match="stale"):
+        ensure_prepared(recipe)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.block_size=256", "above the model's context length (n_positions = 128)"),
+    ("lora.targets=[attn.q_proj]", "'attn.q_proj' matches no module"),
+    ("model.base={notmodel}", "is a folder but not a model"),
+    ("train.resume={empty}", "holds no checkpoint"),
+    ("train.extra.optimm=adamw_torch", "did you mean 'optim'"),
+    ("train.extra.learning_rate=0.1", "set 'train.lr' instead"),
+    ("train.early_stopping_patience=2 train.eval_steps=0", "needs evaluation"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys, override, message):
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "empty").mkdir()
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}})
+    override = override.format(notmodel=tmp_path / "notmodel", empty=tmp_path / "empty")
+    assert cli.main(["train", str(path), *override.split()]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in err
