@@ -1,0 +1,323 @@
+"""`finetune eval RECIPE`: the tuned model (the run's final/) against its base on the validation split.
+
+Figures: loss (token-weighted mean NLL over target tokens only), perplexity, bits per byte, for the validation
+split and each of `eval.files`; accuracy, macro-F1 and the confusion matrix for classification (label scoring);
+exact match and BLEU of greedy generations for instruction and chat data. Under `accelerate launch` the work
+is sharded across processes; NLL sums and counts are reduced, predictions gathered, before anything is divided,
+so the figures depend neither on the number of processes nor on the batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from finetune import report
+from finetune.collate import PackedCollator
+from finetune.data import check_utf8
+from finetune.errors import UserError
+from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
+from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
+                              token_byte_lengths)
+from finetune.modeling import (DTYPES, context_length, load_base_model, load_final, load_tokenizer,
+                               prepare_for_training, tokenizer_source)
+from finetune.packing import IGNORE
+from finetune.prepare import (fingerprint, load_prepared, load_prepared_tokenizer, load_records, prepare,
+                              read_manifest)
+from finetune.recipe import Recipe
+
+DEMO_SEPARATOR = "\n\n"
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration inputs of Zhao et al. 2021
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--model", metavar="FOLDER", help="model folder to evaluate (default: the run's final/)")
+
+
+def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    started = time.perf_counter()
+    ensure_prepared(recipe, accelerator.num_processes)
+    folder = Path(args.model) if args.model else recipe.run_dir / "final"
+    tokenizer = load_prepared_tokenizer(recipe)
+    tuned = load_model(folder, recipe, tokenizer, accelerator.device)
+    evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
+    results = {"model": str(folder), "format": recipe.data.format, **evaluator.evaluate(tuned, baseline=False)}
+    if recipe.eval.baseline:
+        with baseline_model(tuned, recipe, tokenizer, accelerator.device) as (base, description):
+            results["baseline"] = {"model": description, **evaluator.evaluate(base, baseline=True)}
+    results["processes"] = accelerator.num_processes
+    results["wall_seconds"] = round(time.perf_counter() - started, 3)
+    if accelerator.is_main_process:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        (recipe.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        report.write_report(recipe.run_dir / "report.md", recipe, results)
+        print(report.summary_table(results))
+        print(f"eval: wrote {recipe.run_dir / 'eval.json'} and {recipe.run_dir / 'report.md'}")
+    accelerator.end_training()
+    return 0
+
+
+def ensure_prepared(recipe: Recipe, processes: int) -> None:
+    """Prepare in a single process; ranks of a multi-process launch only check that it was done before the
+    launch (a rank tokenizing while the others wait can outlast the collective timeout)."""
+    if processes == 1:
+        prepare(recipe)
+        return
+    manifest = read_manifest(recipe)
+    source = tokenizer_source(recipe)
+    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
+    if manifest is None or manifest.get("fingerprint") != fingerprint(recipe, tokenizer):
+        raise UserError(f"{recipe.prepared_dir} is missing or stale: run 'finetune prepare {recipe.source}' before "
+                        "'accelerate launch' (make eval NPROC=n does)")
+
+
+def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device) -> torch.nn.Module:
+    model = load_final(folder, DTYPES[recipe.model.dtype])
+    if (folder / "tokenizer_config.json").is_file():
+        if AutoTokenizer.from_pretrained(str(folder)).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{folder}: its tokenizer differs from the prepared data's "
+                            f"({recipe.prepared_dir}/tokenizer): the data or tokenizer settings changed after "
+                            "training; restore them or train again")
+    return prepare_for_training(model).to(device).eval()
+
+
+@contextmanager
+def baseline_model(tuned: torch.nn.Module, recipe: Recipe, tokenizer, device: torch.device) -> Iterator[tuple]:
+    """The base to compare with: the adapter disabled, or the recipe's base model (a fresh `model.init`)."""
+    if isinstance(tuned, PeftModel):
+        with tuned.disable_adapter():
+            yield tuned, f"{tuned.peft_config['default'].base_model_name_or_path} (adapter disabled)"
+        return
+    base = prepare_for_training(load_base_model(recipe, tokenizer)).to(device).eval()
+    if recipe.model.init is not None:
+        yield base, f"untrained initialisation (model.init, seed {recipe.train.seed})"
+    else:
+        yield base, recipe.model.base
+
+
+def sliding_windows(ids: list[int], block: int, stride: int) -> list[dict[str, list[int]]]:
+    """Hugging Face's fixed-length-model perplexity: windows of `block` tokens starting every `stride` tokens;
+    each token is scored once, in the first window that holds it after its first position, so it sees up to
+    `block - stride` tokens of context (with stride = block the first token of each window goes unscored)."""
+    rows, scored_to = [], 1
+    for begin in range(0, len(ids), stride):
+        end = min(begin + block, len(ids))
+        window = ids[begin:end]
+        first = max(scored_to - begin, 1)
+        rows.append({"input_ids": window, "labels": [IGNORE] * first + window[first:],
+                     "position_ids": list(range(len(window)))})
+        scored_to = end
+        if end == len(ids):
+            break
+    return rows
+
+
+def draw_shots(train: list[dict], evaluated: list[dict], k: int, seed: int) -> list[dict]:
+    """`k` demonstrations from the train records, balanced over labels, drawn with `seed`. A train record whose
+    text also occurs among the evaluated records is never used."""
+    held_out = {record["text"].strip() for record in evaluated}
+    pools: dict[int, list[dict]] = {}
+    for record in train:
+        if record["text"].strip() not in held_out:
+            pools.setdefault(record["label"], []).append(record)
+    rng = random.Random(seed)
+    drawn = [rng.sample(pool, min(k, len(pool))) for _, pool in sorted(pools.items())]
+    demos = [pool[i] for i in range(k) for pool in drawn if i < len(pool)][:k]
+    if len(demos) < k:
+        raise UserError(f"eval.shots = {k}, but the train split has only {len(demos)} usable examples")
+    rng.shuffle(demos)
+    return demos
+
+
+def demo_segments(demos: list[dict], recipe: Recipe) -> list[Segment]:
+    """Demonstrations rendered as in training (prompt + label words), each followed by a blank line."""
+    out: list[Segment] = []
+    for demo in demos:
+        out += [(text, False) for text, _ in segments(demo, recipe.data)] + [(DEMO_SEPARATOR, False)]
+    return out
+
+
+class Evaluator:
+    """Everything that is the same for the tuned and the base model: data, windows, labels, prompts."""
+
+    def __init__(self, recipe: Recipe, tokenizer, accelerator: Accelerator, max_context: int) -> None:
+        self.recipe, self.tokenizer, self.accelerator = recipe, tokenizer, accelerator
+        self.cfg = recipe.eval
+        self.max_context = max_context
+        self.block = min(recipe.data.block_size, max_context)
+        self._check_settings()
+        self.collate = PackedCollator(tokenizer.pad_token_id)
+        self.byte_lengths = torch.as_tensor(token_byte_lengths(tokenizer), device=accelerator.device)
+        self.lm_sets = {"validation": self._validation_rows()}
+        for path in self.cfg.files:
+            self.lm_sets[path] = self._windows(file_tokens(path, tokenizer), self.cfg.stride or self.block)
+        self.records = self._records() if recipe.data.format != "text" else []
+
+    def _check_settings(self) -> None:
+        cfg, where = self.cfg, self.recipe.source
+        if cfg.stride is not None and not 1 <= cfg.stride <= self.block:
+            raise UserError(f"{where}: 'eval.stride' must be between 1 and the block size {self.block}, "
+                            f"got {cfg.stride}")
+        for key in ("batch_size", "max_examples"):
+            if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+                raise UserError(f"{where}: 'eval.{key}' must be at least 1, got {getattr(cfg, key)}")
+        if cfg.shots < 0 or cfg.generate_samples < 0:
+            raise UserError(f"{where}: 'eval.shots' and 'eval.generate_samples' must not be negative")
+        if self.recipe.data.format in ("instruction", "chat") and cfg.generate_samples and \
+                cfg.max_new_tokens >= self.max_context:
+            raise UserError(f"{where}: 'eval.max_new_tokens' ({cfg.max_new_tokens}) leaves no room for the prompt "
+                            f"in the model's {self.max_context}-token context")
+
+    def _validation_rows(self) -> tuple[list[dict], str]:
+        prepared = load_prepared(self.recipe, "validation")
+        if self.recipe.data.format == "text" and self.cfg.stride:
+            stream = [token for row in prepared["input_ids"] for token in row]
+            return self._windows(stream, self.cfg.stride)
+        rows = prepared.select(range(min(len(prepared), self.cfg.max_examples or len(prepared))))
+        return rows.select_columns(["input_ids", "labels", "position_ids"]).to_list(), "prepared rows (target tokens)"
+
+    def _records(self) -> list[dict]:
+        records = load_records(self.recipe, "validation")
+        return records.select(range(min(len(records), self.cfg.max_examples or len(records)))).to_list()
+
+    def _windows(self, stream: list[int], stride: int) -> tuple[list[dict], str]:
+        windows = sliding_windows(stream, self.block, stride)[:self.cfg.max_examples]
+        return windows, f"sliding window: block {self.block}, stride {stride}"
+
+    def evaluate(self, model: torch.nn.Module, baseline: bool) -> dict:
+        role = "base" if baseline else "tuned"
+        rows, method = self.lm_sets["validation"]
+        out = self.lm_figures(model, rows, method, f"{role}: validation")
+        if self.cfg.files:
+            out["files"] = {path: self.lm_figures(model, *self.lm_sets[path], f"{role}: {Path(path).name}")
+                            for path in self.cfg.files}
+        fmt = self.recipe.data.format
+        if fmt == "classification":
+            out.update(self.classify(model, self.cfg.shots if baseline else 0, self.cfg.calibrate and baseline, role))
+        elif fmt in ("instruction", "chat") and self.cfg.generate_samples:
+            out.update(self.generate(model, role))
+        return out
+
+    def _mine(self, items: list) -> list:
+        return items[self.accelerator.process_index::self.accelerator.num_processes]
+
+    def _batches(self, items: list, desc: str) -> Iterator[list]:
+        size = self.cfg.batch_size
+        with tqdm(total=len(items), desc=desc, disable=not self.accelerator.is_local_main_process) as bar:
+            for start in range(0, len(items), size):
+                yield items[start:start + size]
+                bar.update(len(items[start:start + size]))
+
+    @torch.inference_mode()
+    def lm_figures(self, model: torch.nn.Module, rows: list[dict], method: str, desc: str) -> dict:
+        started = time.perf_counter()
+        sums = NllSums()
+        device = self.accelerator.device
+        for batch in self._batches(self._mine(rows), desc):
+            sums.add(batch_sums(model, {k: v.to(device) for k, v in self.collate(batch).items()}, self.byte_lengths))
+        total = NllSums.from_tensor(self.accelerator.reduce(sums.as_tensor(device), "sum"))
+        seconds = time.perf_counter() - started
+        return {**total.figures(), "method": method, "input_tokens": sum(len(row["input_ids"]) for row in rows),
+                "seconds": round(seconds, 3), "tokens_per_second": round(total.tokens / seconds, 1)}
+
+    def _encode(self, batch: list[list[Segment]]) -> list[list[int]]:
+        return [ids for ids, _ in encode_segments(self.tokenizer, batch)]
+
+    @torch.inference_mode()
+    def _label_scores(self, model: torch.nn.Module, contexts: list[list[int]], label_ids: list[list[int]],
+                      desc: str) -> torch.Tensor:
+        room = self.max_context - max(len(ids) for ids in label_ids)
+        mine = []
+        for batch in self._batches(self._mine(list(enumerate(contexts))), desc):
+            scores = label_loglikelihoods(model, [c[-room:] for _, c in batch], label_ids, self.tokenizer.pad_token_id)
+            mine += [(i, row) for (i, _), row in zip(batch, scores.tolist())]
+        scores = torch.tensor([row for _, row in sorted(gather_object(mine))], dtype=torch.float64)
+        if self.cfg.length_normalize:
+            scores /= torch.tensor([len(ids) for ids in label_ids], dtype=torch.float64)
+        return scores
+
+    def classify(self, model: torch.nn.Module, shots: int, calibrate: bool, role: str) -> dict:
+        data = self.recipe.data
+        names = label_names(data.classification)
+        label_ids = self._encode([[(data.classification.label_prefix + name, True)] for name in names])
+        demos = draw_shots(load_records(self.recipe, "train").to_list(), self.records, shots, self.cfg.seed) \
+            if shots else []
+        prefix = demo_segments(demos, self.recipe)
+        started = time.perf_counter()
+        contexts = self._encode([prefix + prompt_segments(record, data) for record in self.records])
+        scores = self._label_scores(model, contexts, label_ids, f"{role}: label scoring")
+        if calibrate:
+            free = [{"text": text, "label": 0, "prompt": data.classification.template.format(text=text)}
+                    for text in CONTENT_FREE_INPUTS]
+            free_scores = self._label_scores(model, self._encode([prefix + prompt_segments(r, data) for r in free]),
+                                             label_ids, f"{role}: calibration")
+            scores = scores.log_softmax(-1) - free_scores.softmax(-1).mean(0).log()
+        predicted = scores.argmax(-1).tolist()
+        seconds = time.perf_counter() - started
+        figures = classification_figures([record["label"] for record in self.records], predicted, names)
+        return {**figures, "shots": shots, "shot_texts": [demo["text"] for demo in demos], "calibrated": calibrate,
+                "length_normalized": self.cfg.length_normalize,
+                "examples_per_second": round(len(self.records) / seconds, 1)}
+
+    def generate(self, model: torch.nn.Module, role: str) -> dict:
+        data = self.recipe.data
+        records = self.records[:self.cfg.generate_samples]
+        prompts = [prompt_segments(record, data) for record in records]
+        room = self.max_context - self.cfg.max_new_tokens
+        mine = []
+        for batch in self._batches(self._mine(list(enumerate(self._encode(prompts)))), f"{role}: generation"):
+            texts = greedy(model, self.tokenizer, [ids[-room:] for _, ids in batch], self.cfg.max_new_tokens)
+            mine += [(i, text) for (i, _), text in zip(batch, texts)]
+        outputs = [text for _, text in sorted(gather_object(mine))]
+        references = [reference(record, data.format) for record in records]
+        eos = self.tokenizer.eos_token
+        samples = [{"prompt": "".join(eos if text is None else text for text, _ in segs), "reference": ref,
+                    "output": out} for segs, ref, out in zip(prompts, references, outputs)]
+        return {**generation_figures(outputs, references), "generations": samples}
+
+
+def reference(record: dict, fmt: str) -> str:
+    if fmt == "chat":
+        return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
+    return record["response"]
+
+
+@torch.inference_mode()
+def greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded into one batch), cut at the end-of-text token."""
+    width = max(len(ids) for ids in prompts)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, device=device)
+        mask[i, width - len(ids):] = 1
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def file_tokens(path: str, tokenizer) -> list[int]:
+    """An `eval.files` entry as one token stream (the whole file, as in WikiText perplexity)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"eval.files: {path} not found")
+    check_utf8(file)
+    ids = tokenizer(file.read_text(encoding="utf-8"), add_special_tokens=False, split_special_tokens=True,
+                    verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise UserError(f"eval.files: {path} has fewer than 2 tokens; nothing to score")
+    return ids

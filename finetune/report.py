@@ -1,0 +1,87 @@
+"""report.md for a run: what was trained, base against tuned, the loss curve and sample generations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.recipe import Recipe
+
+FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
+           ("bits_per_byte", "bits per byte", "{:.4f}"), ("tokens", "scored tokens", "{:d}"),
+           ("accuracy", "accuracy", "{:.2%}"), ("macro_f1", "macro-F1", "{:.4f}"),
+           ("exact_match", "exact match", "{:.2%}"), ("bleu", "BLEU", "{:.2f}")]
+
+
+def _cell(figures: dict | None, key: str, form: str) -> str:
+    value = (figures or {}).get(key)
+    return "-" if value is None else form.format(value)
+
+
+def _table(tuned: dict, base: dict | None) -> list[str]:
+    lines = ["| figure | base | tuned |", "|---|---:|---:|"]
+    for key, name, form in FIGURES:
+        if key in tuned:
+            lines.append(f"| {name} | {_cell(base, key, form)} | {_cell(tuned, key, form)} |")
+    return lines
+
+
+def summary_table(results: dict) -> str:
+    return "\n".join(_table(results, results.get("baseline")))
+
+
+def _recipe_summary(recipe: Recipe) -> list[str]:
+    model = recipe.model.base or f"from scratch, GPT-2 config {recipe.model.init}"
+    if recipe.lora is None:
+        method = "full fine-tuning"
+    else:
+        method = f"LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha}, targets {recipe.lora.targets}"
+    train = recipe.train
+    length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs} epochs"
+    return [f"- model: {model}", f"- method: {method}",
+            f"- data: {recipe.data.format} from {recipe.data.train} (validation: "
+            f"{recipe.data.validation or f'{recipe.data.validation_fraction:.0%} carved from train'}), "
+            f"block size {recipe.data.block_size}",
+            f"- training: {length}, lr {train.lr}, batch {train.batch_size} x {train.grad_accum} accumulation, "
+            f"seed {train.seed}"]
+
+
+def _confusion(figures: dict, title: str) -> list[str]:
+    confusion = figures["confusion_matrix"]
+    names = confusion["labels"]
+    lines = [f"{title} (rows: true label, columns: predicted)", "", "| | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    lines += [f"| {name} | " + " | ".join(map(str, row)) + " |"
+              for name, row in zip(names, confusion["rows_true_columns_predicted"])]
+    return lines + [""]
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
+
+
+def write_report(path: Path, recipe: Recipe, results: dict) -> None:
+    base = results.get("baseline")
+    lines = [f"# {recipe.name}: evaluation", "", *_recipe_summary(recipe), "",
+             "## Base against tuned", "", f"- tuned: `{results['model']}`",
+             f"- base: {base['model'] if base else 'not evaluated (eval.baseline: false)'}",
+             f"- validation: {results['method']}", "", *_table(results, base), ""]
+    if base and base.get("shots"):
+        lines += [f"The base model was prompted with {base['shots']} examples from the train split"
+                  f"{' and contextual calibration' if base['calibrated'] else ''}; the tuned model zero-shot.", ""]
+    for file, figures in results.get("files", {}).items():
+        base_figures = (base or {}).get("files", {}).get(file)
+        lines += [f"### {file}", "", figures["method"], "", *_table(figures, base_figures), ""]
+    if "confusion_matrix" in results:
+        lines += ["## Confusion matrices", "", *_confusion(results, "Tuned")]
+        lines += _confusion(base, "Base") if base else []
+    if (path.parent / "loss.png").is_file():
+        lines += ["## Training loss", "", "![training loss](loss.png)", ""]
+    if results.get("generations"):
+        lines += ["## Sample generations (greedy)", ""]
+        base_outputs = [g["output"] for g in (base or {}).get("generations", [])]
+        for number, sample in enumerate(results["generations"], 1):
+            lines += [f"### Sample {number}", "", "Prompt:", "", _quote(sample["prompt"]), "", "Reference:", "",
+                      _quote(sample["reference"]), "", "Tuned:", "", _quote(sample["output"]), ""]
+            if number <= len(base_outputs):
+                lines += ["Base:", "", _quote(base_outputs[number - 1]), ""]
+    path.write_text("\n".join(lines))
