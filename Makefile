@@ -71,6 +71,7 @@ push: setup
 # The offline demo: pretrain a tiny GPT-2 on generated reviews, LoRA-tune it to label them, evaluate, generate.
 demo: setup
 	$(OFFLINE) $(PY) -m finetune train recipes/demo-pretrain.yaml
+	$(OFFLINE) $(PY) -m finetune eval recipes/demo-pretrain.yaml
 	$(OFFLINE) $(PY) -m finetune train recipes/demo-tune.yaml
 	$(OFFLINE) $(PY) -m finetune eval recipes/demo-tune.yaml
 	$(OFFLINE) $(PY) -m finetune generate recipes/demo-pretrain.yaml --prompt "The kettle" --num-samples 2 --max-new-tokens 40 --seed 0

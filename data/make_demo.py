@@ -25,7 +25,9 @@ GOOD_CLOSE = ["Highly recommended.", "Five stars.", "Great value for the price."
 BAD_CLOSE = ["Avoid it.", "One star.", "A waste of money.", "Not worth the trouble."]
 NEUTRAL = ["I bought the {p} at {s} on a rainy Tuesday.", "The {p} comes in a brown paper box.",
            "There were three colours of {p} to choose from at {s}.", "The shop assistant at {s} wrapped the {p}.",
-           "I use the {p} in the kitchen.", "My neighbour has the same {p}."]
+           "I use the {p} in the kitchen.", "My neighbour has the same {p}.",
+           "A friend asked whether my review of the {p} would be positive or negative.",
+           "Reviews of the {p} at {s} are sometimes positive and sometimes negative."]
 
 
 def review(rng: random.Random, positive: bool) -> str:

@@ -33,7 +33,7 @@ from finetune.metrics import (NllSums, batch_sums, classification_figures, gener
                               token_byte_lengths)
 from finetune.modeling import (DTYPES, context_length, load_base_model, load_final, load_tokenizer,
                                prepare_for_training, tokenizer_source)
-from finetune.packing import IGNORE
+from finetune.packing import IGNORE, pack_examples
 from finetune.prepare import (fingerprint, load_prepared, load_prepared_tokenizer, load_records, prepare,
                               read_manifest)
 from finetune.recipe import Recipe
@@ -125,6 +125,14 @@ def sliding_windows(ids: list[int], block: int, stride: int) -> list[dict[str, l
     return rows
 
 
+def document_windows(docs: list[list[int]], block: int, stride: int) -> list[dict[str, list[int]]]:
+    """Sliding windows within each document (as in training, no token sees another document), packed several
+    to a row; positions restart at each window, so packed windows do not attend to each other."""
+    windows = [(w["input_ids"], w["labels"]) for doc in docs if len(doc) > 1 for w in sliding_windows(doc, block, stride)]
+    rows = pack_examples(windows, block)
+    return [dict(zip(rows, values)) for values in zip(*rows.values())]
+
+
 def draw_shots(train: list[dict], evaluated: list[dict], k: int, seed: int) -> list[dict]:
     """`k` demonstrations from the train records, balanced over labels, drawn with `seed`. A train record whose
     text also occurs among the evaluated records is never used."""
@@ -163,7 +171,7 @@ class Evaluator:
         self.byte_lengths = torch.as_tensor(token_byte_lengths(tokenizer), device=accelerator.device)
         self.lm_sets = {"validation": self._validation_rows()}
         for path in self.cfg.files:
-            self.lm_sets[path] = self._windows(file_tokens(path, tokenizer), self.cfg.stride or self.block)
+            self.lm_sets[path] = self._windows([file_tokens(path, tokenizer)], self.cfg.stride or self.block)
         self.records = self._records() if recipe.data.format != "text" else []
 
     def _check_settings(self) -> None:
@@ -184,8 +192,9 @@ class Evaluator:
     def _validation_rows(self) -> tuple[list[dict], str]:
         prepared = load_prepared(self.recipe, "validation")
         if self.recipe.data.format == "text" and self.cfg.stride:
-            stream = [token for row in prepared["input_ids"] for token in row]
-            return self._windows(stream, self.cfg.stride)
+            docs = [ids for ids, _ in encode_segments(self.tokenizer, [segments(r, self.recipe.data)
+                                                                        for r in self._records()])]
+            return self._windows(docs, self.cfg.stride)
         rows = prepared.select(range(min(len(prepared), self.cfg.max_examples or len(prepared))))
         return rows.select_columns(["input_ids", "labels", "position_ids"]).to_list(), "prepared rows (target tokens)"
 
@@ -193,9 +202,9 @@ class Evaluator:
         records = load_records(self.recipe, "validation")
         return records.select(range(min(len(records), self.cfg.max_examples or len(records)))).to_list()
 
-    def _windows(self, stream: list[int], stride: int) -> tuple[list[dict], str]:
-        windows = sliding_windows(stream, self.block, stride)[:self.cfg.max_examples]
-        return windows, f"sliding window: block {self.block}, stride {stride}"
+    def _windows(self, docs: list[list[int]], stride: int) -> tuple[list[dict], str]:
+        rows = document_windows(docs, self.block, stride)[:self.cfg.max_examples]
+        return rows, f"sliding window within documents: block {self.block}, stride {stride}"
 
     def evaluate(self, model: torch.nn.Module, baseline: bool) -> dict:
         role = "base" if baseline else "tuned"

@@ -34,6 +34,10 @@ def main() -> None:
             path = OUTPUTS / run / name
             if path.exists():
                 print(f"  {run}: {path}")
+    pretrain = figures("demo-pretrain")
+    print(f"\n  {'held-out reviews':<22}{'init':>10}{'pretrained':>10}")
+    print(line("bits per byte", pretrain.get("baseline", {}).get("bits_per_byte"), pretrain.get("bits_per_byte"), ".3f"))
+    print(line("perplexity", pretrain.get("baseline", {}).get("perplexity"), pretrain.get("perplexity"), ".2f"))
     print("\nTry next:")
     print('  make generate RECIPE=recipes/demo-tune.yaml PROMPT="The lamp is wobbly and dim. Avoid it."')
     print("  make serve RECIPE=recipes/demo-tune.yaml        # then POST http://127.0.0.1:8000/generate")

@@ -90,20 +90,22 @@ def test_sliding_window_perplexity_matches_reference(text_run: tuple[Path, Path]
     prepare(recipe)
     tokenizer = load_tokenizer(str(base_dir))
     eos = tokenizer.eos_token_id
-    stream = [t for text in load_records(recipe, "validation")["text"] for t in tokenizer(text)["input_ids"] + [eos]]
+    docs = [tokenizer(text)["input_ids"] + [eos] for text in load_records(recipe, "validation")["text"]]
     tuned, base = load_final(recipe.run_dir / "final").eval(), AutoModelForCausalLM.from_pretrained(base_dir).eval()
     text_bytes = sum(len(text.encode("utf-8")) for text in VALIDATION_TEXT)
     for stride, batch_size in ((32, 1), (32, 4), (8, 1), (8, 5)):
         result = run_eval(recipe_path, f"eval.stride={stride}", f"eval.batch_size={batch_size}")
         for figures, model in ((result, tuned), (result["baseline"], base)):
-            nll, count = reference_sliding(model, stream, 32, stride)
+            # as in training, each document is scored on its own context only
+            nll, count = map(sum, zip(*(reference_sliding(model, doc, 32, stride) for doc in docs)))
             assert figures["tokens"] == count
             assert figures["loss"] == pytest.approx(nll / count, rel=1e-5)
             assert figures["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
             assert figures["bits_per_byte"] == pytest.approx(nll / math.log(2) / figures["bytes"], rel=1e-5)
-        if stride == 8:  # every token but the stream's first is scored; EOS tokens stand for no text
-            assert result["tokens"] == len(stream) - 1
-            assert result["bytes"] == text_bytes - len(tokenizer.decode(stream[:1]).encode())
+        if stride == 8:  # every token but each document's first is scored; EOS tokens stand for no text
+            assert result["tokens"] == sum(len(doc) - 1 for doc in docs)
+            # a byte-level BPE token string has one character per byte
+            assert result["bytes"] == text_bytes - sum(len(tokenizer.convert_ids_to_tokens(doc[0])) for doc in docs)
     assert abs(result["baseline"]["loss"] - result["loss"]) > 1e-3
     assert "adapter disabled" in result["baseline"]["model"]
 
