@@ -31,11 +31,9 @@ from finetune.errors import UserError
 from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
                               token_byte_lengths)
-from finetune.modeling import (DTYPES, context_length, load_base_model, load_final, load_tokenizer,
-                               prepare_for_training, tokenizer_source)
+from finetune.modeling import DTYPES, context_length, load_base_model, load_final, prepare_for_training
 from finetune.packing import IGNORE, pack_examples
-from finetune.prepare import (fingerprint, load_prepared, load_prepared_tokenizer, load_records, prepare,
-                              read_manifest)
+from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
 
 DEMO_SEPARATOR = "\n\n"
@@ -68,20 +66,6 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
         print(f"eval: wrote {recipe.run_dir / 'eval.json'} and {recipe.run_dir / 'report.md'}")
     accelerator.end_training()
     return 0
-
-
-def ensure_prepared(recipe: Recipe, processes: int) -> None:
-    """Prepare in a single process; ranks of a multi-process launch only check that it was done before the
-    launch (a rank tokenizing while the others wait can outlast the collective timeout)."""
-    if processes == 1:
-        prepare(recipe)
-        return
-    manifest = read_manifest(recipe)
-    source = tokenizer_source(recipe)
-    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
-    if manifest is None or manifest.get("fingerprint") != fingerprint(recipe, tokenizer):
-        raise UserError(f"{recipe.prepared_dir} is missing or stale: run 'finetune prepare {recipe.source}' before "
-                        "'accelerate launch' (make eval NPROC=n does)")
 
 
 def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device) -> torch.nn.Module:

@@ -181,6 +181,22 @@ def _print_summary(out: Path, manifest: dict) -> None:
     print(f"prepare: wrote {out} in {manifest['seconds']:.1f}s (fingerprint {manifest['fingerprint'][:12]})")
 
 
+def ensure_prepared(recipe: Recipe, processes: int = 1) -> dict:
+    """Prepare in a single process. Ranks of a multi-process launch only check that it was done before the
+    launch: a rank tokenizing while the others wait can outlast the collective timeout."""
+    if processes == 1:
+        return prepare(recipe)
+    manifest = read_manifest(recipe)
+    source = tokenizer_source(recipe)
+    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
+    if manifest is None or manifest.get("fingerprint") != fingerprint(recipe, tokenizer):
+        state = "missing" if manifest is None else "stale (the recipe's data, tokenizer or prepare code changed)"
+        raise UserError(f"{recipe.prepared_dir} is {state}, and ranks of a {processes}-process launch do not "
+                        f"prepare: run 'finetune prepare {recipe.source}' before 'accelerate launch' "
+                        "(make train / make eval with NPROC=n do)")
+    return manifest
+
+
 def load_prepared(recipe: Recipe, split: str) -> datasets.Dataset:
     path = recipe.prepared_dir / split
     if not path.is_dir():

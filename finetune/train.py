@@ -26,11 +26,11 @@ from transformers.trainer_utils import EvalLoopOutput
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
 from finetune.collate import PackedCollator
 from finetune.errors import UserError
-from finetune.modeling import (apply_lora, check_model_folder, context_length, load_base_model, load_tokenizer,
-                               parameter_counts, prepare_for_training, tokenizer_source)
+from finetune.modeling import (apply_lora, check_model_folder, context_length, load_base_model, parameter_counts,
+                               prepare_for_training)
 from finetune.packing import IGNORE
 from finetune.plots import plot_loss
-from finetune.prepare import fingerprint, load_prepared, load_prepared_tokenizer, prepare, read_manifest
+from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer
 from finetune.recipe import Recipe, save_recipe
 
 # TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
@@ -61,7 +61,7 @@ def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating)."""
     check_model_source(recipe)
     resume = resume_checkpoint(recipe)
-    ensure_prepared(recipe)
+    ensure_prepared(recipe, world_size())
     tokenizer = load_prepared_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
     trainer = build_trainer(recipe, model, tokenizer)
@@ -125,20 +125,6 @@ def clear_checkpoints(trainer: Trainer, folder: Path) -> None:
         print(f"train: train.resume=never: removing the old checkpoints in {folder}")
         shutil.rmtree(folder)
     trainer.accelerator.wait_for_everyone()
-
-
-def ensure_prepared(recipe: Recipe) -> dict:
-    """Prepare in a single process; under a multi-process launch only check that it was done (before launch)."""
-    if world_size() == 1:
-        return prepare(recipe)
-    manifest = read_manifest(recipe)
-    source = tokenizer_source(recipe)
-    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
-    if manifest is None or manifest.get("fingerprint") != fingerprint(recipe, tokenizer):
-        state = "missing" if manifest is None else "stale (the recipe's data, tokenizer or prepare code changed)"
-        raise UserError(f"{recipe.prepared_dir} is {state}, and ranks of a {world_size()}-process launch do not "
-                        f"prepare: run 'finetune prepare {recipe.source}' before 'accelerate launch' (make train does)")
-    return manifest
 
 
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:

@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from finetune.cli import main
-from finetune.errors import UserError
 from finetune.packing import IGNORE, best_fit_decreasing, pack_stream
 from finetune.prepare import load_prepared, load_prepared_tokenizer, load_records, prepare
 from finetune.recipe import load_recipe

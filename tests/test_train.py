@@ -22,7 +22,8 @@ from finetune import cli
 from finetune.errors import UserError
 from finetune.prepare import prepare
 from finetune.recipe import load_recipe
-from finetune.train import ensure_prepared, train
+from finetune.prepare import ensure_prepared
+from finetune.train import train
 
 # peft 0.21 reads a GPT-2 property that transformers 5 deprecated, when loading an adapter.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -238,16 +239,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tokenizer_
 
 def test_ranks_of_a_launch_refuse_missing_or_stale_prepared_data(tmp_path, tiny_model_dir, monkeypatch):
     recipe = load_recipe(write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}))
-    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="missing.*finetune prepare"):
-        ensure_prepared(recipe)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+        ensure_prepared(recipe, processes=2)
     prepare(recipe)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert ensure_prepared(recipe)["fingerprint"]
+    assert ensure_prepared(recipe, processes=2)["fingerprint"]
     (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=2)) + "\n")
     with pytest.raises(UserError, match="stale"):
-        ensure_prepared(recipe)
+        ensure_prepared(recipe, processes=2)
 
 
 @pytest.mark.parametrize("override, message", [
