@@ -21,7 +21,7 @@ from finetune.data import Split, describe
 from finetune.errors import UserError
 from finetune.formats import encode_segments, encode_texts, label_names, segments
 from finetune.modeling import load_tokenizer, tokenizer_source, train_tokenizer
-from finetune.recipe import DataConfig, HubSource, Recipe
+from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
 
 SPLITS = ("train", "validation")
 PREPARE_CODE = [Path(module.__file__) for module in (data, formats, packing)] + [Path(__file__)]
@@ -90,6 +90,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
         split.records.save_to_disk(str(tmp / "records" / name))
         manifest[name] = stats
     tokenizer.save_pretrained(tmp / "tokenizer")
+    save_recipe(recipe, tmp / "recipe.yaml")
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out, ignore_errors=True)

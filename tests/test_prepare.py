@@ -200,6 +200,23 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, tokenizer_dir, capsys,
     assert __import__("re").search(message, err), err
 
 
+def test_unreachable_hub_data_set_is_a_clear_error(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = {"name": "t", "output_dir": str(tmp_path / "run"), "model": {"base": "gpt2"},
+            "tokenizer": {"path": str(tokenizer_dir)}, "data": {"train": {"hub": "nyu-mll/glue", "config": "sst2"}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["prepare", str(tmp_path / "r.yaml")]) == 2
+    assert "could not load Hub data set nyu-mll/glue/sst2 [train]" in capsys.readouterr().err
+
+
+def test_resolved_recipe_is_written_with_the_prepared_data(tmp_path, tokenizer_dir):
+    (tmp_path / "c.txt").write_text("\n".join(corpus_lines(20)) + "\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"))
+    prepare(recipe)
+    written = yaml.safe_load((recipe.prepared_dir / "recipe.yaml").read_text())
+    assert written == recipe.to_dict() and written["data"]["train"] == str(tmp_path / "c.txt")
+
+
 def test_real_data_sst2_and_alpaca_pack_efficiently(tmp_path):
     tokenizer = shared_path("gpt2-tokenizer")
     sst2 = make_recipe(tmp_path, tokenizer, str(shared_path("sst2/train.tsv")), ("data.max_records=5000",),
@@ -208,3 +225,8 @@ def test_real_data_sst2_and_alpaca_pack_efficiently(tmp_path):
     manifest = prepare(sst2)
     assert manifest["train"]["packing_efficiency"] >= 0.95
     assert manifest["train"]["records_in"] + manifest["validation"]["records_in"] == 5000
+    alpaca = make_recipe(tmp_path, tokenizer, str(shared_path("alpaca/alpaca_en_demo.json")),
+                         format="instruction", block_size=1024)
+    manifest = prepare(alpaca)
+    assert manifest["train"]["packing_efficiency"] >= 0.95
+    assert manifest["train"]["records_kept"] + manifest["validation"]["records_kept"] == 999
