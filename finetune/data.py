@@ -10,7 +10,7 @@ import datasets
 import numpy
 
 from finetune.errors import UserError
-from finetune.formats import RECORD_COLUMNS, normalize
+from finetune.formats import RECORD_COLUMNS, label_lookup, normalize
 from finetune.recipe import DataConfig, HubSource
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -94,12 +94,13 @@ def normalize_dataset(
     outs: list[dict[str, list]] = [{name: [] for name in columns} for _ in range(n_parts)]
     dropped = [Counter() for _ in range(n_parts)]
     totals = [0] * n_parts
+    labels = label_lookup(cfg.classification) if cfg.format == "classification" else None
     columns_in = raw.to_dict()
     names = list(columns_in)
     for index, values in enumerate(zip(*columns_in.values())):
         part = part_of[index] if part_of is not None else 0
         totals[part] += 1
-        record, reason = normalize(dict(zip(names, values)), cfg, RowRef(source, index))
+        record, reason = normalize(dict(zip(names, values)), cfg, RowRef(source, index), labels)
         if record is None:
             dropped[part][reason] += 1
             continue

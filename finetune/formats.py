@@ -37,16 +37,11 @@ def label_names(cfg: ClassificationFormat) -> list[str]:
     return [str(v) for v in labels or []]
 
 
-def label_index(value: Any, cfg: ClassificationFormat) -> int | None:
-    """Map a raw label value (its key, its position, or its word) to the label's index; None if unknown."""
+def label_lookup(cfg: ClassificationFormat) -> dict[str, int]:
+    """Raw label value (its key, its position in a list, or its word) -> the label's index."""
     names = label_names(cfg)
     keys = [str(k) for k in cfg.labels] if isinstance(cfg.labels, dict) else [str(i) for i in range(len(names))]
-    text = str(value).strip()
-    if text in keys:
-        return keys.index(text)
-    if text in names:
-        return names.index(text)
-    return None
+    return {**{name: i for i, name in enumerate(names)}, **{key: i for i, key in enumerate(keys)}}
 
 
 def _field(row: dict, name: str, where: Any) -> Any:
@@ -57,8 +52,10 @@ def _field(row: dict, name: str, where: Any) -> Any:
     return value
 
 
-def normalize(row: dict, cfg: DataConfig, where: Any) -> tuple[dict | None, str | None]:
-    """One raw row -> (record, None), or (None, reason) when the row is dropped. Raises UserError on bad rows."""
+def normalize(row: dict, cfg: DataConfig, where: Any, labels: dict[str, int] | None = None
+              ) -> tuple[dict | None, str | None]:
+    """One raw row -> (record, None), or (None, reason) when the row is dropped. Raises UserError on bad rows.
+    `labels` is `label_lookup(cfg.classification)`, built once by the caller for classification data."""
     fmt = cfg.format
     if fmt == "text":
         text = str(_field(row, cfg.text_field, where))
@@ -67,7 +64,7 @@ def normalize(row: dict, cfg: DataConfig, where: Any) -> tuple[dict | None, str 
         return _normalize_instruction(row, cfg.instruction, where)
     if fmt == "chat":
         return _normalize_chat(row, cfg.chat, where)
-    return _normalize_classification(row, cfg.classification, where)
+    return _normalize_classification(row, cfg.classification, where, labels or label_lookup(cfg.classification))
 
 
 def _normalize_instruction(row: dict, cfg: InstructionFormat, where: Any) -> tuple[dict | None, str | None]:
@@ -111,10 +108,11 @@ def _normalize_chat(row: dict, cfg: ChatFormat, where: Any) -> tuple[dict | None
     return {"messages": messages}, None
 
 
-def _normalize_classification(row: dict, cfg: ClassificationFormat, where: Any) -> tuple[dict | None, str | None]:
+def _normalize_classification(row: dict, cfg: ClassificationFormat, where: Any, labels: dict[str, int]
+                              ) -> tuple[dict | None, str | None]:
     text = str(_field(row, cfg.text_field, where))
     raw_label = _field(row, cfg.label_field, where)
-    index = label_index(raw_label, cfg)
+    index = labels.get(str(raw_label).strip())
     if index is None:
         known = list(cfg.labels) if isinstance(cfg.labels, dict) else label_names(cfg)
         raise UserError(f"{where}: label {raw_label!r} is not in the label set {known}")

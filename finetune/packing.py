@@ -76,9 +76,9 @@ def one_per_row(examples: list[Example]) -> Rows:
 
 
 def _rows(groups: list[list[Example]]) -> Rows:
-    rows: Rows = {"input_ids": [], "labels": [], "position_ids": []}
-    for group in groups:
-        rows["input_ids"].append([t for ids, _ in group for t in ids])
-        rows["labels"].append([t for _, labels in group for t in labels])
-        rows["position_ids"].append([p for ids, _ in group for p in range(len(ids))])
-    return rows
+    positions = [list(range(n)) for n in range(max((len(ids) for g in groups for ids, _ in g), default=0) + 1)]
+    return {
+        "input_ids": [list(chain.from_iterable(ids for ids, _ in group)) for group in groups],
+        "labels": [list(chain.from_iterable(labels for _, labels in group)) for group in groups],
+        "position_ids": [list(chain.from_iterable(positions[len(ids)] for ids, _ in group)) for group in groups],
+    }
