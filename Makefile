@@ -82,3 +82,8 @@ demo: setup
 bench: setup
 	$(OFFLINE) $(PY) -m bench.prepare_throughput
 	$(OFFLINE) $(PY) -m bench.packing_efficiency
+	$(OFFLINE) $(PY) -m bench.train_throughput
+	$(OFFLINE) $(PY) -m bench.lora_params
+	$(OFFLINE) $(PY) -m bench.quality_per_time
+	$(OFFLINE) $(PY) -m bench.serve_latency
+	$(OFFLINE) $(PY) -m bench.gpu_throughput

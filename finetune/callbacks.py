@@ -79,6 +79,8 @@ class MetricsFile(TrainerCallback):
                           tokens_per_s=round(logs.get("tokens_per_s", 0.0), 1), tokens=state.num_input_tokens_seen)
         elif "eval_loss" in logs:
             record["eval_loss"] = logs["eval_loss"]
+        elif "train_runtime" in logs:  # the end of the run
+            record.update(train_runtime=logs["train_runtime"], tokens=state.num_input_tokens_seen)
         else:
             return
         with self.path.open("a") as handle:

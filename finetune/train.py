@@ -209,8 +209,9 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # LoRA or not, every trainable GPT-2 parameter is used in forward
         report_to="none",
-        # Without CUDA, `accelerate launch --multi_gpu` ranks must be told to run as gloo CPU processes.
-        use_cpu=world_size() > 1 and not torch.cuda.is_available(),
+        # Without CUDA: `accelerate launch --multi_gpu` ranks must be told to run as gloo CPU processes, and
+        # bf16 needs use_cpu to run on the CPU at all.
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
     known = TrainingArguments.__dataclass_fields__
     for key in cfg.extra:
