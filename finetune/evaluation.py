@@ -32,7 +32,7 @@ from finetune.formats import Segment, encode_segments, label_names, prompt_segme
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
                               token_byte_lengths)
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final, prepare_for_training
-from finetune.packing import IGNORE, pack_examples
+from finetune.packing import IGNORE, Flat, pack_examples
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
 
@@ -113,8 +113,7 @@ def document_windows(docs: list[list[int]], block: int, stride: int) -> list[dic
     """Sliding windows within each document (as in training, no token sees another document), packed several
     to a row; positions restart at each window, so packed windows do not attend to each other."""
     windows = [(w["input_ids"], w["labels"]) for doc in docs if len(doc) > 1 for w in sliding_windows(doc, block, stride)]
-    rows = pack_examples(windows, block)
-    return [dict(zip(rows, values)) for values in zip(*rows.values())]
+    return pack_examples(Flat.from_examples(windows), block).rows()
 
 
 def draw_shots(train: list[dict], evaluated: list[dict], k: int, seed: int) -> list[dict]:

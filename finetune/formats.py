@@ -185,18 +185,14 @@ def encode_segments(tokenizer: Any, batch: list[list[Segment]], ignore: int = -1
 
     Returns (token ids, labels) per segment list: labels repeat the ids on target segments, `ignore` elsewhere.
     """
-    encoded = encode_texts(tokenizer, [text for segs in batch for text, _ in segs if text is not None])
+    pieces = iter(encode_texts(tokenizer, [text for segs in batch for text, _ in segs if text is not None]))
     eos = [tokenizer.eos_token_id]
-    out, cursor = [], 0
+    out = []
     for segs in batch:
         ids: list[int] = []
         labels: list[int] = []
         for text, target in segs:
-            if text is None:
-                piece = eos
-            else:
-                piece = encoded[cursor]
-                cursor += 1
+            piece = eos if text is None else next(pieces)
             ids += piece
             labels += piece if target else [ignore] * len(piece)
         out.append((ids, labels))

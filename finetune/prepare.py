@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from finetune import __version__, data, formats, packing
 from finetune.data import Split, describe
@@ -86,7 +88,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
         manifest["labels"] = _label_info(tokenizer, recipe.data)
     for name, split in splits.items():
         rows, stats = tokenize_and_pack(split, tokenizer, recipe.data, name)
-        datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / name))
+        rows.save_to_disk(str(tmp / name))
         split.records.save_to_disk(str(tmp / "records" / name))
         manifest[name] = stats
     tokenizer.save_pretrained(tmp / "tokenizer")
@@ -136,41 +138,39 @@ def encode_batch(batch: dict[str, list], tokenizer: Any, cfg: DataConfig) -> dic
     return out
 
 
-def tokenize_and_pack(split: Split, tokenizer: Any, cfg: DataConfig, name: str) -> tuple[dict, dict]:
+def tokenize_and_pack(split: Split, tokenizer: Any, cfg: DataConfig, name: str) -> tuple[datasets.Dataset, dict]:
     """Tokenize a split's records and pack them into rows; returns the rows and the manifest figures."""
     records = split.records
     # In one process the Rust tokenizer already encodes each batch on every core; num_proc is for huge data.
     encoded = records.map(encode_batch, batched=True, batch_size=10_000, num_proc=cfg.num_proc, keep_in_memory=True,
                           fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
                           remove_columns=records.column_names, desc=f"tokenize {name}")
-    table = encoded.data
-    ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    table = encoded.data.table
     reasons = table.column("dropped").to_pylist()
     dropped = Counter(split.dropped)
     dropped.update(r for r in reasons if r)
-    examples = [(i, lab) for i, lab, r in zip(ids, labels, reasons) if not r]
-    if not examples:
+    kept = table.filter(pa.array([not r for r in reasons])).combine_chunks()
+    if kept.num_rows == 0:
         raise UserError(f"the {name} split is empty after tokenization ({dict(dropped)})")
+    examples = packing.Flat.from_arrow(kept.column("input_ids").chunk(0), kept.column("labels").chunk(0))
     block = cfg.block_size
     if cfg.format == "text":
-        rows = packing.pack_stream(examples, block) if cfg.packing else packing.one_per_row(
-            packing.split_long(examples, block))
+        rows = packing.pack_stream(examples, block) if cfg.packing else packing.split_long(examples, block)
     else:
         rows = packing.pack_examples(examples, block) if cfg.packing else packing.one_per_row(examples)
-    tokens = sum(len(r) for r in rows["input_ids"])
-    sequences = len(rows["input_ids"])
+    sequences = len(rows)
     stats = {
         "records_in": split.records_in,
-        "records_kept": len(examples),
+        "records_kept": kept.num_rows,
         "records_dropped": dict(sorted(dropped.items())),
-        "records_truncated": sum(table.column("truncated").to_pylist()),
-        "tokens": tokens,
-        "target_tokens": sum(1 for r in rows["labels"] for t in r if t != packing.IGNORE),
+        "records_truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
+        "tokens": len(rows.ids),
+        "target_tokens": int((rows.labels != packing.IGNORE).sum()),
         "sequences": sequences,
         "positions": sequences * block,
-        "packing_efficiency": round(tokens / (sequences * block), 4),
+        "packing_efficiency": round(len(rows.ids) / (sequences * block), 4),
     }
-    return rows, stats
+    return datasets.Dataset(rows.to_arrow()), stats
 
 
 def _print_summary(out: Path, manifest: dict) -> None:

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from finetune.collate import PackedCollator
 from finetune.modeling import prepare_for_training
-from finetune.packing import IGNORE, pack_examples
+from finetune.packing import IGNORE, Flat, pack_examples
 
 PAD = 0
 
@@ -42,9 +42,9 @@ def examples() -> list[tuple[list[int], list[int]]]:
 def test_packed_batch_matches_examples_run_one_by_one(attn_implementation: str) -> None:
     model = tiny_model(attn_implementation)
     items = examples()
-    rows = pack_examples(items, block_size=24)
-    assert len(rows["input_ids"]) < len(items)  # several examples share a row
-    batch = PackedCollator(PAD)([dict(zip(rows, values)) for values in zip(*rows.values())])
+    rows = pack_examples(Flat.from_examples(items), block_size=24).rows()
+    assert len(rows) < len(items)  # several examples share a row
+    batch = PackedCollator(PAD)(rows)
     assert "attention_mask" not in batch
     assert batch["labels"].eq(IGNORE).any()  # rows of different lengths: padding is present too
     with torch.no_grad():
@@ -70,8 +70,8 @@ def test_plain_causal_mask_would_leak_across_examples() -> None:
     """Control: the same packed batch with an explicit all-ones attention mask (one causal mask over the row)
     gives different losses, so the test above is sensitive to leakage."""
     model = tiny_model("sdpa")
-    rows = pack_examples(examples(), block_size=24)
-    batch = PackedCollator(PAD)([dict(zip(rows, values)) for values in zip(*rows.values())])
+    rows = pack_examples(Flat.from_examples(examples()), block_size=24).rows()
+    batch = PackedCollator(PAD)(rows)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     with torch.no_grad():
         separated = token_losses(model(**inputs).logits, batch["labels"])

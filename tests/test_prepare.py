@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from finetune.cli import main
-from finetune.packing import IGNORE, best_fit_decreasing, pack_stream
+from finetune.packing import IGNORE, Flat, best_fit_decreasing, pack_examples, pack_stream, split_long
 from finetune.prepare import load_prepared, load_prepared_tokenizer, load_records, prepare
 from finetune.recipe import load_recipe
 
@@ -109,10 +109,21 @@ def test_text_stream_keeps_every_target_and_restarts_positions(tmp_path, tokeniz
 
 
 def test_pack_stream_positions_restart_at_documents_and_rows():
-    rows = pack_stream([([1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7, 8], [4, 5, 6, 7, 8])], block_size=4)
-    assert rows["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert rows["position_ids"] == [[0, 1, 2, 0], [0, 1, 2, 3]]
-    assert rows["labels"] == [[IGNORE, 2, 3, IGNORE], [IGNORE, 6, 7, 8]]
+    rows = pack_stream(Flat.from_examples([([1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7, 8], [4, 5, 6, 7, 8])]), 4).rows()
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [r["position_ids"] for r in rows] == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert [r["labels"] for r in rows] == [[IGNORE, 2, 3, IGNORE], [IGNORE, 6, 7, 8]]
+
+
+def test_pack_examples_and_split_long_keep_examples_whole_or_cut_at_blocks():
+    examples = Flat.from_examples([([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9, 10], [-100, 7, 8, 9, 10])])
+    rows = pack_examples(examples, 5).rows()
+    assert [r["input_ids"] for r in rows] == [[6, 7, 8, 9, 10], [1, 2, 3, 4, 5]]
+    assert [r["position_ids"] for r in rows] == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert [r["labels"] for r in rows] == [[IGNORE, 7, 8, 9, 10], [IGNORE, 2, 3, IGNORE, 5]]
+    pieces = split_long(examples, 2).rows()
+    assert [r["input_ids"] for r in pieces] == [[1, 2], [3], [4, 5], [6, 7], [8, 9], [10]]
+    assert all(r["labels"][0] == IGNORE and r["position_ids"] == list(range(len(r["input_ids"]))) for r in pieces)
 
 
 def test_best_fit_decreasing_fills_bins_and_loses_nothing():
