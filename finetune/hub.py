@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.errors import UserError
 from finetune.generation import trained_recipe, user_prompt_segments
-from finetune.modeling import is_adapter, load_final, load_tokenizer
+from finetune.modeling import is_adapter, load_final, load_tokenizer, quiet_peft
 from finetune.recipe import HubSource, Recipe
 
 MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "*.safetensors",
@@ -152,7 +152,8 @@ def check_loads(folder: Path, final: Path, adapter: bool, base: str | None) -> N
         if adapter:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+            with quiet_peft():
+                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - whatever stops a user from loading it stops the push

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -124,6 +125,14 @@ def lora_targets(model: torch.nn.Module, targets: str | list[str]) -> tuple[list
     return matched, conv1d == {True}
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads a property that transformers 5 deprecated; its FutureWarning tells users nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        yield
+
+
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> tuple[torch.nn.Module, list[str]]:
     """Wrap `model` with a LoRA adapter (returned with the matched module names); Conv1D gets fan_in_fan_out."""
     from peft import LoraConfig as PeftLoraConfig
@@ -135,8 +144,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> tuple[torch.nn.Module
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=patterns, bias=cfg.bias,
         fan_in_fan_out=conv1d, modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():  # peft 0.21 reads a property that transformers 5 deprecated
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    with quiet_peft():
         return get_peft_model(model, peft_config), matched
 
 
@@ -167,7 +175,8 @@ def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.
         base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
         check_model_folder(base_path)
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-        return PeftModel.from_pretrained(base, folder)
+        with quiet_peft():
+            return PeftModel.from_pretrained(base, folder)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
 
 

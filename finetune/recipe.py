@@ -270,22 +270,21 @@ def _load_chain(path: Path, seen: list[Path]) -> dict:
 def _resolve_relative_sources(data: dict, folder: Path) -> None:
     """Paths are relative to the recipe file that names them, so resolve them before merging: data files
     always, model and tokenizer folders when written as ./ or ../ (anything else may be a Hub id)."""
-    section = data.get("data")
-    if not isinstance(section, dict):
-        return
+    def section(name: str) -> dict:
+        return data[name] if isinstance(data.get(name), dict) else {}
+
+    def resolved(value: object) -> object:
+        return str((folder / value).resolve()) if isinstance(value, str) and not Path(value).is_absolute() else value
+
     for split in ("train", "validation"):
-        value = section.get(split)
-        if isinstance(value, str) and not Path(value).is_absolute():
-            section[split] = str((folder / value).resolve())
-    files = data.get("eval", {}).get("files") if isinstance(data.get("eval"), dict) else None
-    if isinstance(files, list):
-        data["eval"]["files"] = [
-            str((folder / f).resolve()) if isinstance(f, str) and not Path(f).is_absolute() else f for f in files
-        ]
+        if split in section("data"):
+            data["data"][split] = resolved(data["data"][split])
+    if isinstance(section("eval").get("files"), list):
+        data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
     for owner, key in (("model", "base"), ("tokenizer", "path")):
-        value = data.get(owner, {}).get(key) if isinstance(data.get(owner), dict) else None
+        value = section(owner).get(key)
         if isinstance(value, str) and value.startswith(("./", "../")):
-            data[owner][key] = str((folder / value).resolve())
+            data[owner][key] = resolved(value)
 
 
 def deep_merge(base: dict, child: dict) -> dict:

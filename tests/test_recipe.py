@@ -28,6 +28,17 @@ def test_extends_deep_merges_and_child_wins(tmp_path):
     assert recipe.data.train == str((tmp_path / "common" / "data" / "train.txt").resolve())
 
 
+def test_model_and_eval_paths_resolve_against_the_file_that_names_them(tmp_path):
+    write(tmp_path / "common" / "base.yaml", BASE)
+    child = write(tmp_path / "runs" / "child.yaml", {"extends": "../common/base.yaml",
+                                                     "model": {"base": "../models/tiny"},
+                                                     "eval": {"files": ["held-out.txt"]}})
+    recipe = load_recipe(child)
+    assert recipe.model.base == str((tmp_path / "models" / "tiny").resolve())
+    assert recipe.eval.files == [str((tmp_path / "runs" / "held-out.txt").resolve())]
+    assert load_recipe(child, ["model.base=gpt2-medium"]).model.base == "gpt2-medium"
+
+
 def test_extends_cycle_is_detected(tmp_path):
     write(tmp_path / "a.yaml", {"extends": "b.yaml", **BASE})
     write(tmp_path / "b.yaml", {"extends": "a.yaml"})
