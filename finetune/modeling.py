@@ -89,7 +89,7 @@ def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch
         model = GPT2LMHeadModel(config)
         if cfg.dtype not in ("float32", "auto"):
             model = model.to(DTYPES[cfg.dtype])
-        return model
+        return _causal_lm(model)
     check_model_folder(cfg.base)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -100,6 +100,13 @@ def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch
         raise UserError(f"could not load model.base {cfg.base!r}: {type(exc).__name__}: {exc}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    return _causal_lm(model)
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers 5 derives the loss from the class name and finds none in "GPT2LMHeadModel" (it warns, then
+    uses the causal-LM loss): name it."""
+    model.loss_type = "ForCausalLM"
     return model
 
 
