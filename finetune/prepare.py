@@ -17,12 +17,13 @@ from typing import Any
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+from transformers import AutoTokenizer
 
 from finetune import __version__, data, formats, packing
 from finetune.data import Split, describe
 from finetune.errors import UserError
 from finetune.formats import encode_segments, encode_texts, label_names, segments
-from finetune.modeling import load_tokenizer, tokenizer_source, train_tokenizer
+from finetune.modeling import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
 from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
 
 SPLITS = ("train", "validation")
@@ -61,14 +62,23 @@ def read_manifest(recipe: Recipe) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def prepare(recipe: Recipe, force: bool = False) -> dict:
-    """Run the stage (or find it cached) and return the manifest."""
-    out = recipe.prepared_dir
+def _cache_state(recipe: Recipe) -> tuple[Any | None, str, dict | None]:
+    """(the recipe's tokenizer, or None when it is trained; the fingerprint now; the manifest if it matches)."""
     source = tokenizer_source(recipe)
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
     digest = fingerprint(recipe, tokenizer)
     manifest = read_manifest(recipe)
-    if not force and manifest and manifest.get("fingerprint") == digest and all((out / s).is_dir() for s in SPLITS):
+    current = manifest and manifest.get("fingerprint") == digest and all(
+        (recipe.prepared_dir / s).is_dir() for s in SPLITS)
+    return tokenizer, digest, manifest if current else None
+
+
+def prepare(recipe: Recipe, force: bool = False) -> dict:
+    """Run the stage (or find it cached) and return the manifest."""
+    out = recipe.prepared_dir
+    source = tokenizer_source(recipe)
+    tokenizer, digest, manifest = _cache_state(recipe)
+    if manifest and not force:
         print(f"prepare: {out} is up to date (fingerprint {digest[:12]}); nothing to do")
         return manifest
 
@@ -187,11 +197,9 @@ def ensure_prepared(recipe: Recipe, processes: int = 1) -> dict:
     launch: a rank tokenizing while the others wait can outlast the collective timeout."""
     if processes == 1:
         return prepare(recipe)
-    manifest = read_manifest(recipe)
-    source = tokenizer_source(recipe)
-    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
-    if manifest is None or manifest.get("fingerprint") != fingerprint(recipe, tokenizer):
-        state = "missing" if manifest is None else "stale (the recipe's data, tokenizer or prepare code changed)"
+    manifest = _cache_state(recipe)[2]
+    if manifest is None:
+        state = "stale (the recipe's data, tokenizer or prepare code changed)" if read_manifest(recipe) else "missing"
         raise UserError(f"{recipe.prepared_dir} is {state}, and ranks of a {processes}-process launch do not "
                         f"prepare: run 'finetune prepare {recipe.source}' before 'accelerate launch' "
                         "(make train / make eval with NPROC=n do)")
@@ -210,8 +218,4 @@ def load_records(recipe: Recipe, split: str) -> datasets.Dataset:
 
 
 def load_prepared_tokenizer(recipe: Recipe) -> Any:
-    from transformers import AutoTokenizer
-
-    from finetune.modeling import with_pad_token
-
     return with_pad_token(AutoTokenizer.from_pretrained(str(recipe.prepared_dir / "tokenizer")))
