@@ -153,7 +153,12 @@ def test_from_scratch_lora_saves_its_base_for_the_adapter(tmp_path, tokenizer_di
 
 def test_grad_accumulation_matches_one_larger_batch_and_eval_loss_ignores_batch_size(tmp_path, tokenizer_dir):
     """Rows of different lengths (no packing) hold different numbers of targets per micro-batch: Trainer's
-    num_items_in_batch must normalise over the whole accumulated batch for 4 x 2 to equal 8 x 1."""
+    num_items_in_batch must normalise over the whole accumulated batch for 4 x 2 to equal 8 x 1.
+
+    Bounds from measurements of this very run (20 Adam steps): the same 8 x 1 run at 2 threads instead of 1
+    moves parameters by up to 1.1e-5 and losses by 5e-7 (float rounding, amplified by Adam where gradients
+    are near zero); normalising per micro-batch instead (the bug) moves parameters by 8.8e-2 and losses by
+    over 1. The bounds sit about 100x above the noise and 100x below the bug."""
     model = {"model": {"init": SCRATCH}, "tokenizer": {"path": str(tokenizer_dir)}}
     data = {"packing": False}
     one = train(load_recipe(write_recipe(tmp_path, model, name="one", data=data)))
@@ -161,14 +166,16 @@ def test_grad_accumulation_matches_one_larger_batch_and_eval_loss_ignores_batch_
                                          train={"batch_size": 4, "grad_accum": 2})))
     assert_learns(tmp_path / "one", drop=1.0)  # from scratch, full
     torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "two")),
-                               torch.tensor(train_losses(tmp_path / "one")), atol=1e-5, rtol=0)
+                               torch.tensor(train_losses(tmp_path / "one")), atol=1e-4, rtol=0)
     for a, b in zip(one.model.parameters(), two.model.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
     by_batch = []
     for size in (3, 16):
         one.args.per_device_eval_batch_size = size
         by_batch.append(one.evaluate()["eval_loss"])
-    assert by_batch[0] == pytest.approx(by_batch[1], abs=1e-6)
+    # Batch 3 vs 16 changes only the float summation order (~1e-7 here); averaging per-batch means would
+    # move it by ~1e-2.
+    assert by_batch[0] == pytest.approx(by_batch[1], abs=1e-5)
 
 
 def test_early_stopping_stops_when_validation_loss_stops_improving(tmp_path, tiny_model_dir):
