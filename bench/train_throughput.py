@@ -115,10 +115,10 @@ def bare_model(recipe, case: Case) -> GPT2LMHeadModel:
 
 
 def bare_tokens_per_s(recipe, case: Case) -> tuple[float, float]:
-    rows = load_prepared(recipe, "train").with_format("torch")
-    full = [i for i, ids in enumerate(rows["input_ids"]) if len(ids) == case.block]
-    ids = torch.stack([rows[i]["input_ids"] for i in full])
-    labels = torch.stack([rows[i]["labels"] for i in full])
+    rows = load_prepared(recipe, "train")
+    full = [row for row in rows if len(row["input_ids"]) == case.block]
+    ids = torch.stack([torch.from_numpy(row["input_ids"]) for row in full])
+    labels = torch.stack([torch.from_numpy(row["labels"]) for row in full])
     model = bare_model(recipe, case)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, fused=True)
     for step in range(case.steps):

@@ -1,37 +1,54 @@
-"""Load records from local files or the Hub through `datasets`, normalize them and carve a validation split."""
+"""Read records from local files or the Hub as a stream of batches, with bounded memory whatever the size.
+
+Local .txt and .jsonl files (the formats of large corpora) are read in blocks of bytes; a JSONL line is parsed
+where it is processed (in a prepare worker), so reading costs the main process little more than finding line
+ends. CSV/TSV stream through pandas in chunks, Parquet by record batches, a .json array is loaded whole, and
+Hub data sets come through `datasets` (`data.streaming: true` iterates without downloading the whole set).
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import datasets
-import numpy
+import numpy as np
 
 from finetune.errors import UserError
-from finetune.formats import RECORD_COLUMNS, label_lookup, normalize
 from finetune.recipe import DataConfig, HubSource
 
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 HEADER_ROWS = {".csv": 1, ".tsv": 1}
+BLOCK_BYTES = 1 << 20  # text handed to a worker at a time
+ROWS_PER_BATCH = 4096  # for row-based readers (CSV, Parquet, JSON arrays, the Hub)
 
 
 @dataclass
-class Split:
-    """A split's normalized records with the bookkeeping the manifest reports."""
+class Batch:
+    """Consecutive raw rows of one source: `rows[i]` is row `start + i` (a dict, a JSONL line as bytes, or the
+    text of a .txt record); `lines` gives 1-based file lines where they are not `start + i + 1`; `nbytes` is how
+    much of a local text file the batch consumed."""
 
-    records: datasets.Dataset
-    records_in: int
-    dropped: Counter = field(default_factory=Counter)
+    start: int
+    rows: list
+    lines: list[int] | None = None
+    nbytes: int = 0
 
 
 def check_utf8(path: Path) -> None:
-    data = path.read_bytes()
+    decoder_offset = 0
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(BLOCK_BYTES) + handle.readline(), b""):
+            _decode(block, path, decoder_offset)
+            decoder_offset += len(block)
+
+
+def _decode(block: bytes, path: Any, offset: int) -> str:
     try:
-        data.decode("utf-8")
+        return block.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})") from None
+        raise UserError(f"{path}: not valid UTF-8 at byte offset {offset + exc.start} ({exc.reason})") from None
 
 
 def describe(source: str | HubSource) -> str:
@@ -40,103 +57,218 @@ def describe(source: str | HubSource) -> str:
     return str(source)
 
 
-def load_raw(source: str | HubSource, cfg: DataConfig) -> datasets.Dataset:
-    """Read one source as a `datasets.Dataset` of raw rows (Arrow-cached by `datasets`)."""
-    if isinstance(source, HubSource):
-        try:
-            return datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
-        except Exception as exc:  # noqa: BLE001 - any Hub failure is the user's spec or network
-            raise UserError(f"could not load {describe(source)}: {type(exc).__name__}: {exc}") from None
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix != ".parquet":
-        check_utf8(path)
-    kwargs: dict = {}
-    if suffix == ".tsv":
-        kwargs["delimiter"] = "\t"
-        kwargs["quoting"] = 3  # csv.QUOTE_NONE: tab-separated data sets quote nothing
-    if suffix == ".txt":
-        kwargs["sample_by"] = cfg.sample_by
-    try:
-        return datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
-    except Exception as exc:  # noqa: BLE001 - parse errors from pyarrow/pandas name the problem
-        raise UserError(f"{path}: could not be read as {suffix[1:]}: {type(exc).__name__}: {exc}") from None
-
-
 class RowRef:
     """Names a row for error messages ("file line N"); built for every row, formatted only on error."""
 
-    __slots__ = ("source", "index")
+    __slots__ = ("source", "index", "line")
 
-    def __init__(self, source: str | HubSource, index: int) -> None:
-        self.source, self.index = source, index
+    def __init__(self, source: str | HubSource, index: int, line: int | None = None) -> None:
+        self.source, self.index, self.line = source, index, line
 
     def __str__(self) -> str:
         if isinstance(self.source, HubSource):
             return f"{describe(self.source)} row {self.index + 1}"
         path = Path(self.source)
-        if path.suffix.lower() == ".jsonl":
-            return f"{path} line {self.index + 1}"
-        header = HEADER_ROWS.get(path.suffix.lower(), 0)
+        suffix = path.suffix.lower()
+        if self.line is not None or suffix in (".jsonl", ".txt"):
+            return f"{path} line {self.line or self.index + 1}"
+        header = HEADER_ROWS.get(suffix, 0)
         return f"{path} row {self.index + 1}" + (f" (line {self.index + 1 + header})" if header else "")
 
 
-def normalize_dataset(
-    raw: datasets.Dataset, source: str | HubSource, cfg: DataConfig, n_parts: int = 1, part_of: list[int] | None = None
-) -> list[Split]:
-    """Raw rows -> normalized records of the recipe's format, routed into `n_parts` splits by `part_of[row]`.
-
-    Empty rows are dropped and counted; a malformed row raises a UserError naming the file and row.
-    """
-    columns = RECORD_COLUMNS[cfg.format]
-    outs: list[dict[str, list]] = [{name: [] for name in columns} for _ in range(n_parts)]
-    dropped = [Counter() for _ in range(n_parts)]
-    totals = [0] * n_parts
-    labels = label_lookup(cfg.classification) if cfg.format == "classification" else None
-    columns_in = raw.to_dict()
-    names = list(columns_in)
-    for index, values in enumerate(zip(*columns_in.values())):
-        part = part_of[index] if part_of is not None else 0
-        totals[part] += 1
-        record, reason = normalize(dict(zip(names, values)), cfg, RowRef(source, index), labels)
-        if record is None:
-            dropped[part][reason] += 1
-            continue
-        for name in columns:
-            outs[part][name].append(record[name])
-    return [Split(datasets.Dataset.from_dict(out), records_in=total, dropped=drop)
-            for out, total, drop in zip(outs, totals, dropped)]
-
-
-def load_splits(cfg: DataConfig) -> dict[str, Split]:
-    """The train and validation splits as normalized records; validation is carved from train when not given."""
-    raw_train = _limit(load_raw(cfg.train, cfg), cfg.max_records)
-    if cfg.validation is not None:
-        raw_validation = _limit(load_raw(cfg.validation, cfg), cfg.max_records)
-        splits = {"train": normalize_dataset(raw_train, cfg.train, cfg)[0],
-                  "validation": normalize_dataset(raw_validation, cfg.validation, cfg)[0]}
-        sources = {"train": cfg.train, "validation": cfg.validation}
-    else:
-        if len(raw_train) < 2:
-            raise UserError(f"{describe(cfg.train)}: needs at least 2 records to carve a validation split "
-                            "(set data.validation, or for a .txt file data.sample_by: line or paragraph)")
-        size = max(1, round(len(raw_train) * cfg.validation_fraction))
-        part_of = [0] * len(raw_train)
-        for index in numpy.random.default_rng(cfg.seed).permutation(len(raw_train))[:size]:
-            part_of[index] = 1
-        train, validation = normalize_dataset(raw_train, cfg.train, cfg, n_parts=2, part_of=part_of)
-        splits = {"train": train, "validation": validation}
-        sources = {"train": cfg.train, "validation": cfg.train}
-    for name, split in splits.items():
-        if len(split.records) == 0:
-            reasons = ", ".join(f"{n} {r}" for r, n in split.dropped.items()) or "no rows"
-            raise UserError(f"{describe(sources[name])}: the {name} split is empty after filtering ({reasons})")
-    return splits
-
-
-def _limit(raw: datasets.Dataset, max_records: int | None) -> datasets.Dataset:
-    if max_records is not None and len(raw) > max_records:
-        return raw.select(range(max_records))
+def parse_row(raw: Any, where: RowRef) -> dict:
+    """A raw row as a mapping: JSONL lines are parsed here (in the worker), text records become {'text': ...}."""
+    if isinstance(raw, bytes):
+        try:
+            raw = json.loads(raw)
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)") from None
+        except ValueError as exc:
+            raise UserError(f"{where}: not valid JSON: {exc}") from None
+    if isinstance(raw, str):
+        return {"text": raw}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a JSON object (a mapping of fields), got {type(raw).__name__}")
     return raw
+
+
+def check_sources(cfg: DataConfig) -> None:
+    for source in (cfg.train, cfg.validation):
+        if isinstance(source, str) and not Path(source).is_file():
+            raise UserError(f"data file not found: {source}")
+
+
+def read_batches(source: str | HubSource, cfg: DataConfig, skip: int = 0) -> Iterator[Batch]:
+    """The source's raw rows in batches, from row `skip` on, at most `data.max_records` rows in all."""
+    limit = cfg.max_records
+    for batch in _raw_batches(source, cfg):
+        end = batch.start + len(batch.rows)
+        if limit is not None and batch.start >= limit:
+            return
+        if end <= skip:
+            continue
+        first = max(skip - batch.start, 0)
+        last = len(batch.rows) if limit is None else min(len(batch.rows), limit - batch.start)
+        if first or last < len(batch.rows):
+            batch = Batch(batch.start + first, batch.rows[first:last], batch.lines and batch.lines[first:last],
+                          batch.nbytes)
+        yield batch
+
+
+def count_rows(source: str | HubSource, cfg: DataConfig) -> int | None:
+    """How many rows `read_batches` yields (None for a streamed Hub data set: unknown until read)."""
+    if isinstance(source, HubSource) and cfg.streaming:
+        return None
+    if isinstance(source, str) and source.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(source).metadata.num_rows
+        return rows if cfg.max_records is None else min(rows, cfg.max_records)
+    return sum(len(batch.rows) for batch in read_batches(source, cfg))
+
+
+def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[Batch]:
+    if isinstance(source, HubSource):
+        yield from _hub_batches(source, cfg)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        yield from _text_batches(path, cfg.sample_by)
+    elif suffix == ".jsonl" or (suffix == ".json" and _first_byte(path) != b"["):
+        yield from _jsonl_batches(path)
+    elif suffix == ".json":
+        yield from _json_array_batches(path)
+    elif suffix in (".csv", ".tsv"):
+        yield from _csv_batches(path, suffix)
+    else:
+        yield from _parquet_batches(path)
+
+
+def _first_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(4096), b""):
+            stripped = block.lstrip()
+            if stripped:
+                return stripped[:1]
+    return b""
+
+
+def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, block) pairs of about BLOCK_BYTES, each ending at a line end."""
+    offset = 0
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(BLOCK_BYTES) + handle.readline(), b""):
+            yield offset, block
+            offset += len(block)
+
+
+def _jsonl_batches(path: Path) -> Iterator[Batch]:
+    """One row per non-blank line; blank lines are skipped and do not count as rows."""
+    start, line = 0, 0
+    for _, block in _blocks(path):
+        pieces = block.split(b"\n")
+        if pieces[-1] == b"":
+            pieces.pop()
+        rows, lines = [], []
+        for number, piece in enumerate(pieces, line + 1):
+            if piece.strip():
+                rows.append(piece)
+                lines.append(number)
+        line += len(pieces)
+        yield Batch(start, rows, lines, len(block))
+        start += len(rows)
+
+
+def _text_batches(path: Path, sample_by: str) -> Iterator[Batch]:
+    """As `datasets`' text builder: universal newlines; a row per line, per blank-line-separated paragraph (empty
+    ones skipped), or one for the whole file."""
+    start, carry = 0, ""
+    for offset, block in _blocks(path):
+        text = _decode(block, path, offset).replace("\r\n", "\n").replace("\r", "\n")
+        if sample_by == "line":
+            rows = text.split("\n")
+            if rows[-1] == "":
+                rows.pop()
+        elif sample_by == "paragraph":
+            parts = (carry + text).split("\n\n")
+            carry = parts.pop()
+            rows = [part for part in parts if part]
+        else:
+            carry += text
+            continue
+        yield Batch(start, rows, nbytes=len(block))
+        start += len(rows)
+    if carry or (sample_by == "document" and start == 0):
+        yield Batch(start, [carry])
+
+
+def _json_array_batches(path: Path) -> Iterator[Batch]:
+    check_utf8(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: a .json data file must hold a list of objects (or be JSON lines)")
+    for start in range(0, len(rows), ROWS_PER_BATCH):
+        yield Batch(start, rows[start:start + ROWS_PER_BATCH])
+
+
+def _csv_batches(path: Path, suffix: str) -> Iterator[Batch]:
+    import pandas as pd
+
+    check_utf8(path)
+    options: dict[str, Any] = {"sep": "\t", "quoting": 3} if suffix == ".tsv" else {}  # TSV data sets quote nothing
+    start = 0
+    try:
+        for frame in pd.read_csv(path, chunksize=ROWS_PER_BATCH, **options):
+            rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+            yield Batch(start, rows)
+            start += len(rows)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path}: could not be read as {suffix[1:]}: {exc}") from None
+
+
+def _parquet_batches(path: Path) -> Iterator[Batch]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = 0
+    try:
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH):
+            rows = record_batch.to_pylist()
+            yield Batch(start, rows)
+            start += len(rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: could not be read as parquet: {exc}") from None
+
+
+def _hub_batches(source: HubSource, cfg: DataConfig) -> Iterator[Batch]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision,
+                                     streaming=cfg.streaming)
+        start = 0
+        for columns in data.iter(batch_size=ROWS_PER_BATCH):
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            yield Batch(start, rows)
+            start += len(rows)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any Hub failure is the user's spec or network
+        raise UserError(f"could not load {describe(source)}: {type(exc).__name__}: {exc}") from None
+
+
+def validation_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of `rows` rows are carved into the validation split: round(rows x fraction) of them (at least
+    one), drawn with `seed`."""
+    if rows < 2:
+        raise UserError("needs at least 2 records to carve a validation split (set data.validation, or for a "
+                        ".txt file data.sample_by: line or paragraph)")
+    mask = np.zeros(rows, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(rows)[:max(1, round(rows * fraction))]] = True
+    return mask

@@ -13,8 +13,9 @@ import argparse
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from finetune.formats import Segment, encode_segments, label_names, prompt_segme
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
                               token_byte_lengths)
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final, prepare_for_training
-from finetune.packing import IGNORE, Flat, pack_examples
+from finetune.packing import IGNORE, best_fit_decreasing
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
 
@@ -110,10 +111,27 @@ def sliding_windows(ids: list[int], block: int, stride: int) -> list[dict[str, l
 
 
 def document_windows(docs: list[list[int]], block: int, stride: int) -> list[dict[str, list[int]]]:
-    """Sliding windows within each document (as in training, no token sees another document), packed several
+    """Sliding windows within each document (as in training, no token sees another document), bin-packed several
     to a row; positions restart at each window, so packed windows do not attend to each other."""
-    windows = [(w["input_ids"], w["labels"]) for doc in docs if len(doc) > 1 for w in sliding_windows(doc, block, stride)]
-    return pack_examples(Flat.from_examples(windows), block).rows()
+    windows = [w for doc in docs if len(doc) > 1 for w in sliding_windows(doc, block, stride)]
+    bins = best_fit_decreasing([len(w["input_ids"]) for w in windows], block)
+    return [{key: [t for i in members for t in windows[i][key]] for key in ("input_ids", "labels", "position_ids")}
+            for members in bins]
+
+
+class RowsView(Sequence):
+    """The first `length` rows of a prepared split, read when indexed."""
+
+    def __init__(self, rows: Sequence[dict], length: int) -> None:
+        self.rows, self.length = rows, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return self.rows[index]
 
 
 def draw_shots(train: list[dict], evaluated: list[dict], k: int, seed: int) -> list[dict]:
@@ -172,18 +190,15 @@ class Evaluator:
             raise UserError(f"{where}: 'eval.max_new_tokens' ({cfg.max_new_tokens}) leaves no room for the prompt "
                             f"in the model's {self.max_context}-token context")
 
-    def _validation_rows(self) -> tuple[list[dict], str]:
+    def _validation_rows(self) -> tuple[Sequence[dict], str]:
         prepared = load_prepared(self.recipe, "validation")
+        limit = self.cfg.max_examples
         if self.recipe.data.format == "text" and self.cfg.stride:
-            docs = [ids for ids, _ in encode_segments(self.tokenizer, [segments(r, self.recipe.data)
-                                                                        for r in self._records()])]
-            return self._windows(docs, self.cfg.stride)
-        rows = prepared.select(range(min(len(prepared), self.cfg.max_examples or len(prepared))))
-        return rows.select_columns(["input_ids", "labels", "position_ids"]).to_list(), "prepared rows (target tokens)"
+            return self._windows([doc.tolist() for doc in islice(prepared.documents(), limit)], self.cfg.stride)
+        return RowsView(prepared, min(len(prepared), limit or len(prepared))), "prepared rows (target tokens)"
 
     def _records(self) -> list[dict]:
-        records = load_records(self.recipe, "validation")
-        return records.select(range(min(len(records), self.cfg.max_examples or len(records)))).to_list()
+        return load_records(self.recipe, "validation")[:self.cfg.max_examples]
 
     def _windows(self, docs: list[list[int]], stride: int) -> tuple[list[dict], str]:
         rows = document_windows(docs, self.block, stride)[:self.cfg.max_examples]
@@ -214,15 +229,19 @@ class Evaluator:
                 bar.update(len(items[start:start + size]))
 
     @torch.inference_mode()
-    def lm_figures(self, model: torch.nn.Module, rows: list[dict], method: str, desc: str) -> dict:
+    def lm_figures(self, model: torch.nn.Module, rows: Sequence[dict], method: str, desc: str) -> dict:
         started = time.perf_counter()
-        sums = NllSums()
+        sums, input_tokens = NllSums(), 0
         device = self.accelerator.device
-        for batch in self._batches(self._mine(rows), desc):
+        for indices in self._batches(self._mine(range(len(rows))), desc):
+            batch = [rows[i] for i in indices]
+            input_tokens += sum(len(row["input_ids"]) for row in batch)
             sums.add(batch_sums(model, {k: v.to(device) for k, v in self.collate(batch).items()}, self.byte_lengths))
-        total = NllSums.from_tensor(self.accelerator.reduce(sums.as_tensor(device), "sum"))
+        reduced = self.accelerator.reduce(torch.cat([sums.as_tensor(device), torch.tensor(
+            [input_tokens], dtype=torch.float64, device=device)]), "sum")
+        total = NllSums.from_tensor(reduced[:-1])
         seconds = time.perf_counter() - started
-        return {**total.figures(), "method": method, "input_tokens": sum(len(row["input_ids"]) for row in rows),
+        return {**total.figures(), "method": method, "input_tokens": round(reduced[-1].item()),
                 "seconds": round(seconds, 3), "tokens_per_second": round(total.tokens / seconds, 1)}
 
     def _encode(self, batch: list[list[Segment]]) -> list[list[int]]:
@@ -245,7 +264,7 @@ class Evaluator:
         data = self.recipe.data
         names = label_names(data.classification)
         label_ids = self._encode([[(data.classification.label_prefix + name, True)] for name in names])
-        demos = draw_shots(load_records(self.recipe, "train").to_list(), self.records, shots, self.cfg.seed) \
+        demos = draw_shots(load_records(self.recipe, "train"), self.records, shots, self.cfg.seed) \
             if shots else []
         prefix = demo_segments(demos, self.recipe)
         started = time.perf_counter()

@@ -1,44 +1,60 @@
-"""The prepare stage: recipe data + tokenizer -> `prepared/` (packed token rows, records, tokenizer, manifest).
+"""The prepare stage: recipe data + tokenizer -> `prepared/` (the token store, records eval needs, tokenizer,
+manifest), with memory that does not grow with the corpus.
+
+The source is read as a stream of batches; `data.num_proc` worker processes (default: every core, each
+tokenizer on one thread) tokenize them, and the main process writes a shard whenever about SHARD_TOKENS tokens
+have come back. Work goes to `prepared.partial/`, where each finished shard is recorded by a progress marker
+written after its files: a killed prepare continues from its last complete shard. Only when every split is
+complete is the manifest written and the folder renamed to `prepared/` (the old one moved aside first), so
+`prepared/` is either the whole previous result or the whole new one.
 
 The result is cached under a content fingerprint: re-running with nothing changed does no work.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from itertools import chain, islice
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import datasets
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from finetune import __version__, data, formats, packing
-from finetune.data import Split, describe
+from finetune import __version__, data, encode, formats, packing, store
+from finetune.data import Batch, RowRef, count_rows, describe, parse_row, read_batches, validation_mask
+from finetune.encode import EncodeContext, encode_batch, encode_in_worker, init_worker
 from finetune.errors import UserError
-from finetune.formats import encode_segments, encode_texts, label_names, segments
+from finetune.formats import encode_texts, label_names, normalize, segments
 from finetune.modeling import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
 from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
+from finetune.store import ShardData, TokenStore, check_shard, finish_split, split_problem, token_dtype, write_atomic
 
 SPLITS = ("train", "validation")
-PREPARE_CODE = [Path(module.__file__) for module in (data, formats, packing)] + [Path(__file__)]
+PREPARE_CODE = [Path(module.__file__) for module in (data, encode, formats, packing, store)] + [Path(__file__)]
+SHARD_TOKENS = 1 << 24  # tokens per shard: the unit of resumption (32 MB of uint16)
 
 
 def fingerprint(recipe: Recipe, tokenizer: Any | None) -> str:
     """A digest of everything the prepared data depends on."""
     digest = hashlib.sha256()
-    data_section = {k: v for k, v in recipe.to_dict()["data"].items() if k != "num_proc"}
+    data_section = {k: v for k, v in recipe.to_dict()["data"].items() if k not in ("num_proc", "streaming")}
     digest.update(json.dumps({"data": data_section, "tokenizer": recipe.to_dict()["tokenizer"],
                               "tokenizer_source": tokenizer_source(recipe)}, sort_keys=True, default=str).encode())
     for source in (recipe.data.train, recipe.data.validation):
         if isinstance(source, str) and Path(source).is_file():
-            digest.update(_file_digest(Path(source)).encode())
+            digest.update(store.file_checksum(Path(source)).encode())
         elif isinstance(source, HubSource):
             digest.update(repr(source).encode())
     if tokenizer is not None:
@@ -49,72 +65,358 @@ def fingerprint(recipe: Recipe, tokenizer: Any | None) -> str:
     return digest.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(recipe: Recipe) -> dict | None:
     path = recipe.prepared_dir / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
 
 
-def _cache_state(recipe: Recipe) -> tuple[Any | None, str, dict | None]:
-    """(the recipe's tokenizer, or None when it is trained; the fingerprint now; the manifest if it matches)."""
+def store_problem(folder: Path, checksums: bool) -> str | None:
+    """Why `folder` is not a complete prepared store (None when it is)."""
+    for name in ("manifest.json", "recipe.yaml", "tokenizer/tokenizer.json"):
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+    for split in SPLITS:
+        problem = split_problem(folder / split, checksums)
+        if problem:
+            return problem
+    return None
+
+
+def _cache_state(recipe: Recipe, checksums: bool) -> tuple[Any | None, str, dict | None]:
+    """(the recipe's tokenizer, or None when it is trained; the fingerprint now; the manifest if the store is
+    current and complete)."""
     source = tokenizer_source(recipe)
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
     digest = fingerprint(recipe, tokenizer)
     manifest = read_manifest(recipe)
-    current = manifest and manifest.get("fingerprint") == digest and all(
-        (recipe.prepared_dir / s).is_dir() for s in SPLITS)
+    current = manifest is not None and manifest.get("fingerprint") == digest and \
+        store_problem(recipe.prepared_dir, checksums) is None
     return tokenizer, digest, manifest if current else None
 
 
-def prepare(recipe: Recipe, force: bool = False) -> dict:
-    """Run the stage (or find it cached) and return the manifest."""
-    out = recipe.prepared_dir
-    source = tokenizer_source(recipe)
-    tokenizer, digest, manifest = _cache_state(recipe)
-    if manifest and not force:
-        print(f"prepare: {out} is up to date (fingerprint {digest[:12]}); nothing to do")
-        return manifest
+@contextmanager
+def run_lock(recipe: Recipe) -> Iterator[None]:
+    """One prepare at a time per run folder."""
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    with (recipe.run_dir / ".prepare.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another prepare is writing {recipe.prepared_dir} right now; wait for it") from None
+        yield
 
-    started = time.perf_counter()
-    splits = data.load_splits(recipe.data)
+
+def prepare(recipe: Recipe, force: bool = False) -> dict:
+    """Run the stage (or find it cached, or continue a killed run) and return the manifest."""
+    with run_lock(recipe):
+        tokenizer, digest, manifest = _cache_state(recipe, checksums=True)
+        if manifest and not force:
+            print(f"prepare: {recipe.prepared_dir} is up to date (fingerprint {digest[:12]}); nothing to do")
+            return manifest
+        return _build(recipe, tokenizer, digest, force)
+
+
+def _build(recipe: Recipe, tokenizer: Any | None, digest: str, force: bool) -> dict:
+    out, started = recipe.prepared_dir, time.perf_counter()
+    data.check_sources(recipe.data)
+    for leftover in out.parent.glob("prepared.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    work = out.with_name("prepared.partial")
+    marker = work / "fingerprint"
+    if force or not marker.is_file() or marker.read_text() != digest:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        write_atomic(marker, digest.encode())
+    elif (work / "progress").is_dir():
+        print(f"prepare: continuing the interrupted prepare in {work}")
+    cfg = recipe.data
+    passes = _passes(cfg)
     if tokenizer is None:
-        tokenizer = _train_tokenizer(splits["train"], recipe)
-    tmp = out.with_name(f"prepared.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest = {"fingerprint": digest, "finetune_version": __version__, "format": recipe.data.format,
-                "block_size": recipe.data.block_size, "packing": recipe.data.packing,
-                "sources": {s: describe(getattr(recipe.data, s)) for s in SPLITS if getattr(recipe.data, s)},
-                "tokenizer": {"source": source or "trained", "vocab_size": len(tokenizer),
-                              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}}
-    if recipe.data.format == "classification":
-        manifest["labels"] = _label_info(tokenizer, recipe.data)
-    for name, split in splits.items():
-        rows, stats = tokenize_and_pack(split, tokenizer, recipe.data, name)
-        rows.save_to_disk(str(tmp / name))
-        split.records.save_to_disk(str(tmp / "records" / name))
-        manifest[name] = stats
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    save_recipe(recipe, tmp / "recipe.yaml")
+        tokenizer = _trained_tokenizer(work, recipe, passes["a"])
+    dtype = token_dtype(len(tokenizer))
+    manifest = {"fingerprint": digest, "finetune_version": __version__, "format": cfg.format,
+                "block_size": cfg.block_size, "packing": cfg.packing,
+                "sources": {s: describe(getattr(cfg, s)) for s in SPLITS if getattr(cfg, s)},
+                "tokenizer": {"source": tokenizer_source(recipe) or "trained", "vocab_size": len(tokenizer),
+                              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+                "token_dtype": dtype.name}
+    if cfg.format == "classification":
+        manifest["labels"] = _label_info(tokenizer, cfg)
+    keep = tuple(split for split in SPLITS if keeps_records(cfg.format, split))
+    chunks: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for name, (source, mode) in passes.items():
+        context = EncodeContext(cfg, source, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, dtype.name,
+                                keep)
+        for chunk in _run_pass(work, name, source, mode, context, _workers(cfg)):
+            for split, entry in chunk["splits"].items():
+                chunks[split].append(entry)
+    for split in SPLITS:
+        manifest[split] = _finish(work / split, chunks[split], dtype, cfg, describe(getattr(cfg, split) or cfg.train))
+    tokenizer.save_pretrained(work / "tokenizer")
+    save_recipe(recipe, work / "recipe.yaml")
     manifest["seconds"] = round(time.perf_counter() - started, 3)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    write_atomic(work / "manifest.json", json.dumps(manifest, indent=2).encode())
+    _swap(work, out)
     _print_summary(out, manifest)
     return manifest
 
 
-def _train_tokenizer(train: Split, recipe: Recipe) -> Any:
-    texts = (text for record in train.records for text, _ in segments(record, recipe.data) if text)
+def keeps_records(fmt: str, split: str) -> bool:
+    """Normalized records are kept where eval needs them: validation examples of prompted formats (label
+    scoring, generations) and classification train examples (k-shot demonstrations)."""
+    return fmt != "text" and (split == "validation" or fmt == "classification")
+
+
+def _workers(cfg: DataConfig) -> int:
+    return cfg.num_proc or len(os.sched_getaffinity(0))
+
+
+def _passes(cfg: DataConfig) -> dict[str, tuple[str | HubSource, str]]:
+    """Source reads and where their rows go: 'a' reads data.train (carving validation out of it unless
+    data.validation is given), 'b' reads data.validation."""
+    if cfg.validation is None:
+        return {"a": (cfg.train, "carve")}
+    return {"a": (cfg.train, "train"), "b": (cfg.validation, "validation")}
+
+
+class Router:
+    """Which rows of a pass go to validation: all or none, or when carving the same draw as ever for a source of
+    known size, and a seeded Bernoulli draw per row for a streamed Hub data set."""
+
+    def __init__(self, source: str | HubSource, cfg: DataConfig, mode: str) -> None:
+        self.mode, self.rows, self.mask = mode, None, None
+        if mode == "carve":
+            self.rows = count_rows(source, cfg)
+            try:
+                self.mask = None if self.rows is None else validation_mask(self.rows, cfg.validation_fraction, cfg.seed)
+            except UserError as exc:
+                raise UserError(f"{describe(source)}: {exc}") from None
+            self.rng = np.random.default_rng(cfg.seed)
+            self.fraction = cfg.validation_fraction
+            self.drawn = 0
+
+    def flags(self, start: int, count: int) -> np.ndarray:
+        """For rows start .. start + count - 1: True where the row belongs to validation."""
+        if self.mode != "carve":
+            return np.full(count, self.mode == "validation")
+        if self.mask is not None:
+            return self.mask[start:start + count]
+        if start > self.drawn:  # resuming: replay the draws of the skipped rows
+            self.rng.random(start - self.drawn)
+        self.drawn = start + count
+        return self.rng.random(count) < self.fraction
+
+
+def _trained_tokenizer(work: Path, recipe: Recipe, first_pass: tuple[str | HubSource, str]) -> Any:
+    """Train a byte-level BPE on the train split's texts (once: a continued prepare reuses it)."""
+    folder = work / "trained-tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return with_pad_token(AutoTokenizer.from_pretrained(str(folder)))
+    source, mode = first_pass
+    cfg = recipe.data
+    router = Router(source, cfg, mode)
+    labels = formats.label_lookup(cfg.classification) if cfg.format == "classification" else None
+
+    def texts() -> Iterator[str]:
+        for batch in read_batches(source, cfg):
+            flags = router.flags(batch.start, len(batch.rows))
+            for i, raw in enumerate(batch.rows):
+                if flags[i]:
+                    continue
+                where = RowRef(source, batch.start + i, batch.lines[i] if batch.lines else None)
+                record, _ = normalize(parse_row(raw, where), cfg, where, labels)
+                if record is not None:
+                    yield from (text for text, _ in segments(record, cfg) if text)
+
     print(f"prepare: training a byte-level BPE tokenizer (vocab {recipe.tokenizer.train.vocab_size}) on the train split")
-    return train_tokenizer(texts, recipe.tokenizer.train)
+    tokenizer = train_tokenizer(texts(), recipe.tokenizer.train)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _completed_chunks(work: Path, name: str) -> list[dict]:
+    """The pass's chunks recorded as complete and still intact; anything after the first bad one is removed."""
+    progress = work / "progress"
+    progress.mkdir(exist_ok=True)
+    done = []
+    for index in range(len(list(progress.glob(f"{name}-*.json")))):
+        path = progress / f"{name}-{index:05d}.json"
+        try:
+            chunk = json.loads(path.read_text())
+        except (OSError, ValueError):
+            break
+        if any(check_shard(work / split, entry, checksums=True) for split, entry in chunk["splits"].items()):
+            break
+        done.append(chunk)
+    for path in progress.glob(f"{name}-*.json"):
+        if int(path.stem.split("-")[1]) >= len(done):
+            path.unlink()
+    return done
+
+
+def _run_pass(work: Path, name: str, source: str | HubSource, mode: str, context: EncodeContext,
+              workers: int) -> Iterator[dict]:
+    """Tokenize one source into shards, resuming after its last complete chunk; yields every chunk's record."""
+    done = _completed_chunks(work, name)
+    yield from done
+    skip = done[-1]["rows_end"] if done else 0
+    if done:
+        print(f"prepare: {describe(source)}: {len(done)} shards already complete, continuing from row {skip + 1}")
+    router = Router(source, context.cfg, mode)
+    jobs = ((batch, router.flags(batch.start, len(batch.rows))) for batch in read_batches(source, context.cfg, skip))
+    pending = ChunkBuffer(work, name, len(done), context, skip)
+    with _progress_bar(source, context.cfg, router.rows) as bar:
+        for batch, results in _encode_all(jobs, context, workers):
+            pending.add(results, batch.start + len(batch.rows))
+            bar.update(batch, sum(len(r["tokens"]) for r in results.values()))
+            if pending.tokens >= SHARD_TOKENS:
+                yield pending.write()
+                pending = ChunkBuffer(work, name, pending.index + 1, context, pending.rows_end)
+    if pending.results:
+        yield pending.write()
+
+
+def _encode_all(jobs: Iterator[tuple[Batch, np.ndarray]], context: EncodeContext,
+                workers: int) -> Iterator[tuple[Batch, dict]]:
+    """Encode batches in order: in this process when there is one batch or one worker (the tokenizer then uses
+    every core itself), otherwise on `workers` processes with one tokenizer thread each, at most two batches
+    per worker in flight so that memory stays bounded."""
+    head = list(islice(jobs, 2))
+    jobs = chain(head, jobs)
+    if len(head) < 2 or workers == 1:
+        for job in jobs:
+            yield job[0], encode_batch(context, *job)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker,
+                             initargs=(context,)) as pool:
+        in_flight: deque = deque()
+        for job in jobs:
+            in_flight.append((job[0], pool.submit(encode_in_worker, job)))
+            if len(in_flight) >= 2 * workers:
+                batch, future = in_flight.popleft()
+                yield batch, future.result()
+        while in_flight:
+            batch, future = in_flight.popleft()
+            yield batch, future.result()
+
+
+class ChunkBuffer:
+    """Encoded batches waiting to be written as the next shard of each split."""
+
+    def __init__(self, work: Path, pass_name: str, index: int, context: EncodeContext, rows_start: int) -> None:
+        self.work, self.pass_name, self.index, self.context = work, pass_name, index, context
+        self.rows_end = rows_start
+        self.results: list[dict] = []
+        self.tokens = 0
+
+    def add(self, results: dict[str, dict], rows_end: int) -> None:
+        self.results.append(results)
+        self.tokens += sum(len(r["tokens"]) for r in results.values())
+        self.rows_end = rows_end
+
+    def write(self) -> dict:
+        """Write each split's shard, then the progress marker that makes the chunk count as complete."""
+        name = f"{self.pass_name}-{self.index:05d}"
+        splits = sorted({split for results in self.results for split in results})
+        chunk = {"rows_end": self.rows_end, "splits": {}}
+        for split in splits:
+            parts = [results[split] for results in self.results if split in results]
+            arrays = {kind: [p[kind] for p in parts if p[kind] is not None] for kind in store.SHARD_FILES}
+            shard = ShardData(
+                tokens=np.concatenate(arrays["tokens"]) if arrays["tokens"] else np.zeros(0, self.context.dtype),
+                docs=np.concatenate(arrays["docs"]) if arrays["docs"] else np.zeros(0, np.uint32),
+                targets=np.concatenate(arrays["targets"]) if arrays["targets"] else
+                (None if self.context.cfg.format == "text" else np.zeros(0, np.uint8)),
+                records=b"".join(arrays["records"]) if split in self.context.keep_records else None)
+            entry = store.write_shard(self.work / split, name, shard)
+            dropped = Counter()
+            for p in parts:
+                dropped.update(p["dropped"])
+            entry["stats"] = {"records_in": sum(p["records_in"] for p in parts), "records_kept": int(len(shard.docs)),
+                              "dropped": dict(dropped), "truncated": sum(p["truncated"] for p in parts),
+                              "target_tokens": None if shard.targets is None else int(shard.targets.sum())}
+            chunk["splits"][split] = entry
+        write_atomic(self.work / "progress" / f"{name}.json", json.dumps(chunk).encode())
+        return chunk
+
+
+class _ProgressBar:
+    """Bytes per second and ETA for local files (rows for other sources), tokens so far and tokens per second."""
+
+    def __init__(self, source: str | HubSource, cfg: DataConfig, rows: int | None) -> None:
+        self.tokens = 0
+        self.started = time.perf_counter()
+        self.by_bytes = isinstance(source, str) and cfg.max_records is None
+        name = Path(source).name if isinstance(source, str) else describe(source)
+        if self.by_bytes:
+            self.bar = tqdm(desc=f"prepare {name}", unit="B", unit_scale=True, unit_divisor=1024,
+                            total=Path(source).stat().st_size, dynamic_ncols=True)
+        else:
+            self.bar = tqdm(desc=f"prepare {name}", unit=" rows", unit_scale=True, total=rows or cfg.max_records,
+                            dynamic_ncols=True)
+
+    def update(self, batch: Batch, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(batch.nbytes if self.by_bytes else len(batch.rows))
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / 1e6:.1f}M tokens, {rate / 1e3:.0f}k tokens/s", refresh=False)
+
+
+@contextmanager
+def _progress_bar(source: str | HubSource, cfg: DataConfig, rows: int | None) -> Iterator[_ProgressBar]:
+    bar = _ProgressBar(source, cfg, rows)
+    try:
+        yield bar
+    finally:
+        bar.bar.close()
+
+
+def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, where: str) -> dict:
+    """Write the split's plan and split.json; return its manifest figures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stats = [entry.pop("stats") for entry in chunks]
+    kept = sum(s["records_kept"] for s in stats)
+    dropped = Counter()
+    for s in stats:
+        dropped.update(s["dropped"])
+    name = folder.name
+    if kept == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in dropped.items()) or "no rows"
+        raise UserError(f"{where}: the {name} split is empty after filtering ({reasons})")
+    lengths = np.concatenate([np.fromfile(folder / f"{e['name']}.docs", dtype=np.uint32) for e in chunks])
+    info = finish_split(folder, chunks, dtype, cfg.block_size, cfg.format, cfg.packing, lengths)
+    tokens, rows = info["tokens"], info["rows"]
+    targets = tokens - info["pieces"] if cfg.format == "text" else sum(s["target_tokens"] for s in stats)
+    on_disk = store.store_bytes(folder)
+    return {
+        "records_in": sum(s["records_in"] for s in stats),
+        "records_kept": kept,
+        "records_dropped": dict(sorted(dropped.items())),
+        "records_truncated": sum(s["truncated"] for s in stats),
+        "tokens": tokens,
+        "target_tokens": int(targets),
+        "sequences": rows,
+        "positions": rows * cfg.block_size,
+        "packing_efficiency": round(tokens / (rows * cfg.block_size), 4),
+        "bytes_on_disk": on_disk,
+        "bytes_per_token": round(on_disk / tokens, 3),
+    }
+
+
+def _swap(work: Path, out: Path) -> None:
+    """Replace `out` by the finished `work` folder, never passing through a state that looks complete but is not:
+    the old store is renamed away (no manifest at `out`), the new one renamed in, then the old one deleted."""
+    shutil.rmtree(work / "progress")
+    shutil.rmtree(work / "trained-tokenizer", ignore_errors=True)
+    (work / "fingerprint").unlink()
+    old = out.with_name(f"prepared.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(work, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _label_info(tokenizer: Any, cfg: DataConfig) -> dict:
@@ -124,71 +426,13 @@ def _label_info(tokenizer: Any, cfg: DataConfig) -> dict:
     return {"names": names, "words": words, "token_ids": ids}
 
 
-def encode_batch(batch: dict[str, list], tokenizer: Any, cfg: DataConfig) -> dict[str, list]:
-    """`datasets.map` function: records -> input_ids, labels (-100 off target) and a drop reason ('' if kept)."""
-    columns = list(batch)
-    records = [dict(zip(columns, values)) for values in zip(*batch.values())]
-    encoded = encode_segments(tokenizer, [segments(record, cfg) for record in records], packing.IGNORE)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "dropped": [], "truncated": []}
-    for ids, labels in encoded:
-        truncated = cfg.format != "text" and len(ids) > cfg.block_size
-        reason = ""
-        if truncated:
-            if cfg.overflow == "drop":
-                reason = "too_long"
-            ids, labels = ids[:cfg.block_size], labels[:cfg.block_size]
-        if labels:
-            labels[0] = packing.IGNORE
-        if not reason and labels.count(packing.IGNORE) == len(labels):
-            reason = "no_target_after_truncation" if truncated else "no_target"
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["dropped"].append(reason)
-        out["truncated"].append(truncated and not reason)
-    return out
-
-
-def tokenize_and_pack(split: Split, tokenizer: Any, cfg: DataConfig, name: str) -> tuple[datasets.Dataset, dict]:
-    """Tokenize a split's records and pack them into rows; returns the rows and the manifest figures."""
-    records = split.records
-    # In one process the Rust tokenizer already encodes each batch on every core; num_proc is for huge data.
-    encoded = records.map(encode_batch, batched=True, batch_size=10_000, num_proc=cfg.num_proc, keep_in_memory=True,
-                          fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
-                          remove_columns=records.column_names, desc=f"tokenize {name}")
-    table = encoded.data.table
-    reasons = table.column("dropped").to_pylist()
-    dropped = Counter(split.dropped)
-    dropped.update(r for r in reasons if r)
-    kept = table.filter(pa.array([not r for r in reasons])).combine_chunks()
-    if kept.num_rows == 0:
-        raise UserError(f"the {name} split is empty after tokenization ({dict(dropped)})")
-    examples = packing.Flat.from_arrow(kept.column("input_ids").chunk(0), kept.column("labels").chunk(0))
-    block = cfg.block_size
-    if cfg.format == "text":
-        rows = packing.pack_stream(examples, block) if cfg.packing else packing.split_long(examples, block)
-    else:
-        rows = packing.pack_examples(examples, block) if cfg.packing else packing.one_per_row(examples)
-    sequences = len(rows)
-    stats = {
-        "records_in": split.records_in,
-        "records_kept": kept.num_rows,
-        "records_dropped": dict(sorted(dropped.items())),
-        "records_truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
-        "tokens": len(rows.ids),
-        "target_tokens": int((rows.labels != packing.IGNORE).sum()),
-        "sequences": sequences,
-        "positions": sequences * block,
-        "packing_efficiency": round(len(rows.ids) / (sequences * block), 4),
-    }
-    return datasets.Dataset(rows.to_arrow()), stats
-
-
 def _print_summary(out: Path, manifest: dict) -> None:
     for name in SPLITS:
         s = manifest[name]
         dropped = ", ".join(f"{n} {r}" for r, n in s["records_dropped"].items()) or "none"
         print(f"prepare: {name}: {s['records_kept']}/{s['records_in']} records kept (dropped: {dropped}), "
-              f"{s['tokens']} tokens in {s['sequences']} rows, packing efficiency {s['packing_efficiency']:.1%}")
+              f"{s['tokens']} tokens in {s['sequences']} rows, packing efficiency {s['packing_efficiency']:.1%}, "
+              f"{s['bytes_per_token']:.2f} bytes/token on disk")
     print(f"prepare: wrote {out} in {manifest['seconds']:.1f}s (fingerprint {manifest['fingerprint'][:12]})")
 
 
@@ -197,24 +441,24 @@ def ensure_prepared(recipe: Recipe, processes: int = 1) -> dict:
     launch: a rank tokenizing while the others wait can outlast the collective timeout."""
     if processes == 1:
         return prepare(recipe)
-    manifest = _cache_state(recipe)[2]
+    manifest = _cache_state(recipe, checksums=False)[2]
     if manifest is None:
-        state = "stale (the recipe's data, tokenizer or prepare code changed)" if read_manifest(recipe) else "missing"
+        state = "stale or incomplete" if read_manifest(recipe) else "missing"
         raise UserError(f"{recipe.prepared_dir} is {state}, and ranks of a {processes}-process launch do not "
                         f"prepare: run 'finetune prepare {recipe.source}' before 'accelerate launch' "
                         "(make train / make eval with NPROC=n do)")
     return manifest
 
 
-def load_prepared(recipe: Recipe, split: str) -> datasets.Dataset:
+def load_prepared(recipe: Recipe, split: str) -> TokenStore:
     path = recipe.prepared_dir / split
     if not path.is_dir():
         raise UserError(f"{path} not found: run 'finetune prepare {recipe.source}' first")
-    return datasets.load_from_disk(str(path))
+    return TokenStore(path)
 
 
-def load_records(recipe: Recipe, split: str) -> datasets.Dataset:
-    return datasets.load_from_disk(str(recipe.prepared_dir / "records" / split))
+def load_records(recipe: Recipe, split: str) -> list[dict]:
+    return load_prepared(recipe, split).records()
 
 
 def load_prepared_tokenizer(recipe: Recipe) -> Any:

@@ -103,7 +103,8 @@ class DataConfig:
     max_records: int | None = None
     validation_fraction: float = 0.05
     seed: int = 42
-    num_proc: int | None = None
+    num_proc: int | None = None  # prepare worker processes; default: every core
+    streaming: bool = False  # Hub data sets: read as a stream instead of downloading them whole first
     instruction: InstructionFormat = field(default_factory=InstructionFormat)
     chat: ChatFormat = field(default_factory=ChatFormat)
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
@@ -412,6 +413,8 @@ def _validate(recipe: Recipe, where: str) -> None:
             )
     if recipe.data.block_size < 8:
         raise UserError(f"{where}: 'data.block_size' must be at least 8, got {recipe.data.block_size}")
+    if recipe.data.num_proc is not None and recipe.data.num_proc < 1:
+        raise UserError(f"{where}: 'data.num_proc' must be at least 1 (or null for every core), got {recipe.data.num_proc}")
     if not 0 < recipe.data.validation_fraction < 1:
         raise UserError(f"{where}: 'data.validation_fraction' must be between 0 and 1, got {recipe.data.validation_fraction}")
     if recipe.data.format == "classification" and not recipe.data.classification.labels:

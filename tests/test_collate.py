@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from finetune.collate import PackedCollator
 from finetune.modeling import prepare_for_training
-from finetune.packing import IGNORE, Flat, pack_examples
+from finetune.packing import IGNORE
+from finetune.store import ShardData, TokenStore, finish_split, write_shard
 
 PAD = 0
 
@@ -38,11 +40,22 @@ def examples() -> list[tuple[list[int], list[int]]]:
     return out
 
 
+def packed_rows(items: list[tuple[list[int], list[int]]], folder) -> list[dict]:
+    """The examples written as a prepared store (instruction-style target mask), bin-packed into rows of 24 and
+    read back as the trainer reads them."""
+    shard = ShardData(tokens=np.array([t for ids, _ in items for t in ids], dtype=np.uint16),
+                      docs=np.array([len(ids) for ids, _ in items], dtype=np.uint32),
+                      targets=np.array([label != IGNORE for _, labels in items for label in labels], dtype=np.uint8))
+    entry = write_shard(folder, "shard-00000", shard)
+    finish_split(folder, [entry], np.dtype(np.uint16), 24, "instruction", True, shard.docs)
+    return list(TokenStore(folder))
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_packed_batch_matches_examples_run_one_by_one(attn_implementation: str) -> None:
+def test_packed_batch_matches_examples_run_one_by_one(attn_implementation: str, tmp_path) -> None:
     model = tiny_model(attn_implementation)
     items = examples()
-    rows = pack_examples(Flat.from_examples(items), block_size=24).rows()
+    rows = packed_rows(items, tmp_path)
     assert len(rows) < len(items)  # several examples share a row
     batch = PackedCollator(PAD)(rows)
     assert "attention_mask" not in batch
@@ -66,11 +79,11 @@ def test_packed_batch_matches_examples_run_one_by_one(attn_implementation: str) 
     assert checked == len(items)
 
 
-def test_plain_causal_mask_would_leak_across_examples() -> None:
+def test_plain_causal_mask_would_leak_across_examples(tmp_path) -> None:
     """Control: the same packed batch with an explicit all-ones attention mask (one causal mask over the row)
     gives different losses, so the test above is sensitive to leakage."""
     model = tiny_model("sdpa")
-    rows = pack_examples(Flat.from_examples(examples()), block_size=24).rows()
+    rows = packed_rows(examples(), tmp_path)
     batch = PackedCollator(PAD)(rows)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     with torch.no_grad():

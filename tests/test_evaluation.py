@@ -90,7 +90,7 @@ def test_sliding_window_perplexity_matches_reference(text_run: tuple[Path, Path]
     prepare(recipe)
     tokenizer = load_tokenizer(str(base_dir))
     eos = tokenizer.eos_token_id
-    docs = [tokenizer(text)["input_ids"] + [eos] for text in load_records(recipe, "validation")["text"]]
+    docs = [tokenizer(text)["input_ids"] + [eos] for text in VALIDATION_TEXT]
     tuned, base = load_final(recipe.run_dir / "final").eval(), AutoModelForCausalLM.from_pretrained(base_dir).eval()
     text_bytes = sum(len(text.encode("utf-8")) for text in VALIDATION_TEXT)
     for stride, batch_size in ((32, 1), (32, 4), (8, 1), (8, 5)):
@@ -205,7 +205,7 @@ def sentiment_rows(n: int, seed: int) -> list[str]:
 def train_full(recipe_path: Path, base_dir: Path, steps: int) -> torch.nn.Module:
     """A plain PyTorch loop over the prepared rows: the tuned model, without the train stage."""
     recipe = load_recipe(recipe_path)
-    rows = load_prepared(recipe, "train").to_list()
+    rows = list(load_prepared(recipe, "train"))
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -241,7 +241,7 @@ def test_classification_goes_from_chance_to_near_perfect(classification_run: Pat
     assert result["accuracy"] >= 0.95
     assert result["baseline"]["accuracy"] <= 0.75
     assert result["shots"] == 0 and result["baseline"]["shots"] == 2 and result["baseline"]["calibrated"]
-    validation = set(load_records(load_recipe(classification_run), "validation")["text"])
+    validation = {r["text"] for r in load_records(load_recipe(classification_run), "validation")}
     assert len(result["baseline"]["shot_texts"]) == 2 and not validation & set(result["baseline"]["shot_texts"])
     matrix = result["confusion_matrix"]["rows_true_columns_predicted"]
     assert sum(map(sum, matrix)) == result["examples"] == 40

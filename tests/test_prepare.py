@@ -2,11 +2,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from finetune.cli import main
-from finetune.packing import IGNORE, Flat, best_fit_decreasing, pack_examples, pack_stream, split_long
+from finetune.data import validation_mask
+from finetune.packing import IGNORE, best_fit_decreasing, plan_rows
 from finetune.prepare import load_prepared, load_prepared_tokenizer, load_records, prepare
 from finetune.recipe import load_recipe
 
@@ -26,8 +28,13 @@ def write_jsonl(path: Path, rows: list) -> str:
     return str(path)
 
 
+def as_lists(row: dict) -> dict:
+    return {key: values.tolist() for key, values in row.items()}
+
+
 def examples_of(row: dict) -> list[tuple[list[int], list[int]]]:
     """Split a packed row back into its examples at the position-id restarts."""
+    row = as_lists(row)
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
     for a, b in zip(starts, starts[1:]):
         assert row["position_ids"][a:b] == list(range(b - a))
@@ -57,7 +64,7 @@ def test_instruction_targets_are_exactly_response_and_eos(tmp_path, tokenizer_di
     assert got == Counter(f"{r['output']}<|endoftext|>" for r in INSTRUCTIONS)
     # whole examples were packed several to a row
     assert manifest["train"]["sequences"] < manifest["train"]["records_kept"]
-    prompts = [r["prompt"] for r in load_records(recipe, "train")]
+    prompts = [r["prompt"] for r in load_records(recipe, "validation")]
     assert any("### Input:\nhint" in p for p in prompts) and any("### Input" not in p for p in prompts)
 
 
@@ -96,34 +103,34 @@ def test_text_stream_keeps_every_target_and_restarts_positions(tmp_path, tokeniz
     recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"), block_size=16, validation_fraction=0.1)
     manifest = prepare(recipe)
     tokenizer = load_prepared_tokenizer(recipe)
-    rows = load_prepared(recipe, "train")
+    rows = [as_lists(row) for row in load_prepared(recipe, "train")]
     stream = [t for row in rows for t in row["input_ids"]]
-    kept = [r["text"] for r in load_records(recipe, "train")]
+    kept = [line for line, carved in zip(lines, validation_mask(60, 0.1, 42)) if not carved]
     expected = [t for text in kept for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
     assert stream == expected  # nothing lost, order kept, EOS between documents
     doc_starts = sum(1 for row in rows for p in row["position_ids"] if p == 0)
     targets = sum(1 for row in rows for t in row["labels"] if t != IGNORE)
     assert targets == len(stream) - doc_starts == manifest["train"]["target_tokens"]
-    assert all(len(r["input_ids"]) == 16 for r in list(rows)[:-1])
+    assert all(len(r["input_ids"]) == 16 for r in rows[:-1])
     assert manifest["train"]["packing_efficiency"] > 0.9
 
 
-def test_pack_stream_positions_restart_at_documents_and_rows():
-    rows = pack_stream(Flat.from_examples([([1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7, 8], [4, 5, 6, 7, 8])]), 4).rows()
-    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert [r["position_ids"] for r in rows] == [[0, 1, 2, 0], [0, 1, 2, 3]]
-    assert [r["labels"] for r in rows] == [[IGNORE, 2, 3, IGNORE], [IGNORE, 6, 7, 8]]
+def rows_of(ids: list[int], lengths: list[int], block: int, fmt: str, packing: bool) -> list[list[list[int]]]:
+    """Each row of the plan as its pieces' token ids."""
+    pieces, rows = plan_rows(np.array(lengths), block, fmt, packing)
+    return [[ids[a:a + n] for a, n in pieces[rows[r]:rows[r + 1]].tolist()] for r in range(len(rows) - 1)]
 
 
-def test_pack_examples_and_split_long_keep_examples_whole_or_cut_at_blocks():
-    examples = Flat.from_examples([([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9, 10], [-100, 7, 8, 9, 10])])
-    rows = pack_examples(examples, 5).rows()
-    assert [r["input_ids"] for r in rows] == [[6, 7, 8, 9, 10], [1, 2, 3, 4, 5]]
-    assert [r["position_ids"] for r in rows] == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
-    assert [r["labels"] for r in rows] == [[IGNORE, 7, 8, 9, 10], [IGNORE, 2, 3, IGNORE, 5]]
-    pieces = split_long(examples, 2).rows()
-    assert [r["input_ids"] for r in pieces] == [[1, 2], [3], [4, 5], [6, 7], [8, 9], [10]]
-    assert all(r["labels"][0] == IGNORE and r["position_ids"] == list(range(len(r["input_ids"]))) for r in pieces)
+def test_stream_plan_cuts_every_block_and_restarts_pieces_at_documents():
+    assert rows_of(list(range(1, 9)), [3, 5], 4, "text", True) == [[[1, 2, 3], [4]], [[5, 6, 7, 8]]]
+    assert rows_of(list(range(1, 11)), [3, 7], 4, "text", True) == [[[1, 2, 3], [4]], [[5, 6, 7, 8]], [[9, 10]]]
+
+
+def test_example_plans_keep_examples_whole_or_cut_long_documents_at_blocks():
+    ids, lengths = list(range(1, 11)), [3, 2, 5]
+    assert rows_of(ids, lengths, 5, "instruction", True) == [[[6, 7, 8, 9, 10]], [[1, 2, 3], [4, 5]]]
+    assert rows_of(ids, lengths, 5, "instruction", False) == [[[1, 2, 3]], [[4, 5]], [[6, 7, 8, 9, 10]]]
+    assert rows_of(ids, lengths, 2, "text", False) == [[[1, 2]], [[3]], [[4, 5]], [[6, 7]], [[8, 9]], [[10]]]
 
 
 def test_best_fit_decreasing_fills_bins_and_loses_nothing():
@@ -139,7 +146,7 @@ def test_no_packing_keeps_one_example_per_row(tmp_path, tokenizer_dir):
     recipe = make_recipe(tmp_path, tokenizer_dir, train, format="instruction", packing=False, block_size=512)
     manifest = prepare(recipe)
     assert manifest["train"]["sequences"] == manifest["train"]["records_kept"]
-    assert all(row["position_ids"].count(0) == 1 for row in load_prepared(recipe, "train"))
+    assert all((row["position_ids"] == 0).sum() == 1 for row in load_prepared(recipe, "train"))
 
 
 def test_long_examples_truncated_or_dropped_and_counted(tmp_path, tokenizer_dir):

@@ -1,0 +1,160 @@
+"""Raw rows -> token ids for the store: the work a prepare worker process does on one batch.
+
+Kept light (no torch, no transformers) so that worker processes start fast. A worker's tokenizer runs on one
+thread: the workers are the parallelism.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from finetune.data import Batch, RowRef, parse_row
+from finetune.formats import encode_segments, encode_texts, label_lookup, normalize, segments
+from finetune.packing import IGNORE
+from finetune.recipe import DataConfig, HubSource
+
+
+@dataclass
+class EncodeContext:
+    """What every batch of a prepare run is encoded with (pickled once into each worker)."""
+
+    cfg: DataConfig
+    source: str | HubSource
+    tokenizer_json: str
+    eos_token_id: int
+    dtype: str
+    keep_records: tuple[str, ...]  # splits whose normalized records are kept
+
+    def __post_init__(self) -> None:
+        self._encoder = None
+        self._labels = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_encoder": None, "_labels": None}
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            from tokenizers import Tokenizer
+
+            self._encoder = _Encoder(Tokenizer.from_str(self.tokenizer_json), self.eos_token_id)
+        return self._encoder
+
+    @property
+    def labels(self) -> dict | None:
+        if self._labels is None and self.cfg.format == "classification":
+            self._labels = label_lookup(self.cfg.classification)
+        return self._labels
+
+
+@dataclass
+class _Encoder:
+    """The two attributes of a transformers tokenizer that formats.encode_segments uses."""
+
+    backend_tokenizer: Any
+    eos_token_id: int
+
+
+@dataclass
+class SplitPart:
+    """One batch's contribution to one split."""
+
+    ids: list = field(default_factory=list)
+    targets: list | None = None
+    records: list | None = None
+    records_in: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+
+    def arrays(self, dtype: str) -> dict:
+        lengths = np.fromiter((len(ids) for ids in self.ids), dtype=np.uint32, count=len(self.ids))
+        flat = np.fromiter(chain.from_iterable(self.ids), dtype=dtype, count=int(lengths.sum()))
+        targets = None if self.targets is None else np.fromiter(chain.from_iterable(self.targets), dtype=np.uint8,
+                                                               count=len(flat))
+        records = None if self.records is None else "".join(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in self.records).encode()
+        return {"tokens": flat, "docs": lengths, "targets": targets, "records": records, "records_in": self.records_in,
+                "dropped": self.dropped, "truncated": self.truncated}
+
+
+def init_worker(context: EncodeContext) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    global _CONTEXT
+    _CONTEXT = context
+
+
+_CONTEXT: EncodeContext | None = None
+
+
+def encode_in_worker(job: tuple[Batch, np.ndarray]) -> dict[str, dict]:
+    return encode_batch(_CONTEXT, *job)
+
+
+def encode_batch(context: EncodeContext, batch: Batch, validation: np.ndarray) -> dict[str, dict]:
+    """Normalize, tokenize, truncate or drop one batch's rows; route each to train, or to validation where
+    `validation` flags it."""
+    cfg = context.cfg
+    parts: dict[str, SplitPart] = {}
+    kept: list[tuple[str, dict]] = []
+    for i, raw in enumerate(batch.rows):
+        split = "validation" if validation[i] else "train"
+        part = parts.setdefault(split, SplitPart(targets=None if cfg.format == "text" else [],
+                                                 records=[] if split in context.keep_records else None))
+        part.records_in += 1
+        where = RowRef(context.source, batch.start + i, batch.lines[i] if batch.lines else None)
+        record, reason = normalize(parse_row(raw, where), cfg, where, context.labels)
+        if record is None:
+            part.dropped[reason] += 1
+        else:
+            kept.append((split, record))
+    if cfg.format == "text":
+        _encode_text(context, kept, parts)
+    else:
+        _encode_examples(context, kept, parts)
+    return {split: part.arrays(context.dtype) for split, part in parts.items()}
+
+
+def _encode_text(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
+    """Plain text: each document's tokens then EOS, all of them targets (no mask is stored)."""
+    eos = context.eos_token_id
+    for (split, record), ids in zip(kept, encode_texts(context.encoder, [record["text"] for _, record in kept])):
+        ids.append(eos)
+        part = parts[split]
+        part.ids.append(ids)
+        if part.records is not None:
+            part.records.append(record)
+
+
+def _encode_examples(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
+    """Prompted formats: targets only where the format says; examples over the block truncated or dropped."""
+    cfg = context.cfg
+    encoded = encode_segments(context.encoder, [segments(record, cfg) for _, record in kept], IGNORE)
+    for (split, record), (ids, labels) in zip(kept, encoded):
+        part = parts[split]
+        truncated = len(ids) > cfg.block_size
+        reason = ""
+        if truncated:
+            if cfg.overflow == "drop":
+                reason = "too_long"
+            ids, labels = ids[:cfg.block_size], labels[:cfg.block_size]
+        targets = [label != IGNORE for label in labels]
+        if targets:
+            targets[0] = False
+        if not reason and not any(targets):
+            reason = "no_target_after_truncation" if truncated else "no_target"
+        if reason:
+            part.dropped[reason] += 1
+            continue
+        part.truncated += truncated
+        part.ids.append(ids)
+        part.targets.append(targets)
+        if part.records is not None:
+            part.records.append(record)

@@ -1,0 +1,229 @@
+"""The prepared token store: one folder per split, read through memory maps.
+
+    <split>/shard-00000.tokens    token ids, uint16 when the vocabulary fits (uint32 otherwise)
+    <split>/shard-00000.docs      uint32 length of each document / example in the shard, in order
+    <split>/shard-00000.targets   uint8 1 = the token is a target (only formats with prompts have it)
+    <split>/shard-00000.records   normalized source records as JSON lines (only where eval needs them)
+    <split>/plan.pieces           int64 (start, length) pairs: contiguous token runs of the split
+    <split>/plan.rows             int64 offsets into the pieces: row i is pieces[rows[i]:rows[i + 1]]
+    <split>/split.json            shard list with sizes and checksums, dtype, totals (written last)
+
+Every piece is a run of one document, so a row's position ids restart at 0 where each piece begins and the
+first token of each piece is never a target (see packing.py). Rows are assembled when read; nothing the size
+of the corpus is ever held in memory.
+
+Why raw numpy memmaps: the data is flat integer arrays read by offset, the layout nanoGPT made standard;
+a row is a few slices of one mapped file, with no decoding and no per-row objects (Arrow would add a list
+column's offsets for nothing, and its memory-mapped reads go through the same page cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import UserError
+from finetune.packing import IGNORE, plan_rows
+
+SPLIT_FILE = "split.json"
+SHARD_FILES = ("tokens", "docs", "targets", "records")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, then rename: a reader sees the old file, the whole new one, or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardData:
+    """One shard's worth of a split, as written: flat token ids, document lengths, optional target mask and
+    records (JSON lines, bytes)."""
+
+    tokens: np.ndarray
+    docs: np.ndarray
+    targets: np.ndarray | None = None
+    records: bytes | None = None
+
+
+def write_shard(folder: Path, name: str, shard: ShardData) -> dict:
+    """Write a shard's files (each atomically) and return its entry for split.json: sizes and checksums."""
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"tokens": shard.tokens.tobytes(), "docs": shard.docs.astype(np.uint32).tobytes()}
+    if shard.targets is not None:
+        payload["targets"] = shard.targets.astype(np.uint8).tobytes()
+    if shard.records is not None:
+        payload["records"] = shard.records
+    files = {}
+    for kind, data in payload.items():
+        path = folder / f"{name}.{kind}"
+        write_atomic(path, data)
+        files[kind] = {"bytes": len(data), "checksum": hashlib.blake2b(data, digest_size=16).hexdigest()}
+    return {"name": name, "tokens": int(len(shard.tokens)), "docs": int(len(shard.docs)), "files": files}
+
+
+def check_shard(folder: Path, entry: dict, checksums: bool) -> str | None:
+    """What is wrong with a written shard (missing or resized file, or with `checksums` changed bytes), or None."""
+    for kind, expected in entry["files"].items():
+        path = folder / f"{entry['name']}.{kind}"
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, {expected['bytes']} were written"
+        if checksums and file_checksum(path) != expected["checksum"]:
+            return f"{path} does not match its checksum (corrupted after it was written)"
+    return None
+
+
+def finish_split(folder: Path, shards: list[dict], dtype: np.dtype, block_size: int, fmt: str, packing: bool,
+                 doc_lengths: np.ndarray) -> dict:
+    """Write the plan and split.json (last, atomically); return the split's figures."""
+    pieces, rows = plan_rows(doc_lengths, block_size, fmt, packing)
+    for name, array in (("plan.pieces", pieces), ("plan.rows", rows)):
+        write_atomic(folder / name, array.astype(np.int64).tobytes())
+    tokens = int(doc_lengths.sum())
+    info = {"dtype": dtype.name, "tokens": tokens, "docs": int(len(doc_lengths)), "rows": int(len(rows) - 1),
+            "pieces": int(len(pieces)), "block_size": block_size, "shards": shards,
+            "plan": {name: (folder / name).stat().st_size for name in ("plan.pieces", "plan.rows")}}
+    write_atomic(folder / SPLIT_FILE, json.dumps(info, indent=1).encode())
+    return info
+
+
+def split_problem(folder: Path, checksums: bool = False) -> str | None:
+    """Why a split folder is not a complete store (None when it is): split.json, every shard file and the plan
+    must be present at their written sizes; `checksums` also rereads every shard."""
+    info_path = folder / SPLIT_FILE
+    if not info_path.is_file():
+        return f"{info_path} is missing"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{info_path} is unreadable: {exc}"
+    for name, size in info["plan"].items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path} is missing or truncated"
+    for entry in info["shards"]:
+        problem = check_shard(folder, entry, checksums)
+        if problem:
+            return problem
+    return None
+
+
+def store_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+
+
+class TokenStore:
+    """A prepared split, read lazily: `store[i]` assembles row i (input_ids, labels, position_ids as int64
+    arrays) from its pieces. Memory maps open on first use, so the object pickles cheaply (DataLoader workers)."""
+
+    def __init__(self, folder: Path) -> None:
+        problem = split_problem(folder)
+        if problem:
+            raise UserError(f"prepared data is incomplete: {problem}; run 'finetune prepare' again")
+        self.folder = folder
+        self.info = json.loads((folder / SPLIT_FILE).read_text())
+        self.dtype = np.dtype(self.info["dtype"])
+        counts = [entry["tokens"] for entry in self.info["shards"]]
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._maps: dict | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def _open(self) -> dict:
+        if self._maps is None:
+            shards = self.info["shards"]
+            maps = {"tokens": [], "targets": []}
+            for entry in shards:
+                maps["tokens"].append(self._map(f"{entry['name']}.tokens", self.dtype, entry["tokens"]))
+                has_targets = "targets" in entry["files"]
+                maps["targets"].append(self._map(f"{entry['name']}.targets", np.uint8, entry["tokens"])
+                                       if has_targets else None)
+            maps["pieces"] = self._map("plan.pieces", np.int64, self.info["pieces"] * 2).reshape(-1, 2)
+            maps["rows"] = self._map("plan.rows", np.int64, self.info["rows"] + 1)
+            self._maps = maps
+        return self._maps
+
+    def _map(self, name: str, dtype, count: int) -> np.ndarray:
+        if count == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(count,))
+
+    def __len__(self) -> int:
+        return self.info["rows"]
+
+    @property
+    def tokens(self) -> int:
+        return self.info["tokens"]
+
+    def _run(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens (and target flags) of a run within one document, hence within one shard."""
+        maps = self._open()
+        shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        offset = start - int(self.shard_starts[shard])
+        targets = maps["targets"][shard]
+        return (maps["tokens"][shard][offset:offset + length],
+                None if targets is None else targets[offset:offset + length])
+
+    def row_pieces(self, index: int) -> np.ndarray:
+        maps = self._open()
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return maps["pieces"][maps["rows"][index]:maps["rows"][index + 1]]
+
+    def row_length(self, index: int) -> int:
+        return int(self.row_pieces(index)[:, 1].sum())
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        ids, labels, positions = [], [], []
+        for start, length in self.row_pieces(int(index)).tolist():
+            piece, targets = self._run(start, length)
+            piece = piece.astype(np.int64)
+            label = piece.copy() if targets is None else np.where(targets.astype(bool), piece, IGNORE)
+            label[0] = IGNORE
+            ids.append(piece)
+            labels.append(label)
+            positions.append(np.arange(length, dtype=np.int64))
+        return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels),
+                "position_ids": np.concatenate(positions)}
+
+    def documents(self) -> Iterator[np.ndarray]:
+        """Each document's token ids (int64), in order."""
+        maps = self._open()
+        for entry, tokens in zip(self.info["shards"], maps["tokens"]):
+            if entry["docs"] == 0:
+                continue
+            lengths = np.fromfile(self.folder / f"{entry['name']}.docs", dtype=np.uint32).astype(np.int64)
+            for begin, end in zip(np.concatenate([[0], np.cumsum(lengths)[:-1]]), np.cumsum(lengths)):
+                yield np.asarray(tokens[begin:end], dtype=np.int64)
+
+    def records(self) -> list[dict]:
+        out = []
+        for entry in self.info["shards"]:
+            if "records" not in entry["files"]:
+                raise UserError(f"{self.folder} keeps no source records (only the validation split of non-text "
+                                "data and the train split of classification data do)")
+            with (self.folder / f"{entry['name']}.records").open(encoding="utf-8") as handle:
+                out += [json.loads(line) for line in handle]
+        return out
