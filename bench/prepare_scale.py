@@ -91,7 +91,7 @@ def write_recipe(folder: Path, corpus: Path, tokenizer: Path) -> Path:
             "tokenizer": {"path": str(tokenizer)},
             "data": {"train": str(corpus), "format": "text", "block_size": 1024},
             "lora": None,
-            "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 1000, "eval_steps": 0}}
+            "train": {"max_steps": 2, "batch_size": 1, "logging_steps": 1, "save_steps": 1000, "eval_steps": 0}}
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -31,7 +31,7 @@ import yaml  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from bench.common import record  # noqa: E402
-from finetune.modeling import train_tokenizer  # noqa: E402
+from finetune.tokenizer import train_tokenizer  # noqa: E402
 from finetune.recipe import TokenizerTrainConfig, load_recipe, save_recipe  # noqa: E402
 
 WORDS = "the a model server token batch request latency fast slow small tiny data text word line".split()

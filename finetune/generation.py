@@ -20,7 +20,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
 
 from finetune import formats
 from finetune.errors import UserError
-from finetune.modeling import DTYPES, context_length, load_base_model, load_final, load_tokenizer, tokenizer_source
+from finetune.modeling import DTYPES, context_length, load_base_model, load_final
+from finetune.tokenizer import load_tokenizer, tokenizer_source
 from finetune.recipe import DataConfig, Recipe, recipe_from_dict
 
 SEED_RANGE = 2**64

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.errors import UserError
 from finetune.generation import trained_recipe, user_prompt_segments
-from finetune.modeling import is_adapter, load_final, load_tokenizer, quiet_peft
+from finetune.modeling import is_adapter, load_final, quiet_peft
+from finetune.tokenizer import load_tokenizer
 from finetune.recipe import HubSource, Recipe
 
 MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "*.safetensors",

@@ -37,7 +37,7 @@ from finetune.data import Batch, RowRef, count_rows, describe, parse_row, read_b
 from finetune.encode import EncodeContext, encode_batch, encode_in_worker, init_worker
 from finetune.errors import UserError
 from finetune.formats import encode_texts, label_names, normalize, segments
-from finetune.modeling import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
+from finetune.tokenizer import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
 from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
 from finetune.store import ShardData, TokenStore, check_shard, finish_split, split_problem, token_dtype, write_atomic
 

@@ -19,7 +19,8 @@ import yaml
 from conftest import WORDS
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from finetune.modeling import apply_lora, load_tokenizer
+from finetune.modeling import apply_lora
+from finetune.tokenizer import load_tokenizer
 from finetune.recipe import Recipe, load_recipe, save_recipe
 
 RECITAL = " ".join(WORDS)

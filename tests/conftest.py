@@ -33,7 +33,7 @@ def corpus_lines(n: int = 200, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE tokenizer (vocab 300) trained on a small synthetic corpus, saved as a folder."""
-    from finetune.modeling import train_tokenizer
+    from finetune.tokenizer import train_tokenizer
     from finetune.recipe import TokenizerTrainConfig
 
     folder = tmp_path_factory.mktemp("tokenizer")
@@ -48,7 +48,7 @@ def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from finetune.modeling import load_tokenizer
+    from finetune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     torch.manual_seed(0)

@@ -20,7 +20,8 @@ from finetune.cli import main
 from finetune.collate import PackedCollator
 from finetune.evaluation import draw_shots, greedy, sliding_windows
 from finetune.metrics import classification_figures, generation_figures, label_loglikelihoods, macro_f1
-from finetune.modeling import apply_lora, load_final, load_tokenizer
+from finetune.modeling import apply_lora, load_final
+from finetune.tokenizer import load_tokenizer
 from finetune.prepare import load_prepared, load_records, prepare
 from finetune.recipe import LoraConfig, load_recipe, save_recipe
 from conftest import corpus_lines

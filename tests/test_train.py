@@ -108,7 +108,7 @@ def lora_base_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     weights train: with the default 0.02 the frozen tied embeddings cap every logit near zero."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from finetune.modeling import load_tokenizer
+    from finetune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     torch.manual_seed(0)
