@@ -65,11 +65,13 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_watched(command: list[str], until: Path | None = None) -> tuple[float, int, int]:
-    """Run `command` (until it exits, or until `until` exists, then kill it): (seconds, peak tree RSS, exit code)."""
+def run_watched(command: list[str], log: Path, until: Path | None = None) -> tuple[float, int, int]:
+    """Run `command` (until it exits, or until `until` exists, then kill it): (seconds, peak tree RSS, exit code).
+    Its output goes to `log`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     peak = 0
     while process.poll() is None:
         peak = max(peak, tree_rss(process.pid))
@@ -81,7 +83,7 @@ def run_watched(command: list[str], until: Path | None = None) -> tuple[float, i
         time.sleep(0.05)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
     return seconds, peak, process.returncode
 
 
@@ -127,12 +129,12 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         recipe = write_recipe(folder, corpus, tokenizer)
-        seconds, peak, _ = run_watched([sys.executable, "-m", "finetune", "prepare", str(recipe)])
+        seconds, peak, _ = run_watched([sys.executable, "-m", "finetune", "prepare", str(recipe)], folder / "prepare.log")
         manifest = json.loads((folder / "run" / "prepared" / "manifest.json").read_text())
         tokens = manifest["train"]["tokens"] + manifest["validation"]["tokens"]
         on_disk = manifest["train"]["bytes_on_disk"] + manifest["validation"]["bytes_on_disk"]
         start_seconds, start_peak, _ = run_watched([sys.executable, "-m", "finetune", "train", str(recipe)],
-                                                   until=folder / "run" / "metrics.jsonl")
+                                                   folder / "train.log", until=folder / "run" / "metrics.jsonl")
         figures = {"corpus_mb": size, "tokens": tokens, "prepare_seconds": round(seconds, 1),
                    "prepare_tokens_per_s": round(tokens / seconds), "raw_tokenizer_tokens_per_s": round(baseline),
                    "ratio_prepare_vs_raw": round(tokens / seconds / baseline, 3),

@@ -11,8 +11,8 @@ import time
 from transformers import GPT2TokenizerFast
 
 from bench.common import record, shared_or_skip
-from finetune.data import load_splits
-from finetune.formats import segments
+from finetune.data import RowRef, parse_row, read_batches
+from finetune.formats import label_lookup, normalize, segments
 from finetune.prepare import prepare
 from finetune.recipe import recipe_from_dict
 
@@ -31,6 +31,18 @@ def raw_tokens_per_second(tokenizer, texts: list[str]) -> tuple[float, int]:
     return tokens / (time.perf_counter() - started), tokens
 
 
+def source_texts(cfg) -> list[str]:
+    """The texts prepare tokenizes: every kept record's segments."""
+    labels = label_lookup(cfg.classification) if cfg.format == "classification" else None
+    texts = []
+    for batch in read_batches(cfg.train, cfg):
+        for i, raw in enumerate(batch.rows):
+            where = RowRef(cfg.train, batch.start + i)
+            record, _ = normalize(parse_row(raw, where), cfg, where, labels)
+            texts += [text for text, _ in segments(record, cfg) if text] if record else []
+    return texts
+
+
 def main() -> None:
     tokenizer_dir = shared_or_skip("gpt2-tokenizer")
     tokenizer = GPT2TokenizerFast.from_pretrained(tokenizer_dir)
@@ -39,9 +51,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             recipe = recipe_from_dict({"name": name, "output_dir": tmp, "model": {"base": "gpt2"},
                                        "tokenizer": {"path": str(tokenizer_dir)}, "data": data})
-            splits = load_splits(recipe.data)
-            texts = [t for split in splits.values() for r in split.records
-                     for t, _ in segments(r, recipe.data) if t]
+            texts = source_texts(recipe.data)
             raw, raw_tokens = raw_tokens_per_second(tokenizer, texts)
             started = time.perf_counter()
             manifest = prepare(recipe, force=True)

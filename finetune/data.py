@@ -20,7 +20,8 @@ from finetune.errors import UserError
 from finetune.recipe import DataConfig, HubSource
 
 HEADER_ROWS = {".csv": 1, ".tsv": 1}
-BLOCK_BYTES = 1 << 20  # text handed to a worker at a time
+BLOCK_BYTES = 1 << 20  # text handed to a worker at a time (less when shards are small: a batch never spans two)
+BYTES_PER_TOKEN = 4  # about, for English text and GPT-2's BPE
 ROWS_PER_BATCH = 4096  # for row-based readers (CSV, Parquet, JSON arrays, the Hub)
 
 
@@ -37,11 +38,8 @@ class Batch:
 
 
 def check_utf8(path: Path) -> None:
-    decoder_offset = 0
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(BLOCK_BYTES) + handle.readline(), b""):
-            _decode(block, path, decoder_offset)
-            decoder_offset += len(block)
+    for offset, block in _blocks(path, BLOCK_BYTES):
+        _decode(block, path, offset)
 
 
 def _decode(block: bytes, path: Any, offset: int) -> str:
@@ -135,10 +133,11 @@ def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[Batch]:
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     suffix = path.suffix.lower()
+    size = min(BLOCK_BYTES, cfg.shard_tokens * BYTES_PER_TOKEN)
     if suffix == ".txt":
-        yield from _text_batches(path, cfg.sample_by)
+        yield from _text_batches(path, cfg.sample_by, size)
     elif suffix == ".jsonl" or (suffix == ".json" and _first_byte(path) != b"["):
-        yield from _jsonl_batches(path)
+        yield from _jsonl_batches(path, size)
     elif suffix == ".json":
         yield from _json_array_batches(path)
     elif suffix in (".csv", ".tsv"):
@@ -156,19 +155,19 @@ def _first_byte(path: Path) -> bytes:
     return b""
 
 
-def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, block) pairs of about BLOCK_BYTES, each ending at a line end."""
+def _blocks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, block) pairs of about `size` bytes, each ending at a line end."""
     offset = 0
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(BLOCK_BYTES) + handle.readline(), b""):
+        for block in iter(lambda: handle.read(size) + handle.readline(), b""):
             yield offset, block
             offset += len(block)
 
 
-def _jsonl_batches(path: Path) -> Iterator[Batch]:
+def _jsonl_batches(path: Path, size: int) -> Iterator[Batch]:
     """One row per non-blank line; blank lines are skipped and do not count as rows."""
     start, line = 0, 0
-    for _, block in _blocks(path):
+    for _, block in _blocks(path, size):
         pieces = block.split(b"\n")
         if pieces[-1] == b"":
             pieces.pop()
@@ -182,11 +181,11 @@ def _jsonl_batches(path: Path) -> Iterator[Batch]:
         start += len(rows)
 
 
-def _text_batches(path: Path, sample_by: str) -> Iterator[Batch]:
+def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[Batch]:
     """As `datasets`' text builder: universal newlines; a row per line, per blank-line-separated paragraph (empty
     ones skipped), or one for the whole file."""
     start, carry = 0, ""
-    for offset, block in _blocks(path):
+    for offset, block in _blocks(path, size):
         text = _decode(block, path, offset).replace("\r\n", "\n").replace("\r", "\n")
         if sample_by == "line":
             rows = text.split("\n")

@@ -6,13 +6,14 @@ block-diagonal causal mask, so packed examples never attend to each other. The f
 never a target (nothing in its own example precedes it), so a packed row gives exactly the losses of its
 examples run one by one.
 
-The plan is computed from document lengths alone (array arithmetic, no pass over tokens); the store
-(store.py) assembles rows from it when they are read.
+The plan is computed from document lengths alone, shard by shard (array arithmetic, no pass over tokens, memory
+bounded by a shard); the store (store.py) assembles rows from it when they are read.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -36,32 +37,52 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def plan_rows(doc_lengths: np.ndarray, block_size: int, fmt: str, packing: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The packing plan: (pieces as (start, length) pairs into the split's token stream, row offsets into them).
+def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, fmt: str, packing: bool
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The packing plan, shard by shard: for each shard's document lengths, its pieces as (start, length) pairs
+    into the split's token stream and the (split-wide) indices of the pieces that begin a row.
 
     text + packing: the stream cut every `block_size` tokens (a document crossing a cut continues in the next
     row as a new piece); text without packing: each document cut into pieces of at most `block_size`, one per
-    row; other formats: whole examples, bin-packed best-fit-decreasing (packing) or one per row."""
-    lengths = doc_lengths.astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    total = int(starts[-1])
-    if fmt == "text" and packing:
-        bounds = np.union1d(starts[:-1], np.arange(0, total, block_size, dtype=np.int64))
-        pieces = np.stack([bounds, np.diff(np.append(bounds, total))], axis=1)
-        row_of_piece = bounds // block_size
-        rows = np.searchsorted(row_of_piece, np.arange(int(row_of_piece[-1]) + 2 if total else 1), side="left")
-        return pieces, rows.astype(np.int64)
-    if fmt == "text":
-        count = -(-lengths // block_size)  # pieces per document
-        first = np.repeat(np.cumsum(count) - count, count)
-        begin = np.repeat(starts[:-1], count) + (np.arange(int(count.sum())) - first) * block_size
-        end = np.repeat(starts[1:], count)
-        pieces = np.stack([begin, np.minimum(end - begin, block_size)], axis=1)
-        return pieces, np.arange(len(pieces) + 1, dtype=np.int64)
-    pieces = np.stack([starts[:-1], lengths], axis=1)
-    if not packing:
-        return pieces, np.arange(len(pieces) + 1, dtype=np.int64)
-    bins = best_fit_decreasing(lengths.tolist(), block_size)
-    order = np.fromiter((i for members in bins for i in members), dtype=np.int64, count=len(lengths))
-    rows = np.concatenate([[0], np.cumsum([len(members) for members in bins])]).astype(np.int64)
-    return pieces[order], rows
+    row; other formats: whole examples, one per row, or bin-packed best-fit-decreasing over the whole split
+    (the one case that holds all lengths at once: example data sets are small)."""
+    if fmt != "text" and packing:
+        lengths = np.concatenate([np.zeros(0, np.int64), *[np.asarray(x, np.int64) for x in shard_lengths]])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        bins = best_fit_decreasing(lengths.tolist(), block_size)
+        order = np.fromiter((i for members in bins for i in members), dtype=np.int64, count=len(lengths))
+        firsts = np.cumsum([0] + [len(members) for members in bins[:-1]]).astype(np.int64) if bins else order[:0]
+        yield np.stack([starts[order], lengths[order]], axis=1), firsts
+        return
+    base, pieces_before, last_row = 0, 0, -1
+    for lengths in shard_lengths:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if not len(lengths):
+            continue
+        starts = base + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        end = base + int(lengths.sum())
+        if fmt == "text" and packing:
+            bounds = np.union1d(starts, np.arange(-(-base // block_size) * block_size, end, block_size))
+            pieces = np.stack([bounds, np.diff(np.append(bounds, end))], axis=1)
+            rows = bounds // block_size
+            firsts = np.flatnonzero(np.diff(np.concatenate([[last_row], rows])))
+            last_row = int(rows[-1])
+        else:
+            if fmt == "text":
+                count = -(-lengths // block_size)  # pieces per document
+                within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+                begin = np.repeat(starts, count) + within * block_size
+                pieces = np.stack([begin, np.minimum(np.repeat(starts + lengths, count) - begin, block_size)], axis=1)
+            else:
+                pieces = np.stack([starts, lengths], axis=1)
+            firsts = np.arange(len(pieces))
+        yield pieces, pieces_before + firsts
+        pieces_before += len(pieces)
+        base = end
+
+
+def plan_rows(doc_lengths: np.ndarray, block_size: int, fmt: str, packing: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The whole plan at once: (pieces, row offsets into the pieces); row i is pieces[rows[i]:rows[i + 1]]."""
+    parts = list(plan_pieces([doc_lengths], block_size, fmt, packing))
+    pieces = np.concatenate([np.zeros((0, 2), np.int64)] + [p for p, _ in parts])
+    return pieces, np.concatenate([np.zeros(0, np.int64)] + [f for _, f in parts] + [[len(pieces)]]).astype(np.int64)

@@ -2,9 +2,9 @@
 manifest), with memory that does not grow with the corpus.
 
 The source is read as a stream of batches; `data.num_proc` worker processes (default: every core, each
-tokenizer on one thread) tokenize them, and the main process writes a shard whenever about SHARD_TOKENS tokens
-have come back. Work goes to `prepared.partial/`, where each finished shard is recorded by a progress marker
-written after its files: a killed prepare continues from its last complete shard. Only when every split is
+tokenizer on one thread) tokenize them, and the main process writes a shard whenever `data.shard_tokens`
+tokens (default 16M) have come back. Work goes to `prepared.partial/`, where each finished shard is recorded by
+a progress marker written after its files: a killed prepare continues from its last complete shard. Only when every split is
 complete is the manifest written and the folder renamed to `prepared/` (the old one moved aside first), so
 `prepared/` is either the whole previous result or the whole new one.
 
@@ -43,7 +43,6 @@ from finetune.store import ShardData, TokenStore, check_shard, finish_split, spl
 
 SPLITS = ("train", "validation")
 PREPARE_CODE = [Path(module.__file__) for module in (data, encode, formats, packing, store)] + [Path(__file__)]
-SHARD_TOKENS = 1 << 24  # tokens per shard: the unit of resumption (32 MB of uint16)
 
 
 def fingerprint(recipe: Recipe, tokenizer: Any | None) -> str:
@@ -272,7 +271,7 @@ def _run_pass(work: Path, name: str, source: str | HubSource, mode: str, context
         for batch, results in _encode_all(jobs, context, workers):
             pending.add(results, batch.start + len(batch.rows))
             bar.update(batch, sum(len(r["tokens"]) for r in results.values()))
-            if pending.tokens >= SHARD_TOKENS:
+            if pending.tokens >= context.cfg.shard_tokens:
                 yield pending.write()
                 pending = ChunkBuffer(work, name, pending.index + 1, context, pending.rows_end)
     if pending.results:
@@ -324,20 +323,17 @@ class ChunkBuffer:
         chunk = {"rows_end": self.rows_end, "splits": {}}
         for split in splits:
             parts = [results[split] for results in self.results if split in results]
-            arrays = {kind: [p[kind] for p in parts if p[kind] is not None] for kind in store.SHARD_FILES}
-            shard = ShardData(
-                tokens=np.concatenate(arrays["tokens"]) if arrays["tokens"] else np.zeros(0, self.context.dtype),
-                docs=np.concatenate(arrays["docs"]) if arrays["docs"] else np.zeros(0, np.uint32),
-                targets=np.concatenate(arrays["targets"]) if arrays["targets"] else
-                (None if self.context.cfg.format == "text" else np.zeros(0, np.uint8)),
-                records=b"".join(arrays["records"]) if split in self.context.keep_records else None)
+            text = self.context.cfg.format == "text"
+            shard = ShardData(tokens=[p["tokens"] for p in parts], docs=[p["docs"] for p in parts],
+                              targets=None if text else [p["targets"] for p in parts],
+                              records=[p["records"] for p in parts] if split in self.context.keep_records else None)
             entry = store.write_shard(self.work / split, name, shard)
             dropped = Counter()
             for p in parts:
                 dropped.update(p["dropped"])
-            entry["stats"] = {"records_in": sum(p["records_in"] for p in parts), "records_kept": int(len(shard.docs)),
+            entry["stats"] = {"records_in": sum(p["records_in"] for p in parts), "records_kept": entry["docs"],
                               "dropped": dict(dropped), "truncated": sum(p["truncated"] for p in parts),
-                              "target_tokens": None if shard.targets is None else int(shard.targets.sum())}
+                              "target_tokens": None if text else sum(int(p["targets"].sum()) for p in parts)}
             chunk["splits"][split] = entry
         write_atomic(self.work / "progress" / f"{name}.json", json.dumps(chunk).encode())
         return chunk
@@ -386,8 +382,7 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
     if kept == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in dropped.items()) or "no rows"
         raise UserError(f"{where}: the {name} split is empty after filtering ({reasons})")
-    lengths = np.concatenate([np.fromfile(folder / f"{e['name']}.docs", dtype=np.uint32) for e in chunks])
-    info = finish_split(folder, chunks, dtype, cfg.block_size, cfg.format, cfg.packing, lengths)
+    info = finish_split(folder, chunks, dtype, cfg.block_size, cfg.format, cfg.packing)
     tokens, rows = info["tokens"], info["rows"]
     targets = tokens - info["pieces"] if cfg.format == "text" else sum(s["target_tokens"] for s in stats)
     on_disk = store.store_bytes(folder)

@@ -105,6 +105,7 @@ class DataConfig:
     seed: int = 42
     num_proc: int | None = None  # prepare worker processes; default: every core
     streaming: bool = False  # Hub data sets: read as a stream instead of downloading them whole first
+    shard_tokens: int = 1 << 24  # tokens per store shard: the unit a killed prepare resumes from
     instruction: InstructionFormat = field(default_factory=InstructionFormat)
     chat: ChatFormat = field(default_factory=ChatFormat)
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
@@ -413,6 +414,8 @@ def _validate(recipe: Recipe, where: str) -> None:
             )
     if recipe.data.block_size < 8:
         raise UserError(f"{where}: 'data.block_size' must be at least 8, got {recipe.data.block_size}")
+    if recipe.data.shard_tokens < 1:
+        raise UserError(f"{where}: 'data.shard_tokens' must be at least 1, got {recipe.data.shard_tokens}")
     if recipe.data.num_proc is not None and recipe.data.num_proc < 1:
         raise UserError(f"{where}: 'data.num_proc' must be at least 1 (or null for every core), got {recipe.data.num_proc}")
     if not 0 < recipe.data.validation_fraction < 1:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import UserError
-from finetune.packing import IGNORE, plan_rows
+from finetune.packing import IGNORE, plan_pieces
 
 SPLIT_FILE = "split.json"
 SHARD_FILES = ("tokens", "docs", "targets", "records")
@@ -56,29 +56,40 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 @dataclass
 class ShardData:
-    """One shard's worth of a split, as written: flat token ids, document lengths, optional target mask and
-    records (JSON lines, bytes)."""
+    """One shard's worth of a split, as written: token ids, document lengths, optional target flags and records
+    (JSON lines), each a list of arrays (or byte strings) written one after the other, never concatenated."""
 
-    tokens: np.ndarray
-    docs: np.ndarray
-    targets: np.ndarray | None = None
-    records: bytes | None = None
+    tokens: list[np.ndarray]
+    docs: list[np.ndarray]
+    targets: list[np.ndarray] | None = None
+    records: list[bytes] | None = None
+
+
+def write_parts(path: Path, parts: list) -> dict:
+    """Write arrays / byte strings back to back to a temporary name, then rename; returns size and checksum."""
+    digest, size = hashlib.blake2b(digest_size=16), 0
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        for part in parts:
+            view = memoryview(np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part).cast("B")
+            handle.write(view)
+            digest.update(view)
+            size += len(view)
+    os.replace(tmp, path)
+    return {"bytes": size, "checksum": digest.hexdigest()}
 
 
 def write_shard(folder: Path, name: str, shard: ShardData) -> dict:
     """Write a shard's files (each atomically) and return its entry for split.json: sizes and checksums."""
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"tokens": shard.tokens.tobytes(), "docs": shard.docs.astype(np.uint32).tobytes()}
+    files = {"tokens": shard.tokens, "docs": [d.astype(np.uint32) for d in shard.docs]}
     if shard.targets is not None:
-        payload["targets"] = shard.targets.astype(np.uint8).tobytes()
+        files["targets"] = [t.astype(np.uint8) for t in shard.targets]
     if shard.records is not None:
-        payload["records"] = shard.records
-    files = {}
-    for kind, data in payload.items():
-        path = folder / f"{name}.{kind}"
-        write_atomic(path, data)
-        files[kind] = {"bytes": len(data), "checksum": hashlib.blake2b(data, digest_size=16).hexdigest()}
-    return {"name": name, "tokens": int(len(shard.tokens)), "docs": int(len(shard.docs)), "files": files}
+        files["records"] = shard.records
+    written = {kind: write_parts(folder / f"{name}.{kind}", parts) for kind, parts in files.items()}
+    return {"name": name, "tokens": sum(len(t) for t in shard.tokens), "docs": sum(len(d) for d in shard.docs),
+            "files": written}
 
 
 def check_shard(folder: Path, entry: dict, checksums: bool) -> str | None:
@@ -94,15 +105,22 @@ def check_shard(folder: Path, entry: dict, checksums: bool) -> str | None:
     return None
 
 
-def finish_split(folder: Path, shards: list[dict], dtype: np.dtype, block_size: int, fmt: str, packing: bool,
-                 doc_lengths: np.ndarray) -> dict:
-    """Write the plan and split.json (last, atomically); return the split's figures."""
-    pieces, rows = plan_rows(doc_lengths, block_size, fmt, packing)
-    for name, array in (("plan.pieces", pieces), ("plan.rows", rows)):
-        write_atomic(folder / name, array.astype(np.int64).tobytes())
-    tokens = int(doc_lengths.sum())
-    info = {"dtype": dtype.name, "tokens": tokens, "docs": int(len(doc_lengths)), "rows": int(len(rows) - 1),
-            "pieces": int(len(pieces)), "block_size": block_size, "shards": shards,
+def finish_split(folder: Path, shards: list[dict], dtype: np.dtype, block_size: int, fmt: str,
+                 packing: bool) -> dict:
+    """Write the packing plan (shard by shard) and split.json (last, atomically); return split.json's content."""
+    lengths = (np.fromfile(folder / f"{entry['name']}.docs", dtype=np.uint32) for entry in shards)
+    firsts, count = [], 0
+    tmp = folder / "plan.pieces.tmp"
+    with tmp.open("wb") as handle:
+        for pieces, row_firsts in plan_pieces(lengths, block_size, fmt, packing):
+            handle.write(memoryview(np.ascontiguousarray(pieces, dtype=np.int64)).cast("B"))
+            firsts.append(row_firsts.astype(np.int64))
+            count += len(pieces)
+    os.replace(tmp, folder / "plan.pieces")
+    rows = np.concatenate(firsts + [np.array([count], dtype=np.int64)])
+    write_atomic(folder / "plan.rows", rows.tobytes())
+    info = {"dtype": dtype.name, "tokens": sum(e["tokens"] for e in shards), "docs": sum(e["docs"] for e in shards),
+            "rows": int(len(rows) - 1), "pieces": count, "block_size": block_size, "shards": shards,
             "plan": {name: (folder / name).stat().st_size for name in ("plan.pieces", "plan.rows")}}
     write_atomic(folder / SPLIT_FILE, json.dumps(info, indent=1).encode())
     return info

@@ -43,11 +43,11 @@ def examples() -> list[tuple[list[int], list[int]]]:
 def packed_rows(items: list[tuple[list[int], list[int]]], folder) -> list[dict]:
     """The examples written as a prepared store (instruction-style target mask), bin-packed into rows of 24 and
     read back as the trainer reads them."""
-    shard = ShardData(tokens=np.array([t for ids, _ in items for t in ids], dtype=np.uint16),
-                      docs=np.array([len(ids) for ids, _ in items], dtype=np.uint32),
-                      targets=np.array([label != IGNORE for _, labels in items for label in labels], dtype=np.uint8))
+    shard = ShardData(tokens=[np.array(ids, dtype=np.uint16) for ids, _ in items],
+                      docs=[np.array([len(ids) for ids, _ in items], dtype=np.uint32)],
+                      targets=[np.array([label != IGNORE for label in labels], dtype=np.uint8) for _, labels in items])
     entry = write_shard(folder, "shard-00000", shard)
-    finish_split(folder, [entry], np.dtype(np.uint16), 24, "instruction", True, shard.docs)
+    finish_split(folder, [entry], np.dtype(np.uint16), 24, "instruction", True)
     return list(TokenStore(folder))
 
 

@@ -248,3 +248,130 @@ def test_real_data_sst2_and_alpaca_pack_efficiently(tmp_path):
     manifest = prepare(alpaca)
     assert manifest["train"]["packing_efficiency"] >= 0.95
     assert manifest["train"]["records_kept"] + manifest["validation"]["records_kept"] == 999
+
+
+def store_rows(recipe, split: str) -> list[dict]:
+    return [as_lists(row) for row in load_prepared(recipe, split)]
+
+
+def big_text_recipe(tmp_path: Path, tokenizer_dir: Path, name: str) -> Path:
+    """A text corpus of ~30k tokens written as ~15 shards of 2,000 tokens, tokenized by 2 worker processes."""
+    corpus = tmp_path / "corpus.jsonl"
+    if not corpus.exists():
+        write_jsonl(corpus, [{"text": f"{line} (document {i})"} for i, line in enumerate(corpus_lines(3000, seed=3))])
+    spec = {"name": name, "output_dir": str(tmp_path / name), "model": {"base": "gpt2"},
+            "tokenizer": {"path": str(tokenizer_dir)},
+            "data": {"train": str(corpus), "block_size": 64, "shard_tokens": 2000, "num_proc": 2}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_an_uninterrupted_one(
+        tmp_path, tokenizer_dir):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight = load_recipe(big_text_recipe(tmp_path, tokenizer_dir, "straight"))
+    expected = prepare(straight)
+    assert expected["train"]["tokens"] > 15 * 2000
+    killed_path = big_text_recipe(tmp_path, tokenizer_dir, "killed")
+    killed = load_recipe(killed_path)
+    progress = killed.run_dir / "prepared.partial" / "progress"
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(3):  # kill at a random moment after some shards are complete, then again on the rerun
+        process = subprocess.Popen([sys.executable, "-m", "finetune", "prepare", str(killed_path)], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        before = len(list(progress.glob("*.json"))) if progress.is_dir() else 0
+        while process.poll() is None and time.monotonic() < deadline and \
+                (len(list(progress.glob("*.json"))) if progress.is_dir() else 0) <= before:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        if read_manifest_or_none(killed) is not None:  # killed after the swap: a complete store
+            assert store_problem(killed.prepared_dir, checksums=True) is None
+    assert kills >= 1, "prepare finished before it could be killed"
+    done = list(progress.glob("*.json"))
+    assert done, "no shard was complete when killed"
+    # a shard damaged after it was recorded is detected and redone, never trusted
+    victim = json.loads(sorted(done)[0].read_text())["splits"]["train"]
+    shard = killed.run_dir / "prepared.partial" / "train" / f"{victim['name']}.tokens"
+    shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x00")
+    result = subprocess.run([sys.executable, "-m", "finetune", "prepare", str(killed_path)], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "continuing the interrupted prepare" in result.stdout
+    manifest = read_manifest_or_none(killed)
+    for split in ("train", "validation"):
+        for key in ("records_in", "records_kept", "tokens", "target_tokens", "sequences"):
+            assert manifest[split][key] == expected[split][key], (split, key)
+        assert store_rows(killed, split) == store_rows(straight, split)
+    assert not (killed.run_dir / "prepared.partial").exists()
+
+
+def read_manifest_or_none(recipe):
+    from finetune.prepare import read_manifest
+
+    return read_manifest(recipe)
+
+
+def store_problem(folder, checksums):
+    from finetune.prepare import store_problem as problem
+
+    return problem(folder, checksums)
+
+
+def test_a_damaged_store_is_never_up_to_date(tmp_path, tokenizer_dir, capsys):
+    from finetune.errors import UserError
+    from finetune.prepare import ensure_prepared
+
+    recipe = load_recipe(big_text_recipe(tmp_path, tokenizer_dir, "run"))
+    prepare(recipe)
+    info = json.loads((recipe.prepared_dir / "validation" / "split.json").read_text())
+    records = recipe.prepared_dir / "validation" / f"{info['shards'][0]['name']}.tokens"
+    records.write_bytes(records.read_bytes()[:-1] + b"\x01")  # same size, other bytes
+    ensure_prepared(recipe, processes=2)  # ranks check sizes only: cheap at any corpus size
+    capsys.readouterr()
+    prepare(recipe)  # prepare rereads checksums
+    assert "up to date" not in capsys.readouterr().out
+    records.unlink()
+    with pytest.raises(UserError, match="incomplete|stale"):
+        ensure_prepared(recipe, processes=2)
+
+
+def test_replacing_a_store_never_passes_through_a_state_that_looks_complete(tmp_path, tokenizer_dir, monkeypatch):
+    """Killed between moving the old store aside and renaming the new one in: no prepared/ at all, and the rerun
+    finishes from the complete work folder."""
+    from finetune import prepare as stage
+    from finetune.errors import UserError
+
+    path = big_text_recipe(tmp_path, tokenizer_dir, "run")
+    prepare(load_recipe(path))
+    recipe = load_recipe(path, ["data.block_size=32"])
+    renames, rename = [], stage.os.rename
+
+    def rename_then_die(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # stands for SIGKILL between the two renames
+        rename(src, dst)
+
+    monkeypatch.setattr(stage.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(recipe)
+    monkeypatch.undo()
+    assert not recipe.prepared_dir.exists()
+    with pytest.raises(UserError):
+        stage.ensure_prepared(recipe, processes=2)
+    manifest = prepare(recipe)
+    assert manifest["block_size"] == 32 and not list(recipe.run_dir.glob("prepared.old-*"))
