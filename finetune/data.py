@@ -28,13 +28,19 @@ ROWS_PER_BATCH = 4096  # for row-based readers (CSV, Parquet, JSON arrays, the H
 @dataclass
 class Batch:
     """Consecutive raw rows of one source: `rows[i]` is row `start + i` (a dict, a JSONL line as bytes, or the
-    text of a .txt record); `lines` gives 1-based file lines where they are not `start + i + 1`; `nbytes` is how
-    much of a local text file the batch consumed."""
+    text of a .txt record); the 1-based file line of row i is `lines[i]` when given, else `first_line + i` when
+    that is given, else `start + i + 1`; `nbytes` is how much of a local text file the batch consumed."""
 
     start: int
     rows: list
     lines: list[int] | None = None
     nbytes: int = 0
+    first_line: int | None = None
+
+    def line(self, i: int) -> int | None:
+        if self.lines:
+            return self.lines[i]
+        return None if self.first_line is None else self.first_line + i
 
 
 def check_utf8(path: Path) -> None:
@@ -109,7 +115,7 @@ def read_batches(source: str | HubSource, cfg: DataConfig, skip: int = 0) -> Ite
         last = len(batch.rows) if limit is None else min(len(batch.rows), limit - batch.start)
         if first or last < len(batch.rows):
             batch = Batch(batch.start + first, batch.rows[first:last], batch.lines and batch.lines[first:last],
-                          batch.nbytes)
+                          batch.nbytes, batch.first_line and batch.first_line + first)
         yield batch
 
 
@@ -171,13 +177,13 @@ def _jsonl_batches(path: Path, size: int) -> Iterator[Batch]:
         pieces = block.split(b"\n")
         if pieces[-1] == b"":
             pieces.pop()
-        rows, lines = [], []
-        for number, piece in enumerate(pieces, line + 1):
-            if piece.strip():
-                rows.append(piece)
-                lines.append(number)
+        rows = [piece for piece in pieces if piece.strip()]
+        if len(rows) == len(pieces):
+            yield Batch(start, rows, nbytes=len(block), first_line=line + 1)
+        else:
+            lines = [number for number, piece in enumerate(pieces, line + 1) if piece.strip()]
+            yield Batch(start, rows, lines, len(block))
         line += len(pieces)
-        yield Batch(start, rows, lines, len(block))
         start += len(rows)
 
 

@@ -109,7 +109,7 @@ def encode_batch(context: EncodeContext, batch: Batch, validation: np.ndarray) -
         part = parts.setdefault(split, SplitPart(targets=None if cfg.format == "text" else [],
                                                  records=[] if split in context.keep_records else None))
         part.records_in += 1
-        where = RowRef(context.source, batch.start + i, batch.lines[i] if batch.lines else None)
+        where = RowRef(context.source, batch.start + i, batch.line(i))
         record, reason = normalize(parse_row(raw, where), cfg, where, context.labels)
         if record is None:
             part.dropped[reason] += 1

@@ -246,7 +246,7 @@ def _trained_tokenizer(work: Path, recipe: Recipe, first_pass: tuple[str | HubSo
             for i, raw in enumerate(batch.rows):
                 if flags[i]:
                     continue
-                where = RowRef(source, batch.start + i, batch.lines[i] if batch.lines else None)
+                where = RowRef(source, batch.start + i, batch.line(i))
                 record, _ = normalize(parse_row(raw, where), cfg, where, labels)
                 if record is not None:
                     yield from (text for text, _ in segments(record, cfg) if text)
