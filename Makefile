@@ -81,6 +81,7 @@ demo: setup
 # appends them to bench/results/.
 bench: setup
 	$(OFFLINE) $(PY) -m bench.prepare_throughput
+	$(OFFLINE) $(PY) -m bench.prepare_scale
 	$(OFFLINE) $(PY) -m bench.packing_efficiency
 	$(OFFLINE) $(PY) -m bench.train_throughput
 	$(OFFLINE) $(PY) -m bench.lora_params

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from finetune.data import Batch, RowRef, parse_row
-from finetune.formats import encode_segments, encode_texts, label_lookup, normalize, segments
-from finetune.packing import IGNORE
+from finetune.formats import encode_texts, label_lookup, normalize, segments
 from finetune.recipe import DataConfig, HubSource
 
 
@@ -64,7 +63,8 @@ class _Encoder:
 
 @dataclass
 class SplitPart:
-    """One batch's contribution to one split."""
+    """One batch's contribution to one split: per kept example its token ids, and for prompted formats its
+    target runs, (length, is_target) pairs covering the example's tokens."""
 
     ids: list = field(default_factory=list)
     targets: list | None = None
@@ -76,8 +76,11 @@ class SplitPart:
     def arrays(self, dtype: str) -> dict:
         lengths = np.fromiter((len(ids) for ids in self.ids), dtype=np.uint32, count=len(self.ids))
         flat = np.fromiter(chain.from_iterable(self.ids), dtype=dtype, count=int(lengths.sum()))
-        targets = None if self.targets is None else np.fromiter(chain.from_iterable(self.targets), dtype=np.uint8,
-                                                               count=len(flat))
+        targets = None
+        if self.targets is not None:
+            runs = np.array([run for runs in self.targets for run in runs], dtype=np.int64).reshape(-1, 2)
+            targets = np.repeat(runs[:, 1].astype(np.uint8), runs[:, 0])
+            targets[np.cumsum(lengths, dtype=np.int64) - lengths] = 0  # nothing precedes an example's first token
         records = None if self.records is None else "".join(
             json.dumps(r, ensure_ascii=False) + "\n" for r in self.records).encode()
         return {"tokens": flat, "docs": lengths, "targets": targets, "records": records, "records_in": self.records_in,
@@ -134,27 +137,35 @@ def _encode_text(context: EncodeContext, kept: list[tuple[str, dict]], parts: di
 
 
 def _encode_examples(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
-    """Prompted formats: targets only where the format says; examples over the block truncated or dropped."""
+    """Prompted formats: targets only where the format says; examples over the block truncated or dropped.
+    Segment by segment, so no Python work is done per token."""
     cfg = context.cfg
-    encoded = encode_segments(context.encoder, [segments(record, cfg) for _, record in kept], IGNORE)
-    for (split, record), (ids, labels) in zip(kept, encoded):
+    block = cfg.block_size
+    all_segments = [segments(record, cfg) for _, record in kept]
+    pieces = iter(encode_texts(context.encoder, [text for segs in all_segments for text, _ in segs if text is not None]))
+    eos = [context.eos_token_id]
+    for (split, record), segs in zip(kept, all_segments):
         part = parts[split]
-        truncated = len(ids) > cfg.block_size
+        ids, runs, total, has_target = [], [], 0, False
+        for text, target in segs:
+            piece = eos if text is None else next(pieces)
+            take = max(min(len(piece), block - total), 0)
+            if take:
+                ids += piece[:take]
+                runs.append((take, target))
+                has_target |= target and total + take > 1  # an example's first token is never a target
+            total += len(piece)
+        truncated = total > block
         reason = ""
-        if truncated:
-            if cfg.overflow == "drop":
-                reason = "too_long"
-            ids, labels = ids[:cfg.block_size], labels[:cfg.block_size]
-        targets = [label != IGNORE for label in labels]
-        if targets:
-            targets[0] = False
-        if not reason and not any(targets):
+        if truncated and cfg.overflow == "drop":
+            reason = "too_long"
+        elif not has_target:
             reason = "no_target_after_truncation" if truncated else "no_target"
         if reason:
             part.dropped[reason] += 1
             continue
         part.truncated += truncated
         part.ids.append(ids)
-        part.targets.append(targets)
+        part.targets.append(runs)
         if part.records is not None:
             part.records.append(record)

@@ -43,6 +43,7 @@ from finetune.store import ShardData, TokenStore, check_shard, finish_split, spl
 
 SPLITS = ("train", "validation")
 PREPARE_CODE = [Path(module.__file__) for module in (data, encode, formats, packing, store)] + [Path(__file__)]
+POOL_MIN_BYTES = 64 << 20  # below this, in-process tokenizing (on every core) beats starting worker processes
 
 
 def fingerprint(recipe: Recipe, tokenizer: Any | None, file_digests: dict[str, str]) -> str:
@@ -141,8 +142,8 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
 def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, force: bool) -> dict:
     out, started = recipe.prepared_dir, time.perf_counter()
     data.check_sources(recipe.data)
-    for leftover in out.parent.glob("prepared.old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [*out.parent.glob("prepared.old-*"), *out.parent.glob("prepared.tmp-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # from killed swaps, and from versions before the store
     work = out.with_name("prepared.partial")
     marker = work / "fingerprint"
     if force or not marker.is_file() or marker.read_text() != digest:
@@ -170,7 +171,7 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
     for name, (source, mode) in passes.items():
         context = EncodeContext(cfg, source, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, dtype.name,
                                 keep)
-        for chunk in _run_pass(work, name, source, mode, context, _workers(cfg)):
+        for chunk in _run_pass(work, name, source, mode, context, _workers(cfg, source)):
             for split, entry in chunk["splits"].items():
                 chunks[split].append(entry)
     for split in SPLITS:
@@ -190,8 +191,14 @@ def keeps_records(fmt: str, split: str) -> bool:
     return fmt != "text" and (split == "validation" or fmt == "classification")
 
 
-def _workers(cfg: DataConfig) -> int:
-    return cfg.num_proc or len(os.sched_getaffinity(0))
+def _workers(cfg: DataConfig, source: str | HubSource) -> int:
+    """`data.num_proc`, or by default: one (this process, the tokenizer on every core) for a local file under
+    POOL_MIN_BYTES, where starting workers costs more than they win, and every core otherwise."""
+    if cfg.num_proc:
+        return cfg.num_proc
+    if isinstance(source, str) and Path(source).stat().st_size < POOL_MIN_BYTES:
+        return 1
+    return len(os.sched_getaffinity(0))
 
 
 def _passes(cfg: DataConfig) -> dict[str, tuple[str | HubSource, str]]:
