@@ -1,12 +1,14 @@
 """The prepared token store: one folder per split, read through memory maps.
 
-    <split>/shard-00000.tokens    token ids, uint16 when the vocabulary fits (uint32 otherwise)
-    <split>/shard-00000.docs      uint32 length of each document / example in the shard, in order
-    <split>/shard-00000.targets   uint8 1 = the token is a target (only formats with prompts have it)
-    <split>/shard-00000.records   normalized source records as JSON lines (only where eval needs them)
+    <split>/a-00000.tokens    token ids, uint16 when the vocabulary fits (uint32 otherwise)
+    <split>/a-00000.docs      uint32 length of each document / example in the shard, in order
+    <split>/a-00000.targets   uint8 1 = the token is a target (only formats with prompts have it)
+    <split>/a-00000.records   normalized source records as JSON lines (only where eval needs them)
     <split>/plan.pieces           int64 (start, length) pairs: contiguous token runs of the split
     <split>/plan.rows             int64 offsets into the pieces: row i is pieces[rows[i]:rows[i + 1]]
     <split>/split.json            shard list with sizes and checksums, dtype, totals (written last)
+
+Shards are named by the read that made them (a: data.train, b: data.validation) and their number in it.
 
 Every piece is a run of one document, so a row's position ids restart at 0 where each piece begins and the
 first token of each piece is never a target (see packing.py). Rows are assembled when read; nothing the size
@@ -32,7 +34,6 @@ from finetune.errors import UserError
 from finetune.packing import IGNORE, plan_pieces
 
 SPLIT_FILE = "split.json"
-SHARD_FILES = ("tokens", "docs", "targets", "records")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -191,10 +192,6 @@ class TokenStore:
     def __len__(self) -> int:
         return self.info["rows"]
 
-    @property
-    def tokens(self) -> int:
-        return self.info["tokens"]
-
     def _run(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Tokens (and target flags) of a run within one document, hence within one shard."""
         maps = self._open()
@@ -209,9 +206,6 @@ class TokenStore:
         if not 0 <= index < len(self):
             raise IndexError(index)
         return maps["pieces"][maps["rows"][index]:maps["rows"][index + 1]]
-
-    def row_length(self, index: int) -> int:
-        return int(self.row_pieces(index)[:, 1].sum())
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         ids, labels, positions = [], [], []
