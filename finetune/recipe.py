@@ -146,6 +146,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     resume: str = "auto"  # auto (newest checkpoint of the run), never (start over), or a checkpoint path
     dataloader_workers: int = 0
+    loss_chunk: int | None = 1024  # positions per chunk of the chunked loss (finetune/loss.py); null = transformers' loss
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
 
 
@@ -414,6 +415,9 @@ def _validate(recipe: Recipe, where: str) -> None:
             )
     if recipe.data.block_size < 8:
         raise UserError(f"{where}: 'data.block_size' must be at least 8, got {recipe.data.block_size}")
+    if recipe.train.loss_chunk is not None and recipe.train.loss_chunk < 1:
+        raise UserError(f"{where}: 'train.loss_chunk' must be at least 1 (or null for transformers' loss), "
+                        f"got {recipe.train.loss_chunk}")
     if recipe.data.shard_tokens < 1:
         raise UserError(f"{where}: 'data.shard_tokens' must be at least 1, got {recipe.data.shard_tokens}")
     if recipe.data.num_proc is not None and recipe.data.num_proc < 1:

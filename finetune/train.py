@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from transformers import (AutoConfig, EarlyStoppingCallback, GPT2Config, PreTrainedTokenizerBase, ProgressCallback,
                           Trainer, TrainingArguments, set_seed)
 from transformers.trainer_utils import EvalLoopOutput
@@ -26,6 +27,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
 from finetune.collate import PackedCollator
 from finetune.errors import UserError
+from finetune.loss import chunked_nll_sum
 from finetune.modeling import (apply_lora, check_model_folder, context_length, load_base_model, parameter_counts,
                                prepare_for_training)
 from finetune.packing import IGNORE
@@ -239,6 +241,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
                         "'train.eval_steps' other than 0)")
     throughput = Throughput()
     trainer = PackedTrainer(
+        loss_chunk=cfg.loss_chunk,
         model=model, args=training_arguments(recipe, evaluate), data_collator=PackedCollator(tokenizer.pad_token_id),
         train_dataset=load_prepared(recipe, "train"),
         eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
@@ -253,8 +256,31 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
 
 
 class PackedTrainer(Trainer):
-    """Trainer whose evaluation loss is the mean over all target tokens of the split, so it does not depend on
-    the evaluation batch size (Trainer's own loop averages per-batch means)."""
+    """Trainer whose training loss never materializes the batch's full logits (`train.loss_chunk`), and whose
+    evaluation loss is the mean over all target tokens of the split, so it does not depend on the evaluation
+    batch size (Trainer's own loop averages per-batch means)."""
+
+    def __init__(self, *args, loss_chunk: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_chunk = loss_chunk
+
+    def _chunked(self) -> bool:
+        """The chunked loss reads the output embedding outside the model's forward: not under FSDP or DeepSpeed,
+        whose parameters are sharded there; not with label smoothing, which Trainer applies to full logits."""
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.loss_chunk is not None and not sharded and self.label_smoother is None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._chunked():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], output_hidden_states=True,
+                        logits_to_keep=1)
+        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        total, count = chunked_nll_sum(outputs.hidden_states[-1], weight, inputs["labels"], self.loss_chunk)
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer does: gradients are averaged over processes
+        return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval") -> EvalLoopOutput:
