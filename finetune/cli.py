@@ -6,11 +6,14 @@ Exit status 0 on success, 2 on a user error (one line naming the file and key or
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
+import platform
 import sys
 
 from finetune.errors import UserError
 
+MALLOC_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 COMMANDS = {
     "prepare": ("finetune.prepare_command", "tokenize and pack the data (cached)"),
     "train": ("finetune.train", "train the model (LoRA or full), resuming from the newest checkpoint"),
@@ -36,11 +39,26 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def keep_freed_memory() -> None:
+    """glibc returns every large block (over 128 KB to 32 MB, adaptively) to the kernel when it is freed, so each
+    training step maps, faults in and unmaps its activations and logits again: at GPT-2's vocabulary most of a
+    CPU step was system time. Serving blocks up to 1 GB from the heap and keeping up to 1 GB of freed memory
+    lets every step reuse the previous one's pages (measured: 1.6x faster, see README Performance)."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(MALLOC_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(MALLOC_TRIM_THRESHOLD, 1 << 30)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(selected if selected in COMMANDS else None).parse_args(argv)
     from finetune.recipe import load_recipe
+
+    if args.command in ("train", "eval"):
+        keep_freed_memory()
 
     module = importlib.import_module(COMMANDS[args.command][0])
     try:

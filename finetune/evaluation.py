@@ -236,7 +236,8 @@ class Evaluator:
         for indices in self._batches(self._mine(range(len(rows))), desc):
             batch = [rows[i] for i in indices]
             input_tokens += sum(len(row["input_ids"]) for row in batch)
-            sums.add(batch_sums(model, {k: v.to(device) for k, v in self.collate(batch).items()}, self.byte_lengths))
+            sums.add(batch_sums(model, {k: v.to(device) for k, v in self.collate(batch).items()}, self.byte_lengths,
+                                self.recipe.train.loss_chunk))
         reduced = self.accelerator.reduce(torch.cat([sums.as_tensor(device), torch.tensor(
             [input_tokens], dtype=torch.float64, device=device)]), "sum")
         total = NllSums.from_tensor(reduced[:-1])

@@ -1,10 +1,10 @@
 """The causal-LM loss without the batch's full logits.
 
-A GPT-2 step at the real vocabulary (50,257) spends most of its time allocating, faulting in and freeing the
-logits tensor: 411 MB at batch 16 x 128, twice with its gradient. Here the final hidden states of the target
-positions are multiplied by the output embedding a chunk of positions at a time, each chunk's cross-entropy
-summed and the chunk recomputed in backward (activation checkpointing), so at most one chunk of logits exists
-at any moment. The result is the transformers loss: the sum of next-token NLL over target positions, divided
+At the real GPT-2 vocabulary (50,257) the logits of a batch are large: 411 MB at batch 16 x 128 on a CPU,
+1.6 GB of fp32 for gpt2 at batch 8 x 1024 on a GPU, twice with their gradient. Here the final hidden states of
+the target positions are multiplied by the output embedding a chunk of positions at a time; each chunk's
+cross-entropy and its gradients (softmax minus one-hot, multiplied back) are computed together, as fused
+linear cross-entropy kernels do, so at most one chunk of logits exists at any moment and nothing is recomputed. The result is the transformers loss: the sum of next-token NLL over target positions, divided
 by the target count (or Trainer's `num_items_in_batch`, the targets of the whole accumulated batch).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from finetune.packing import IGNORE
 
@@ -21,21 +20,68 @@ def _chunk_nll(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return F.cross_entropy((states @ weight.T).float(), targets, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(states @ weight.T, targets), with the gradients computed in the forward
+    pass a chunk at a time (softmax minus one-hot, times the chunk's states / the weight), so backward only
+    scales them: one chunk of logits alive at any moment and no recomputation."""
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_states, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_states = torch.empty_like(states) if need_states else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        total = torch.zeros((), dtype=torch.float64, device=states.device)
+        for start in range(0, len(targets), chunk):
+            rows, picked = states[start:start + chunk], targets[start:start + chunk]
+            logits = (rows @ weight.T).float()
+            norm = torch.logsumexp(logits, dim=-1)
+            total += (norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+            if need_states or need_weight:
+                grad = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(picked), device=grad.device), picked] -= 1
+                grad = grad.to(states.dtype)
+                if need_states:
+                    grad_states[start:start + chunk] = grad @ weight
+                if need_weight:
+                    grad_weight += (grad.T @ rows).float()
+        ctx.save_for_backward(grad_states, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_states, grad_weight = ctx.saved_tensors
+        scale = grad_total.float()
+        return (None if grad_states is None else grad_states * scale.to(grad_states.dtype),
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None)
+
+
 def chunked_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
                     ) -> tuple[torch.Tensor, int]:
     """(sum of the NLL of `labels[:, 1:]` predicted from `hidden[:, :-1]` over target positions, target count).
 
     `hidden` is the model's final hidden state (batch, time, width), `weight` its output embedding (vocab,
-    width); positions whose label is IGNORE are never multiplied out."""
+    width); positions whose label is IGNORE are never multiplied out. The sum is float64 (each chunk's terms
+    are summed in float32, as in transformers' loss)."""
     targets = labels[:, 1:].reshape(-1)
     keep = targets.ne(IGNORE).nonzero().squeeze(1)
     states = hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, keep)
     targets = targets.index_select(0, keep)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    if torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(states, weight, targets, chunk), len(targets)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, len(targets), chunk):
-        piece = slice(start, start + chunk)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_nll, states[piece], weight, targets[piece], use_reentrant=False)
-        else:
-            total = total + _chunk_nll(states[piece], weight, targets[piece])
+        total += _chunk_nll(states[start:start + chunk], weight, targets[start:start + chunk])
     return total, len(targets)
+
+
+def final_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's last hidden state (after the final layer norm), computing logits for one position only.
+    `batch` comes from PackedCollator (no attention mask; position ids restart per packed example)."""
+    outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)
+    return outputs.hidden_states[-1]
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    return model.get_output_embeddings().weight

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tokenizers import decoders
 
 from finetune.collate import PackedCollator
+from finetune.loss import chunked_nll_sum, final_hidden, output_weight
 from finetune.packing import IGNORE
 
 
@@ -85,11 +86,14 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return nll.masked_fill(labels == IGNORE, 0.0)
 
 
-def batch_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor) -> NllSums:
-    nll = token_nll(model, batch)
-    labels = batch["labels"][:, 1:]
-    scored = labels != IGNORE
-    return NllSums(nll.double().sum().item(), int(scored.sum()), int(byte_lengths[labels[scored]].sum()))
+def batch_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor,
+               chunk: int | None) -> NllSums:
+    """NLL, token and byte sums of a batch's target tokens; logits are computed `chunk` positions at a time
+    (None: all target positions at once)."""
+    labels = batch["labels"]
+    nll, count = chunked_nll_sum(final_hidden(model, batch), output_weight(model), labels, chunk or labels.numel())
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE]
+    return NllSums(nll.item(), count, int(byte_lengths[targets].sum()))
 
 
 def scoring_row(context: list[int], target: list[int]) -> dict[str, list[int]]:
@@ -108,9 +112,9 @@ def label_loglikelihoods(model: torch.nn.Module, contexts: list[list[int]], labe
     collate = PackedCollator(pad_token_id)
     if all(len(ids) == 1 for ids in label_ids):
         batch = {k: v.to(device) for k, v in collate([scoring_row(c, []) for c in contexts]).items()}
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         last = torch.tensor([len(c) - 1 for c in contexts], device=device)
-        logprobs = logits[torch.arange(len(contexts), device=device), last].float().log_softmax(-1)
+        states = final_hidden(model, batch)[torch.arange(len(contexts), device=device), last]
+        logprobs = (states @ output_weight(model).T).float().log_softmax(-1)
         return logprobs[:, [ids[0] for ids in label_ids]].cpu()
     rows = [scoring_row(c, target) for c in contexts for target in label_ids]
     nll = token_nll(model, {k: v.to(device) for k, v in collate(rows).items()})

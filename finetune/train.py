@@ -277,7 +277,7 @@ class PackedTrainer(Trainer):
                         logits_to_keep=1)
         weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
         total, count = chunked_nll_sum(outputs.hidden_states[-1], weight, inputs["labels"], self.loss_chunk)
-        loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
+        loss = (total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))).float()
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer does: gradients are averaged over processes
         return (loss, outputs) if return_outputs else loss

@@ -55,7 +55,7 @@ def gradients(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
 def test_chunked_loss_equals_transformers_loss_and_gradients(lora: bool, chunk: int) -> None:
     """Bound: the two sum the same float32 terms in another order; measured at 1 and 2 threads, losses (~6)
-    differ by at most 9.5e-7 and gradients (up to 0.3) by at most 1.2e-7, so 1e-5 has 10x headroom."""
+    differ by at most 9.5e-7 and gradients (up to 0.3) by at most 1.5e-7, so 1e-5 has 10x headroom."""
     net, batch = model(lora), packed_batch()
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     items = int(batch["labels"][:, 1:].ne(IGNORE).sum()) + 3  # as if the accumulated batch held more targets
@@ -66,7 +66,7 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(lora: bool, chunk: 
     assert outputs.logits.shape[1] == 1  # the full logits are never computed
     total, count = chunked_nll_sum(outputs.hidden_states[-1], net.get_output_embeddings().weight, batch["labels"],
                                    chunk)
-    loss = total / items
+    loss = (total / items).float()
     loss.backward()
     assert count == items - 3
     torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
