@@ -84,6 +84,8 @@ bench: setup
 	$(OFFLINE) $(PY) -m bench.prepare_scale
 	$(OFFLINE) $(PY) -m bench.packing_efficiency
 	$(OFFLINE) $(PY) -m bench.train_throughput
+	$(OFFLINE) $(PY) -m bench.train_vocab
+	$(OFFLINE) $(PY) -m bench.eval_vs_harness
 	$(OFFLINE) $(PY) -m bench.lora_params
 	$(OFFLINE) $(PY) -m bench.quality_per_time
 	$(OFFLINE) $(PY) -m bench.serve_latency
