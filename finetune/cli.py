@@ -54,7 +54,12 @@ def keep_freed_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(selected if selected in COMMANDS else None).parse_args(argv)
+    parser = build_parser(selected if selected in COMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides += extra  # key=value overrides may also follow the options
     from finetune.recipe import load_recipe
 
     if args.command in ("train", "eval"):

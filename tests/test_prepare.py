@@ -375,3 +375,15 @@ def test_replacing_a_store_never_passes_through_a_state_that_looks_complete(tmp_
         stage.ensure_prepared(recipe, processes=2)
     manifest = prepare(recipe)
     assert manifest["block_size"] == 32 and not list(recipe.run_dir.glob("prepared.old-*"))
+
+
+def test_overrides_may_follow_the_options(tmp_path, tokenizer_dir, capsys):
+    """`make prepare ARGS="--force key=value"` and `make generate PROMPT=... ARGS="key=value"` put overrides
+    after options: they apply; anything else left over is an error."""
+    (tmp_path / "c.txt").write_text("\n".join(corpus_lines(40)) + "\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"))
+    assert main(["prepare", recipe.source, "--force", "data.block_size=32"]) == 0
+    assert json.loads((recipe.prepared_dir / "manifest.json").read_text())["block_size"] == 32
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", recipe.source, "--force", "stray"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
