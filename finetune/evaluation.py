@@ -180,11 +180,6 @@ class Evaluator:
         if cfg.stride is not None and not 1 <= cfg.stride <= self.block:
             raise UserError(f"{where}: 'eval.stride' must be between 1 and the block size {self.block}, "
                             f"got {cfg.stride}")
-        for key in ("batch_size", "max_examples"):
-            if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-                raise UserError(f"{where}: 'eval.{key}' must be at least 1, got {getattr(cfg, key)}")
-        if cfg.shots < 0 or cfg.generate_samples < 0:
-            raise UserError(f"{where}: 'eval.shots' and 'eval.generate_samples' must not be negative")
         if self.recipe.data.format in ("instruction", "chat") and cfg.generate_samples and \
                 cfg.max_new_tokens >= self.max_context:
             raise UserError(f"{where}: 'eval.max_new_tokens' ({cfg.max_new_tokens}) leaves no room for the prompt "

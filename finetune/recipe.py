@@ -394,6 +394,55 @@ def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}{hint}")
 
 
+# key -> (lowest, highest, whether the lowest is allowed); null is allowed wherever the field is optional.
+BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "data.block_size": (8, None, True), "data.shard_tokens": (1, None, True), "data.num_proc": (1, None, True),
+    "data.validation_fraction": (0, 1, False), "data.max_records": (1, None, True),
+    "tokenizer.train.vocab_size": (257, None, True), "tokenizer.train.min_frequency": (1, None, True),
+    "lora.r": (1, None, True), "lora.alpha": (0, None, False), "lora.dropout": (0, 1, True),
+    "train.lr": (0, None, False), "train.batch_size": (1, None, True), "train.eval_batch_size": (1, None, True),
+    "train.grad_accum": (1, None, True), "train.save_steps": (1, None, True), "train.logging_steps": (1, None, True),
+    "train.eval_steps": (0, None, True), "train.save_total_limit": (1, None, True),
+    "train.warmup_steps": (0, None, True), "train.warmup_ratio": (0, 1, True), "train.weight_decay": (0, None, True),
+    "train.max_grad_norm": (0, None, True), "train.dataloader_workers": (0, None, True),
+    "train.early_stopping_patience": (1, None, True), "train.loss_chunk": (1, None, True),
+    "train.epochs": (0, None, True), "train.max_steps": (-1, None, True),
+    "eval.batch_size": (1, None, True), "eval.max_examples": (1, None, True), "eval.shots": (0, None, True),
+    "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
+}
+
+
+def _check_bounds(recipe: Recipe, where: str) -> None:
+    for key, (low, high, low_ok) in BOUNDS.items():
+        value: Any = recipe
+        for part in key.split("."):
+            value = getattr(value, part, None) if value is not None else None
+        if value is None:
+            continue
+        too_low = value < low if low_ok else value <= low
+        if too_low or (high is not None and value >= high):
+            allowed = (f"between {low:g} and {high:g}" if high is not None else
+                       f"at least {low:g}" if low_ok else f"above {low:g}")
+            raise UserError(f"{where}: '{key}' must be {allowed}, got {value!r}")
+
+
+def _check_gpt2_config(init: dict, where: str) -> None:
+    """`model.init` keys must be GPT-2 config keys (a typo would silently train another model), and the width
+    must split into the heads."""
+    from transformers import GPT2Config
+
+    known = set(GPT2Config().to_dict())
+    for key in init:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean 'model.init.{close[0]}'?" if close else ""
+            raise UserError(f"{where}: 'model.init.{key}' is not a GPT-2 config key{hint}")
+    config = GPT2Config(**init)
+    if config.n_embd % config.n_head:
+        raise UserError(f"{where}: 'model.init.n_embd' ({config.n_embd}) must be a multiple of "
+                        f"'model.init.n_head' ({config.n_head})")
+
+
 def _validate(recipe: Recipe, where: str) -> None:
     if not recipe.name:
         raise UserError(f"{where}: 'name' is required (the run's name; outputs go to outputs/<name>/)")
@@ -413,17 +462,12 @@ def _validate(recipe: Recipe, where: str) -> None:
                 f"{where}: 'data.{split}' = {source!r}: a local file must end in one of "
                 f"{', '.join(LOCAL_EXTENSIONS)}; for a Hub data set write {{hub: name, config: ..., split: ...}}"
             )
-    if recipe.data.block_size < 8:
-        raise UserError(f"{where}: 'data.block_size' must be at least 8, got {recipe.data.block_size}")
-    if recipe.train.loss_chunk is not None and recipe.train.loss_chunk < 1:
-        raise UserError(f"{where}: 'train.loss_chunk' must be at least 1 (or null for transformers' loss), "
-                        f"got {recipe.train.loss_chunk}")
-    if recipe.data.shard_tokens < 1:
-        raise UserError(f"{where}: 'data.shard_tokens' must be at least 1, got {recipe.data.shard_tokens}")
-    if recipe.data.num_proc is not None and recipe.data.num_proc < 1:
-        raise UserError(f"{where}: 'data.num_proc' must be at least 1 (or null for every core), got {recipe.data.num_proc}")
-    if not 0 < recipe.data.validation_fraction < 1:
-        raise UserError(f"{where}: 'data.validation_fraction' must be between 0 and 1, got {recipe.data.validation_fraction}")
+    _check_bounds(recipe, where)
+    if recipe.train.max_steps <= 0 and recipe.train.epochs <= 0:
+        raise UserError(f"{where}: 'train.max_steps' ({recipe.train.max_steps}) and 'train.epochs' "
+                        f"({recipe.train.epochs:g}) leave nothing to train: set one of them above 0")
+    if recipe.model.init is not None:
+        _check_gpt2_config(recipe.model.init, where)
     if recipe.data.format == "classification" and not recipe.data.classification.labels:
         raise UserError(f"{where}: 'data.classification.labels' is required for the classification format "
                         "(label value -> words, e.g. {0: negative, 1: positive})")

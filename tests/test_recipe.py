@@ -96,3 +96,36 @@ def test_every_shipped_recipe_validates():
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.name, path
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", r"'train.lr' must be above 0, got -1.0"),
+    ("train.batch_size=0", r"'train.batch_size' must be at least 1, got 0"),
+    ("train.grad_accum=0", r"'train.grad_accum' must be at least 1"),
+    ("train.save_steps=0", r"'train.save_steps' must be at least 1"),
+    ("train.eval_batch_size=0", r"'train.eval_batch_size' must be at least 1"),
+    ("train.max_grad_norm=-1", r"'train.max_grad_norm' must be at least 0"),
+    ("train.dataloader_workers=-1", r"'train.dataloader_workers' must be at least 0"),
+    ("train.loss_chunk=0", r"'train.loss_chunk' must be at least 1"),
+    ("lora.r=0", r"'lora.r' must be at least 1"),
+    ("lora.dropout=2.0", r"'lora.dropout' must be between 0 and 1, got 2.0"),
+    ("data.shard_tokens=0", r"'data.shard_tokens' must be at least 1"),
+    ("data.validation_fraction=1", r"'data.validation_fraction' must be between 0 and 1"),
+    ("eval.shots=-1", r"'eval.shots' must be at least 0"),
+])
+def test_out_of_range_values_are_rejected_at_load_naming_key_and_range(tmp_path, override, message):
+    path = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(UserError, match=message):
+        load_recipe(path, [override])
+
+
+def test_a_run_that_would_train_nothing_and_bad_scratch_configs_are_rejected(tmp_path):
+    path = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(UserError, match="leave nothing to train"):
+        load_recipe(path, ["train.max_steps=0", "train.epochs=0"])
+    scratch = ["model.base=null", "tokenizer.path=gpt2"]
+    with pytest.raises(UserError, match="'model.init.n_layers' is not a GPT-2 config key; did you mean 'model.init.n_layer'"):
+        load_recipe(path, [*scratch, "model.init={n_layers: 2}"])
+    with pytest.raises(UserError, match=r"'model.init.n_embd' \(30\) must be a multiple of 'model.init.n_head' \(4\)"):
+        load_recipe(path, [*scratch, "model.init={n_embd: 30, n_head: 4}"])
+    assert load_recipe(path, [*scratch, "model.init={n_embd: 32, n_head: 4}"]).model.init["n_embd"] == 32
