@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import re
 import shutil
@@ -62,13 +63,13 @@ def world_size() -> int:
 def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating)."""
     check_model_source(recipe)
-    resume = resume_checkpoint(recipe)
-    ensure_prepared(recipe, world_size())
+    identity = run_identity(recipe, ensure_prepared(recipe, world_size()))
+    resume = resume_checkpoint(recipe, identity)
     tokenizer = load_prepared_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
     trainer = build_trainer(recipe, model, tokenizer)
-    if resume is None and recipe.train.resume == "never":
-        clear_checkpoints(trainer, recipe.run_dir / "checkpoints")
+    if (resume is None and recipe.train.resume != "auto") or newest_checkpoint(recipe.run_dir / "checkpoints") is None:
+        clear_checkpoints(trainer, recipe.run_dir / "checkpoints", identity)
     if resume is not None and trainer.is_world_process_zero():
         print(f"train: resuming from {resume} (train.resume=never starts over)")
     trainer.train(resume_from_checkpoint=resume)
@@ -105,14 +106,41 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def resume_checkpoint(recipe: Recipe) -> str | None:
-    """`train.resume`: auto (newest checkpoint of this run, if any), never, or a checkpoint (or folder of them)."""
+# train.* keys a resumed run may change: how long it runs and what it logs and keeps, not what it computes.
+RESUMABLE_KEYS = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                  "early_stopping_patience", "resume", "dataloader_workers", "eval_batch_size")
+IDENTITY_FILE = "run.json"
+
+
+def run_identity(recipe: Recipe, manifest: dict) -> dict:
+    """What a checkpoint's trajectory depends on: the prepared data and the model, tokenizer, LoRA and train
+    settings (less RESUMABLE_KEYS)."""
+    raw = recipe.to_dict()
+    train_section = {k: v for k, v in raw["train"].items() if k not in RESUMABLE_KEYS}
+    return json.loads(json.dumps({"prepared data": manifest["fingerprint"], "model": raw["model"],
+                                  "tokenizer": raw["tokenizer"], "lora": raw["lora"], "train": train_section},
+                                 default=str))
+
+
+def resume_checkpoint(recipe: Recipe, identity: dict) -> str | None:
+    """`train.resume`: auto (newest checkpoint of this run, if any, and only if it was trained from the same data
+    and settings), never, or a checkpoint (or folder of them), resumed as asked."""
     mode = recipe.train.resume
     if mode == "never":
         return None
     if mode == "auto":
-        found = newest_checkpoint(recipe.run_dir / "checkpoints")
-        return str(found) if found else None
+        folder = recipe.run_dir / "checkpoints"
+        found = newest_checkpoint(folder)
+        if found is None:
+            return None
+        recorded = json.loads((folder / IDENTITY_FILE).read_text()) if (folder / IDENTITY_FILE).is_file() else None
+        if recorded != identity:
+            changed = "unknown (no checkpoints/run.json)" if recorded is None else ", ".join(
+                key for key in identity if recorded.get(key) != identity.get(key))
+            raise UserError(f"{recipe.source}: {folder} holds a run of other data or settings (changed: {changed}); "
+                            "set train.resume=never to start over, or train.resume=<checkpoint> to continue it "
+                            "anyway")
+        return str(found)
     path = Path(mode)
     found = path if (path / "trainer_state.json").is_file() else newest_checkpoint(path)
     if found is None:
@@ -121,11 +149,15 @@ def resume_checkpoint(recipe: Recipe) -> str | None:
     return str(found)
 
 
-def clear_checkpoints(trainer: Trainer, folder: Path) -> None:
-    """A fresh run (`train.resume: never`) must not leave an older run's checkpoints for `auto` to pick up."""
-    if trainer.is_world_process_zero() and newest_checkpoint(folder) is not None:
-        print(f"train: train.resume=never: removing the old checkpoints in {folder}")
-        shutil.rmtree(folder)
+def clear_checkpoints(trainer: Trainer, folder: Path, identity: dict) -> None:
+    """A fresh run must not leave an older run's checkpoints for `auto` to pick up; it records what it trains
+    from, so that `auto` resumes only the same run."""
+    if trainer.is_world_process_zero():
+        if newest_checkpoint(folder) is not None:
+            print(f"train: starting over: removing the old checkpoints in {folder}")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / IDENTITY_FILE).write_text(json.dumps(identity, indent=1))
     trainer.accelerator.wait_for_everyone()
 
 

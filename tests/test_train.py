@@ -273,3 +273,20 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+def test_auto_resume_refuses_checkpoints_of_other_data_or_settings(tmp_path, tiny_model_dir, capsys):
+    """Editing the data or a training setting and training again must not continue (and pick a "best"
+    checkpoint across) the old run; more steps may; train.resume=never starts over."""
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}, train={"max_steps": 4, "save_steps": 2})
+    train(load_recipe(path))
+    assert cli.main(["train", str(path), "train.lr=1e-2"]) == 2
+    assert "holds a run of other data or settings (changed: train)" in capsys.readouterr().err
+    (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=2)) + "\n")
+    assert cli.main(["train", str(path)]) == 2
+    assert "(changed: prepared data)" in capsys.readouterr().err
+    assert cli.main(["train", str(path), "train.resume=never"]) == 0
+    assert "starting over" in capsys.readouterr().out
+    assert cli.main(["train", str(path), "train.max_steps=6"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert train_losses(tmp_path / "run")[-1] is not None and metrics(tmp_path / "run")[-1]["step"] == 6
