@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,6 +248,8 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"recipe file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
@@ -409,21 +413,56 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "train.epochs": (0, None, True), "train.max_steps": (-1, None, True),
     "eval.batch_size": (1, None, True), "eval.max_examples": (1, None, True), "eval.shots": (0, None, True),
     "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
+    "serve.port": (1, 65536, True), "serve.max_batch_size": (1, None, True), "serve.max_new_tokens_cap": (1, None, True),
 }
 
 
 def _check_bounds(recipe: Recipe, where: str) -> None:
-    for key, (low, high, low_ok) in BOUNDS.items():
+    for key in BOUNDS:
         value: Any = recipe
         for part in key.split("."):
             value = getattr(value, part, None) if value is not None else None
-        if value is None:
-            continue
-        too_low = value < low if low_ok else value <= low
-        if too_low or (high is not None and value >= high):
-            allowed = (f"between {low:g} and {high:g}" if high is not None else
-                       f"at least {low:g}" if low_ok else f"above {low:g}")
-            raise UserError(f"{where}: '{key}' must be {allowed}, got {value!r}")
+        check_bound(key, value, f"{where}: '{key}'")
+
+
+def check_bound(key: str, value: Any, name: str) -> None:
+    """Raise a UserError naming `name` when `value` is outside BOUNDS[key] (None passes: the key is unset)."""
+    if value is None:
+        return
+    low, high, low_ok = BOUNDS[key]
+    too_low = value < low if low_ok else value <= low
+    if too_low or (high is not None and value >= high):
+        allowed = (f"between {low:g} and {high:g}" if high is not None else
+                   f"at least {low:g}" if low_ok else f"above {low:g}")
+        raise UserError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_template(where: str, key: str, template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """A prompt template may use only its placeholders, must use the required ones (or the record's text would be
+    silently left out), and has no stray braces ('{{' and '}}' stand for literal braces)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise UserError(f"{where}: '{key}' is not a valid template ({exc}); write '{{{{' and '}}}}' for literal "
+                        "braces") from None
+    unknown = sorted(fields - set(allowed))
+    if unknown:
+        raise UserError(f"{where}: '{key}' uses unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}; "
+                        f"it may use {', '.join('{' + a + '}' for a in allowed)}")
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise UserError(f"{where}: '{key}' must contain {', '.join('{' + f + '}' for f in missing)}")
+
+
+def _check_templates(recipe: Recipe, where: str) -> None:
+    data = recipe.data
+    _check_template(where, "data.instruction.template", data.instruction.template, ("instruction", "input"),
+                    ("instruction",))
+    _check_template(where, "data.instruction.template_no_input", data.instruction.template_no_input,
+                    ("instruction", "input"), ("instruction",))
+    _check_template(where, "data.classification.template", data.classification.template, ("text",), ("text",))
+    for role in ("system", "user", "assistant_content"):  # `assistant`, `after_assistant` are used as written
+        _check_template(where, f"data.chat.{role}", getattr(data.chat, role), ("content",), ("content",))
 
 
 def _check_gpt2_config(init: dict, where: str) -> None:
@@ -446,6 +485,9 @@ def _check_gpt2_config(init: dict, where: str) -> None:
 def _validate(recipe: Recipe, where: str) -> None:
     if not recipe.name:
         raise UserError(f"{where}: 'name' is required (the run's name; outputs go to outputs/<name>/)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.name):
+        raise UserError(f"{where}: 'name' = {recipe.name!r} must be a plain folder name (letters, digits, '.', '_', "
+                        "'-'; no '/' or '..'): the run goes to outputs/<name>/; set output_dir to put it elsewhere")
     if bool(recipe.model.base) == bool(recipe.model.init is not None):
         raise UserError(f"{where}: set exactly one of 'model.base' (Hub id or folder) or 'model.init' (GPT-2 config)")
     if recipe.data.train is None:
@@ -463,6 +505,7 @@ def _validate(recipe: Recipe, where: str) -> None:
                 f"{', '.join(LOCAL_EXTENSIONS)}; for a Hub data set write {{hub: name, config: ..., split: ...}}"
             )
     _check_bounds(recipe, where)
+    _check_templates(recipe, where)
     if recipe.train.max_steps <= 0 and recipe.train.epochs <= 0:
         raise UserError(f"{where}: 'train.max_steps' ({recipe.train.max_steps}) and 'train.epochs' "
                         f"({recipe.train.epochs:g}) leave nothing to train: set one of them above 0")

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 
 from finetune.errors import UserError
 from finetune.generation import Batch, Generator, Message, Request, SamplingParams, load_generator, recipe_params
-from finetune.recipe import Recipe, load_recipe
+from finetune.recipe import Recipe, check_bound, load_recipe
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_CHOICES = 16
@@ -550,8 +550,7 @@ def check_port(host: str, port: int) -> None:
 def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
     cfg = recipe.serve
     host, port = args.host or cfg.host, cfg.port if args.port is None else args.port
-    if cfg.max_batch_size < 1 or cfg.max_new_tokens_cap < 1:
-        raise UserError(f"{recipe.source}: 'serve.max_batch_size' and 'serve.max_new_tokens_cap' must be at least 1")
+    check_bound("serve.port", port, "--port")
     api_key = args.api_key or os.environ.get(cfg.api_key_env) or None
     check_port(host, port)
     workers = load_workers(recipe, base=args.base)

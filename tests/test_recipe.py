@@ -129,3 +129,33 @@ def test_a_run_that_would_train_nothing_and_bad_scratch_configs_are_rejected(tmp
     with pytest.raises(UserError, match=r"'model.init.n_embd' \(30\) must be a multiple of 'model.init.n_head' \(4\)"):
         load_recipe(path, [*scratch, "model.init={n_embd: 30, n_head: 4}"])
     assert load_recipe(path, [*scratch, "model.init={n_embd: 32, n_head: 4}"]).model.init["n_embd"] == 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.instruction.template='Q: {question}'", r"unknown placeholder\(s\) \{question\}; it may use \{instruction\}, \{input\}"),
+    ("data.instruction.template='Q: {instruction'", r"'data.instruction.template' is not a valid template"),
+    ("data.classification.template='Review:\\nLabel:'", r"'data.classification.template' must contain \{text\}"),
+    ("data.chat.user='User says'", r"'data.chat.user' must contain \{content\}"),
+    ("name=../../elsewhere", r"'name' = '../../elsewhere' must be a plain folder name"),
+    ("serve.port=99999", r"'serve.port' must be between 1 and 65536, got 99999"),
+])
+def test_templates_names_and_ports_are_checked_at_load(tmp_path, override, message):
+    path = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(UserError, match=message):
+        load_recipe(path, [override])
+    assert load_recipe(path, ["data.classification.template='{{literal}} {text}'"])
+
+
+def test_a_recipe_that_is_not_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(UserError, match=r"not valid UTF-8 at byte offset 9"):
+        load_recipe(path)
+
+
+def test_serve_port_from_the_command_line_shares_the_recipe_bound(tmp_path, capsys):
+    from finetune.cli import main
+
+    path = write(tmp_path / "r.yaml", BASE)
+    assert main(["serve", str(path), "--port", "99999"]) == 2
+    assert "--port must be between 1 and 65536, got 99999" in capsys.readouterr().err
