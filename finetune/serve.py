@@ -29,7 +29,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
@@ -59,11 +59,22 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 # ---------------------------------------------------------------- request bodies
+def _encodable(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can take: reject them as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}; "
+                         "send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 Penalty = Annotated[float, Field(gt=0, le=10)]
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
-StopText = Annotated[str, Field(min_length=1, max_length=256)]
+StopText = Annotated[Text, Field(min_length=1, max_length=256)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=16)]
 Count = Annotated[int, Field(ge=1)]
 
@@ -111,13 +122,13 @@ UNSUPPORTED = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "l
 
 
 class GenerateBody(Body):
-    prompt: str
+    prompt: Text
     max_new_tokens: Count | None = None
     raw: bool = False
 
 
 class CompletionBody(OpenAIBody):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
     echo: bool | None = None
     logprobs: int | None = None
     best_of: int | None = None
@@ -127,13 +138,13 @@ class CompletionBody(OpenAIBody):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     def plain(self) -> Message:

@@ -138,6 +138,10 @@ BAD_REQUESTS = [
     ("/generate", {"prompt": "alpha " * 200}, 400),
     ("/generate", '{"prompt": "a",', 400),
     ("/generate", "[1, 2]", 400),
+    ("/generate", '{"prompt": "\\ud800 x"}', 400),  # lone surrogates: valid JSON, not valid Unicode text
+    ("/v1/completions", '{"prompt": ["ok", "\\udfff"]}', 400),
+    ("/v1/completions", '{"prompt": "ok", "stop": "\\ud800"}', 400),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400),
     ("/nowhere", {}, 404),
 ]
 
