@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from finetune.errors import UserError
 from finetune.generation import trained_recipe, user_prompt_segments
 from finetune.modeling import is_adapter, load_final, quiet_peft
-from finetune.tokenizer import load_tokenizer
 from finetune.recipe import HubSource, Recipe
+from finetune.tokenizer import load_tokenizer
 
 MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "*.safetensors",
                "model.safetensors.index.json")
@@ -168,6 +170,18 @@ def check_loads(folder: Path, final: Path, adapter: bool, base: str | None) -> N
         raise UserError(f"the model in {folder} does not reproduce {final} (logits differ by up to {gap:.3g})")
 
 
+def without_local_paths(value: Any) -> Any:
+    """A copy fit to publish: absolute paths of this machine (data files, run and base folders) reduced to their
+    last component, and `output_dir` dropped; dictionary keys (eval.files names) alike."""
+    if isinstance(value, dict):
+        return {without_local_paths(k): without_local_paths(v) for k, v in value.items() if k != "output_dir"}
+    if isinstance(value, list):
+        return [without_local_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
+
+
 def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) -> tuple[Path, bool]:
     """Write `<run>/hub/` (what would be uploaded) and check that it loads back; returns (folder, is_adapter)."""
     final = recipe.run_dir / "final"
@@ -193,11 +207,14 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
     tokenizer = load_tokenizer(str(final))
     tokenizer.save_pretrained(folder)
     if (final / "recipe.yaml").is_file():
-        shutil.copy2(final / "recipe.yaml", folder / "recipe.yaml")
+        shared = without_local_paths(yaml.safe_load((final / "recipe.yaml").read_text()))
+        if hub_base and shared["model"].get("base"):
+            shared["model"]["base"] = hub_base
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(shared, sort_keys=False, allow_unicode=True))
     evaluation = None
     if (recipe.run_dir / "eval.json").is_file():
-        shutil.copy2(recipe.run_dir / "eval.json", folder / "eval.json")
-        evaluation = json.loads((folder / "eval.json").read_text())
+        evaluation = json.loads((recipe.run_dir / "eval.json").read_text())
+        (folder / "eval.json").write_text(json.dumps(without_local_paths(evaluation), indent=2))
     else:
         print(f"note: no {recipe.run_dir / 'eval.json'} (run finetune eval first): the model card has no figures")
     model_card(trained_recipe(recipe, final), repo, adapter, hub_base, evaluation, tokenizer.eos_token).save(

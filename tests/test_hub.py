@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from _helpers_use import RECITAL, one_thread, runs, trained_base
 from huggingface_hub import HfApi, ModelCard, constants
 from peft import AutoPeftModelForCausalLM
@@ -116,6 +117,11 @@ def test_push_dry_run_of_the_adapter(lora: Recipe, run_paths, hub_copy: Path, ca
     loaded = AutoPeftModelForCausalLM.from_pretrained(folder)  # as a user would, base resolved from HUB_BASE
     assert torch.allclose(logits(loaded, ids), logits(load_final(lora.run_dir / "final"), ids), atol=1e-5)
     assert run_usage_snippet(folder, "me/tiny-lora", capsys).strip()
+    local = str(lora.run_dir.resolve().parent)  # the test's folder: runs, data files, the base model
+    for path in folder.iterdir():
+        if path.suffix in (".json", ".yaml", ".md"):
+            assert local not in path.read_text(), f"{path.name} names a local path"
+    assert yaml.safe_load((folder / "recipe.yaml").read_text())["model"]["base"] == HUB_BASE
 
 
 def test_push_dry_run_of_the_merged_model(lora: Recipe, run_paths, tmp_path: Path, monkeypatch, capsys) -> None:
