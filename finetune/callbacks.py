@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import ProgressCallback, TrainerCallback
 
+from finetune.plots import read_metrics
+
 
 class Throughput(TrainerCallback):
     """Training tokens per second (input positions, padding included, all processes together).
@@ -65,8 +67,7 @@ class MetricsFile(TrainerCallback):
             return
         kept = []
         if state.global_step > 0 and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= state.global_step]
+            kept = [json.dumps(row) for row in read_metrics(self.path) if row["step"] <= state.global_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(line + "\n" for line in kept))
 

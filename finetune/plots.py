@@ -8,10 +8,23 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API renders with Agg: no display, no global pyplot state
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line torn by a kill during its write (only ever the last) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
 def plot_loss(metrics: Path, out: Path) -> Path | None:
     """Draw `out` from `metrics`; returns None when there is nothing to draw."""
     metrics = Path(metrics)
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    rows = read_metrics(metrics) if metrics.is_file() else []
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     validation = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if not train and not validation:

@@ -290,3 +290,16 @@ def test_auto_resume_refuses_checkpoints_of_other_data_or_settings(tmp_path, tin
     assert cli.main(["train", str(path), "train.max_steps=6"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert train_losses(tmp_path / "run")[-1] is not None and metrics(tmp_path / "run")[-1]["step"] == 6
+
+
+def test_a_metrics_line_torn_by_a_kill_does_not_block_the_resume(tmp_path):
+    """SIGKILL during a metrics.jsonl write leaves half a line: the resumed run keeps the whole lines up to its
+    checkpoint and drops the torn one."""
+    from types import SimpleNamespace
+
+    from finetune.callbacks import MetricsFile
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsFile(path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
