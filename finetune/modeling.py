@@ -33,6 +33,10 @@ def check_model_folder(base: str) -> None:
 def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
     """The recipe's base model: `model.base` through AutoModelForCausalLM, or a fresh GPT-2 from `model.init`."""
     cfg = recipe.model
+    if cfg.dtype == "float16" and not torch.cuda.is_available():
+        warnings.warn(f"{recipe.source}: 'model.dtype' float16 on a machine without CUDA: CPU float16 kernels are slow "
+                      "and training in float16 without loss scaling can diverge; use float32 or bfloat16 here",
+                      stacklevel=2)
     if cfg.init is not None:
         try:
             config = GPT2Config(**{**cfg.init, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
