@@ -303,3 +303,14 @@ def test_a_metrics_line_torn_by_a_kill_does_not_block_the_resume(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     MetricsFile(path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without CUDA")
+def test_float16_without_cuda_is_warned_about(tmp_path, tokenizer_dir):
+    from finetune.modeling import load_base_model
+    from finetune.tokenizer import load_tokenizer
+
+    recipe = load_recipe(write_recipe(tmp_path, {"model": {"init": SCRATCH, "dtype": "float16"},
+                                                 "tokenizer": {"path": str(tokenizer_dir)}}))
+    with pytest.warns(UserWarning, match="float16 on a machine without CUDA"):
+        load_base_model(recipe, load_tokenizer(str(tokenizer_dir)))
