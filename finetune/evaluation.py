@@ -36,6 +36,7 @@ from finetune.modeling import DTYPES, context_length, load_base_model, load_fina
 from finetune.packing import IGNORE, best_fit_decreasing
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
+from finetune.train import IDENTITY_FILE
 
 DEMO_SEPARATOR = "\n\n"
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration inputs of Zhao et al. 2021
@@ -48,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     started = time.perf_counter()
-    ensure_prepared(recipe, accelerator.num_processes)
+    manifest = ensure_prepared(recipe, accelerator.num_processes)
     folder = Path(args.model) if args.model else recipe.run_dir / "final"
     tokenizer = load_prepared_tokenizer(recipe)
-    tuned = load_model(folder, recipe, tokenizer, accelerator.device)
+    tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
     evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
     results = {"model": str(folder), "format": recipe.data.format, **evaluator.evaluate(tuned, baseline=False)}
     if recipe.eval.baseline:
@@ -69,7 +70,17 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device) -> torch.nn.Module:
+def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device, prepared: str) -> torch.nn.Module:
+    """The model to evaluate, refused when it was not trained with the prepared data's tokenizer: a folder with
+    tokenizer files must hold the same vocabulary; one without (a Trainer checkpoint) must belong to a run
+    recorded as trained on this prepared data (`prepared` is its fingerprint)."""
+    if not (folder / "tokenizer_config.json").is_file():
+        record = folder.parent / IDENTITY_FILE
+        trained_on = json.loads(record.read_text()).get("prepared data") if record.is_file() else None
+        if trained_on != prepared:
+            raise UserError(f"{folder} holds no tokenizer, and no {IDENTITY_FILE} beside it shows it was trained on "
+                            f"{recipe.prepared_dir} as it is now: evaluate a final/ folder, or a checkpoint of this "
+                            "run trained since the data was last prepared")
     model = load_final(folder, DTYPES[recipe.model.dtype])
     if (folder / "tokenizer_config.json").is_file():
         if AutoTokenizer.from_pretrained(str(folder)).get_vocab() != tokenizer.get_vocab():

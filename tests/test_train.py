@@ -314,3 +314,15 @@ def test_float16_without_cuda_is_warned_about(tmp_path, tokenizer_dir):
                                                  "tokenizer": {"path": str(tokenizer_dir)}}))
     with pytest.warns(UserWarning, match="float16 on a machine without CUDA"):
         load_base_model(recipe, load_tokenizer(str(tokenizer_dir)))
+
+
+def test_eval_of_a_checkpoint_is_refused_once_the_data_changed(tmp_path, tiny_model_dir, capsys):
+    """A checkpoint holds no tokenizer: eval accepts one of this run trained on the prepared data as it is, and
+    refuses it after the data (and so possibly the tokenizer) changed, instead of scoring with the wrong one."""
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}, train={"max_steps": 2, "save_steps": 2})
+    train(load_recipe(path))
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert cli.main(["eval", str(path), "--model", str(checkpoint), "eval.baseline=false"]) == 0
+    (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=5)) + "\n")
+    assert cli.main(["eval", str(path), "--model", str(checkpoint)]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err
