@@ -74,6 +74,7 @@ def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device, pr
     """The model to evaluate, refused when it was not trained with the prepared data's tokenizer: a folder with
     tokenizer files must hold the same vocabulary; one without (a Trainer checkpoint) must belong to a run
     recorded as trained on this prepared data (`prepared` is its fingerprint)."""
+    model = load_final(folder, DTYPES[recipe.model.dtype])
     if not (folder / "tokenizer_config.json").is_file():
         record = folder.parent / IDENTITY_FILE
         trained_on = json.loads(record.read_text()).get("prepared data") if record.is_file() else None
@@ -81,7 +82,6 @@ def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device, pr
             raise UserError(f"{folder} holds no tokenizer, and no {IDENTITY_FILE} beside it shows it was trained on "
                             f"{recipe.prepared_dir} as it is now: evaluate a final/ folder, or a checkpoint of this "
                             "run trained since the data was last prepared")
-    model = load_final(folder, DTYPES[recipe.model.dtype])
     if (folder / "tokenizer_config.json").is_file():
         if AutoTokenizer.from_pretrained(str(folder)).get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{folder}: its tokenizer differs from the prepared data's "
