@@ -15,12 +15,14 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
+from safetensors import safe_open
 from transformers import (AutoConfig, EarlyStoppingCallback, GPT2Config, PreTrainedTokenizerBase, ProgressCallback,
                           Trainer, TrainingArguments, set_seed)
 from transformers.trainer_utils import EvalLoopOutput
@@ -98,12 +100,36 @@ def check_model_source(recipe: Recipe) -> None:
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The highest-step `checkpoint-N` under `folder` that was completely written (trainer_state.json is last)."""
+    """The highest-step `checkpoint-N` under `folder` that was completely written: trainer_state.json present
+    (Trainer writes it last) and every weight and state file readable to its end. Newer, incomplete ones (a
+    kill or a full disk during the save) are skipped, saying so."""
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name))
-             and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name))), reverse=True)
+    for _, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        main_print(f"train: skipping {path}: {problem}")
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when it can). safetensors files are checked
+    against their header (a truncated one no longer holds the data it declares), torch's zip files for their
+    central directory (written last)."""
+    if not (path / "trainer_state.json").is_file():
+        return "no trainer_state.json (the save did not finish)"
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(file).close()
+        except Exception as exc:  # noqa: BLE001 - any failure to read it means the file is damaged
+            return f"{file.name} is damaged or truncated ({type(exc).__name__})"
+    return None
 
 
 # train.* keys a resumed run may change: how long it runs and what it logs and keeps, not what it computes.

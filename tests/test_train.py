@@ -326,3 +326,18 @@ def test_eval_of_a_checkpoint_is_refused_once_the_data_changed(tmp_path, tiny_mo
     (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=5)) + "\n")
     assert cli.main(["eval", str(path), "--model", str(checkpoint)]) == 2
     assert "holds no tokenizer" in capsys.readouterr().err
+
+
+def test_resume_falls_back_from_a_checkpoint_whose_weights_are_truncated(tmp_path, tiny_model_dir, capsys):
+    """A kill or a full disk during a save can leave trainer_state.json next to a truncated model file: resume
+    skips that checkpoint, says so, and continues from the newest complete one."""
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}},
+                        train={"max_steps": 4, "save_steps": 2, "save_total_limit": None})
+    train(load_recipe(path))
+    weights = tmp_path / "run" / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert cli.main(["train", str(path), "train.max_steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping" in out and "model.safetensors is damaged or truncated" in out
+    assert "resuming from" in out and "checkpoint-2" in out
