@@ -118,20 +118,20 @@ def _cache_state(recipe: Recipe, checksums: bool) -> tuple[Any | None, str, dict
 
 
 @contextmanager
-def run_lock(recipe: Recipe) -> Iterator[None]:
-    """One prepare at a time per run folder."""
+def run_lock(recipe: Recipe, stage: str) -> Iterator[None]:
+    """One `stage` at a time per run folder (released by the OS when the process dies)."""
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    with (recipe.run_dir / ".prepare.lock").open("w") as handle:
+    with (recipe.run_dir / f".{stage}.lock").open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another prepare is writing {recipe.prepared_dir} right now; wait for it") from None
+            raise UserError(f"another {stage} is running in {recipe.run_dir}; wait for it to finish") from None
         yield
 
 
 def prepare(recipe: Recipe, force: bool = False) -> dict:
     """Run the stage (or find it cached, or continue a killed run) and return the manifest."""
-    with run_lock(recipe):
+    with run_lock(recipe, "prepare"):
         tokenizer, digest, files, manifest = _cache_state(recipe, checksums=True)
         if manifest and not force:
             print(f"prepare: {recipe.prepared_dir} is up to date (fingerprint {digest[:12]}); nothing to do")

@@ -17,6 +17,7 @@ import re
 import shutil
 import zipfile
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from finetune.modeling import (apply_lora, check_model_folder, context_length, l
                                prepare_for_training)
 from finetune.packing import IGNORE
 from finetune.plots import plot_loss
-from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer
+from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
 from finetune.recipe import Recipe, save_recipe
 
 # TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
@@ -63,7 +64,13 @@ def world_size() -> int:
 
 
 def train(recipe: Recipe) -> Trainer:
-    """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating)."""
+    """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
+    Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
+    with run_lock(recipe, "train") if is_main_process() else nullcontext():
+        return _train(recipe)
+
+
+def _train(recipe: Recipe) -> Trainer:
     check_model_source(recipe)
     identity = run_identity(recipe, ensure_prepared(recipe, world_size()))
     resume = resume_checkpoint(recipe, identity)

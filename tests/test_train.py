@@ -341,3 +341,13 @@ def test_resume_falls_back_from_a_checkpoint_whose_weights_are_truncated(tmp_pat
     out = capsys.readouterr().out
     assert "skipping" in out and "model.safetensors is damaged or truncated" in out
     assert "resuming from" in out and "checkpoint-2" in out
+
+
+def test_a_second_train_of_the_same_run_is_refused_while_one_runs(tmp_path, tiny_model_dir, capsys):
+    from finetune.prepare import run_lock
+
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}, train={"max_steps": 2})
+    with run_lock(load_recipe(path), "train"):  # stands for a train process still running
+        assert cli.main(["train", str(path)]) == 2
+    assert "another train is running in" in capsys.readouterr().err
+    assert cli.main(["train", str(path)]) == 0
