@@ -75,8 +75,12 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
     while True:
         try:
             line = input("you> ") if interactive else sys.stdin.readline()
+            line.encode("utf-8")  # undecodable input arrives as lone surrogates, which no tokenizer takes
         except EOFError:
             break
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            print("error: that line is not valid UTF-8; skipped", file=sys.stderr)
+            continue
         if not line and not interactive:
             break
         text = line.strip()

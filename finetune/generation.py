@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from finetune import formats
+from finetune.data import check_utf8
 from finetune.errors import UserError
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final
 from finetune.tokenizer import load_tokenizer, tokenizer_source
@@ -438,6 +439,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     path = Path(args.prompt_file)
     if not path.is_file():
         raise UserError(f"--prompt-file {path}: no such file")
+    check_utf8(path)
     prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"--prompt-file {path}: no prompts in it (one prompt a line)")

@@ -198,6 +198,9 @@ def test_generate_command_prompt_file_samples_and_errors(run_paths, tmp_path: Pa
     assert main(["generate", recipe, "--prompt", "x", "--temperature", "-1"]) == 2
     assert "temperature must be 0 (greedy) or more" in capsys.readouterr().err
     assert main(["generate", recipe, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    (tmp_path / "binary.txt").write_bytes(b"good\n\xff\xfe\x00")
+    assert main(["generate", recipe, "--prompt-file", str(tmp_path / "binary.txt")]) == 2
+    assert "binary.txt: not valid UTF-8 at byte offset 5" in capsys.readouterr().err
     assert main(["generate", recipe, "generate.top_p=0", "--prompt", "x"]) == 2
     assert "generate.top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", recipe, "--prompt", "good", "--base", "--temperature", "0"]) == 0
@@ -214,3 +217,8 @@ def test_chat_command_reads_piped_stdin(run_paths, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("sys.stdin", io.StringIO("good bad\n"))
     assert main(["chat", recipe, "--system", "recite"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == first.out.splitlines()[1]  # /reset forgot the first turn
+    undecodable = io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad\ngood bad\n"), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", undecodable)
+    assert main(["chat", recipe, "--system", "recite"]) == 0
+    second = capsys.readouterr()
+    assert "not valid UTF-8; skipped" in second.err and second.out.splitlines()[0] == first.out.splitlines()[1]
