@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import importlib
 import platform
 import sys
@@ -14,6 +15,7 @@ import sys
 from finetune.errors import UserError
 
 MALLOC_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+STORAGE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)  # one line, exit 1
 COMMANDS = {
     "prepare": ("finetune.prepare_command", "tokenize and pack the data (cached)"),
     "train": ("finetune.train", "train the model (LoRA or full), resuming from the newest checkpoint"),
@@ -75,3 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRORS:
+            raise
+        print(f"error: {exc.filename or 'the output folder'}: {exc.strerror} (nothing half-written is trusted by "
+              "a rerun: prepare and train check what they resume from)", file=sys.stderr)
+        return 1

@@ -387,3 +387,22 @@ def test_overrides_may_follow_the_options(tmp_path, tokenizer_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", recipe.source, "--force", "stray"])
     assert exit_info.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import errno
+
+    from finetune import store
+
+    (tmp_path / "c.txt").write_text("\n".join(corpus_lines(40)) + "\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"))
+
+    def full(path, parts):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store, "write_parts", full)
+    assert main(["prepare", recipe.source]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "No space left on device" in err
+    assert "Traceback" not in err and ".tokens" in err
+    assert not recipe.prepared_dir.exists()  # nothing that looks complete was left
