@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import string
 import types
@@ -429,6 +430,8 @@ def check_bound(key: str, value: Any, name: str) -> None:
     """Raise a UserError naming `name` when `value` is outside BOUNDS[key] (None passes: the key is unset)."""
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
     low, high, low_ok = BOUNDS[key]
     too_low = value < low if low_ok else value <= low
     if too_low or (high is not None and value >= high):
@@ -468,6 +471,7 @@ def _check_templates(recipe: Recipe, where: str) -> None:
 def _check_gpt2_config(init: dict, where: str) -> None:
     """`model.init` keys must be GPT-2 config keys (a typo would silently train another model), and the width
     must split into the heads."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import GPT2Config
 
     known = set(GPT2Config().to_dict())
@@ -476,7 +480,13 @@ def _check_gpt2_config(init: dict, where: str) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean 'model.init.{close[0]}'?" if close else ""
             raise UserError(f"{where}: 'model.init.{key}' is not a GPT-2 config key{hint}")
-    config = GPT2Config(**init)
+    try:
+        config = GPT2Config(**init)
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        raise UserError(f"{where}: 'model.init' is not a valid GPT-2 config: {exc}".splitlines()[0]) from None
+    for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+        if not getattr(config, key) >= 1:
+            raise UserError(f"{where}: 'model.init.{key}' must be at least 1, got {getattr(config, key)!r}")
     if config.n_embd % config.n_head:
         raise UserError(f"{where}: 'model.init.n_embd' ({config.n_embd}) must be a multiple of "
                         f"'model.init.n_head' ({config.n_head})")
