@@ -71,6 +71,19 @@ def _processors(temperature: float, top_k: int, top_p: float, repetition_penalty
     return chain
 
 
+def _probabilities(scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """softmax that survives extreme settings: with a temperature or repetition penalty tiny enough for scores to
+    overflow, the +inf scores share the mass; a row with nothing left falls back to its most likely token."""
+    scores = scores.nan_to_num(nan=float("-inf"))
+    overflow = torch.isposinf(scores)
+    scores = torch.where(overflow.any(-1, keepdim=True), torch.where(overflow, 0.0, float("-inf")), scores)
+    empty = torch.isneginf(scores).all(-1)
+    if empty.any():
+        best = torch.nn.functional.one_hot(logits[empty].argmax(-1), scores.size(-1)).bool()
+        scores[empty] = torch.where(best, 0.0, float("-inf"))
+    return scores.softmax(-1)
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to generate. Callbacks run on the generating thread: `on_text` with each new piece of text
@@ -318,7 +331,7 @@ class Batch:
             if key[0] == 0:
                 tokens[index] = scores.argmax(-1)
                 continue
-            probs = scores.softmax(-1)
+            probs = _probabilities(scores, self.logits[index])
             for j, i in enumerate(members):
                 tokens[i] = torch.multinomial(probs[j], 1, generator=self.rows[i]._rng)[0]
         return tokens

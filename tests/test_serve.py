@@ -246,3 +246,41 @@ def test_a_failed_generation_is_reported_and_the_worker_goes_on(workers: list[Mo
     reply = httpx.post(f"{url}/generate", headers={"Authorization": f"Bearer {KEY}"},
                        json={"prompt": "good", "temperature": 0})
     assert reply.json()["text"] == " bad great awful"
+
+
+@pytest.fixture(scope="module")
+def api_schema(url: str):
+    import schemathesis
+
+    spec = httpx.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    schema = schemathesis.openapi.from_dict(spec)
+    schema.config.update(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, request_timeout=60)
+    return schema
+
+
+def test_requests_generated_from_the_openapi_schema_get_no_5xx_and_fit_the_schema(api_schema) -> None:
+    """schemathesis generates bodies for every operation of the server's own OpenAPI schema: no response may be
+    a server error or break the response schema it declares."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 5
+    for operation in operations:
+        @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case) -> None:
+            case.validate_response(case.call(), checks=(not_a_server_error, response_schema_conformance))
+
+        check()
+
+
+def test_extreme_but_valid_sampling_settings_still_generate(url: str) -> None:
+    """Found by the schema fuzz: a denormal temperature and repetition penalty overflowed the scores to NaN
+    probabilities (a 500); they are accepted values, so they must generate."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "good", "temperature": 5e-324, "repetition_penalty": 5e-324, "top_p": 5e-324, "seed": 0,
+            "max_new_tokens": 4}
+    response = httpx.post(f"{url}/generate", headers=headers, json=body, timeout=60)
+    assert response.status_code == 200, response.text
