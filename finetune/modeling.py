@@ -38,11 +38,8 @@ def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch
                       "and training in float16 without loss scaling can diverge; use float32 or bfloat16 here",
                       stacklevel=2)
     if cfg.init is not None:
-        try:
-            config = GPT2Config(**{**cfg.init, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
-                                   "eos_token_id": tokenizer.eos_token_id})
-        except TypeError as exc:
-            raise UserError(f"{recipe.source}: 'model.init' is not a valid GPT-2 config: {exc}") from None
+        config = GPT2Config(**{**cfg.init, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
+                               "eos_token_id": tokenizer.eos_token_id})  # model.init was checked at load
         config._attn_implementation = cfg.attn_implementation
         torch.manual_seed(recipe.train.seed)
         model = GPT2LMHeadModel(config)

@@ -154,8 +154,9 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
         print(f"prepare: continuing the interrupted prepare in {work}")
     cfg = recipe.data
     passes = _passes(cfg)
+    routers = {name: Router(source, cfg, mode) for name, (source, mode) in passes.items()}  # counts rows once
     if tokenizer is None:
-        tokenizer = _trained_tokenizer(work, recipe, passes["a"])
+        tokenizer = _trained_tokenizer(work, recipe, passes["a"][0], routers["a"])
     dtype = token_dtype(len(tokenizer))
     manifest = {"fingerprint": digest, "finetune_version": __version__, "format": cfg.format,
                 "block_size": cfg.block_size, "packing": cfg.packing,
@@ -168,10 +169,10 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
         manifest["labels"] = _label_info(tokenizer, cfg)
     keep = tuple(split for split in SPLITS if keeps_records(cfg.format, split))
     chunks: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    for name, (source, mode) in passes.items():
+    for name, (source, _) in passes.items():
         context = EncodeContext(cfg, source, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, dtype.name,
                                 keep)
-        for chunk in _run_pass(work, name, source, mode, context, _workers(cfg, source)):
+        for chunk in _run_pass(work, name, source, routers[name], context, _workers(cfg, source)):
             for split, entry in chunk["splits"].items():
                 chunks[split].append(entry)
     for split in SPLITS:
@@ -221,6 +222,7 @@ class Router:
                 self.mask = None if self.rows is None else validation_mask(self.rows, cfg.validation_fraction, cfg.seed)
             except UserError as exc:
                 raise UserError(f"{describe(source)}: {exc}") from None
+            self.seed = cfg.seed
             self.rng = np.random.default_rng(cfg.seed)
             self.fraction = cfg.validation_fraction
             self.drawn = 0
@@ -231,20 +233,20 @@ class Router:
             return np.full(count, self.mode == "validation")
         if self.mask is not None:
             return self.mask[start:start + count]
+        if start < self.drawn:  # a new read of the source: draw again from the start
+            self.rng, self.drawn = np.random.default_rng(self.seed), 0
         if start > self.drawn:  # resuming: replay the draws of the skipped rows
             self.rng.random(start - self.drawn)
         self.drawn = start + count
         return self.rng.random(count) < self.fraction
 
 
-def _trained_tokenizer(work: Path, recipe: Recipe, first_pass: tuple[str | HubSource, str]) -> Any:
+def _trained_tokenizer(work: Path, recipe: Recipe, source: str | HubSource, router: Router) -> Any:
     """Train a byte-level BPE on the train split's texts (once: a continued prepare reuses it)."""
     folder = work / "trained-tokenizer"
     if (folder / "tokenizer.json").is_file():
         return with_pad_token(AutoTokenizer.from_pretrained(str(folder)))
-    source, mode = first_pass
     cfg = recipe.data
-    router = Router(source, cfg, mode)
     labels = formats.label_lookup(cfg.classification) if cfg.format == "classification" else None
 
     def texts() -> Iterator[str]:
@@ -284,7 +286,7 @@ def _completed_chunks(work: Path, name: str) -> list[dict]:
     return done
 
 
-def _run_pass(work: Path, name: str, source: str | HubSource, mode: str, context: EncodeContext,
+def _run_pass(work: Path, name: str, source: str | HubSource, router: Router, context: EncodeContext,
               workers: int) -> Iterator[dict]:
     """Tokenize one source into shards, resuming after its last complete chunk; yields every chunk's record."""
     done = _completed_chunks(work, name)
@@ -292,7 +294,6 @@ def _run_pass(work: Path, name: str, source: str | HubSource, mode: str, context
     skip = done[-1]["rows_end"] if done else 0
     if done:
         print(f"prepare: {describe(source)}: {len(done)} shards already complete, continuing from row {skip + 1}")
-    router = Router(source, context.cfg, mode)
     jobs = ((batch, router.flags(batch.start, len(batch.rows))) for batch in read_batches(source, context.cfg, skip))
     pending = ChunkBuffer(work, name, len(done), context, skip)
     with _progress_bar(source, context.cfg, router.rows) as bar:

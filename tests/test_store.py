@@ -41,3 +41,4 @@ def test_a_streamed_carve_draws_the_same_rows_when_resumed_mid_way():
     resumed = Router(source, cfg, "carve")
     assert 10 < straight.sum() < 50
     assert (resumed.flags(50, 50) == straight[50:]).all()
+    assert (whole.flags(0, 50) == straight[:50]).all()  # a second read of the source (after tokenizer training)
