@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 from finetune import report
 from finetune.collate import PackedCollator
 from finetune.data import check_utf8
+from finetune.distributed import process_state, same_prepared_data, use_cpu
 from finetune.errors import UserError
 from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
@@ -47,9 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    state = process_state()
+    accelerator = Accelerator(cpu=use_cpu())
     started = time.perf_counter()
-    manifest = ensure_prepared(recipe, accelerator.num_processes)
+    manifest = ensure_prepared(recipe, state.num_processes)
+    same_prepared_data(state, manifest["fingerprint"])
     folder = Path(args.model) if args.model else recipe.run_dir / "final"
     tokenizer = load_prepared_tokenizer(recipe)
     tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
 import shutil
 import zipfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from accelerate.utils import DistributedType
 from safetensors import safe_open
 from transformers import (AutoConfig, EarlyStoppingCallback, GPT2Config, PreTrainedTokenizerBase, ProgressCallback,
@@ -30,6 +30,8 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
 from finetune.collate import PackedCollator
+from finetune.distributed import (DEFAULT_TIMEOUT_S, allow_fsdp_on_cpu, main_print, process_state, same_on_every_rank,
+                                  same_prepared_data, use_cpu)
 from finetune.errors import UserError
 from finetune.loss import chunked_nll_sum
 from finetune.modeling import (apply_lora, check_model_folder, context_length, load_base_model, parameter_counts,
@@ -59,24 +61,29 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
     return 0
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
     Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
-    with run_lock(recipe, "train") if is_main_process() else nullcontext():
-        return _train(recipe)
+    state = process_state(recipe.train.extra.get("ddp_timeout", DEFAULT_TIMEOUT_S))
+    with run_lock(recipe, "train") if state.is_main_process else nullcontext():
+        return _train(recipe, state)
 
 
-def _train(recipe: Recipe) -> Trainer:
+def _train(recipe: Recipe, state: PartialState) -> Trainer:
     check_model_source(recipe)
-    identity = run_identity(recipe, ensure_prepared(recipe, world_size()))
+    manifest = ensure_prepared(recipe, state.num_processes)
+    same_prepared_data(state, manifest["fingerprint"])
+    identity = run_identity(recipe, manifest)
     resume = resume_checkpoint(recipe, identity)
+    same_on_every_rank(state, "checkpoint to resume from", str(resume),
+                       "keep checkpoints on storage every node reads, or write them on each node with "
+                       "train.extra.save_on_each_node=true")
     tokenizer = load_prepared_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
     trainer = build_trainer(recipe, model, tokenizer)
+    if state.num_processes > 1:
+        main_print(f"train: {state.num_processes} processes, {trainer.accelerator.distributed_type.value} over "
+                   f"{state.backend}")
     if (resume is None and recipe.train.resume != "auto") or newest_checkpoint(recipe.run_dir / "checkpoints") is None:
         clear_checkpoints(trainer, recipe.run_dir / "checkpoints", identity)
     if resume is not None and trainer.is_world_process_zero():
@@ -199,7 +206,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.
         trainable, total = parameter_counts(model)
         main_print(f"train: full fine-tuning, {trainable:,} trainable parameters")
         return prepare_for_training(model)
-    if recipe.model.init is not None and is_main_process():
+    if recipe.model.init is not None and PartialState().is_main_process:
         save_initialized_base(model, tokenizer, base_dir(recipe))
     model, matched = apply_lora(model, recipe.lora)
     model.peft_config["default"].base_model_name_or_path = recipe.model.base or str(base_dir(recipe))
@@ -238,15 +245,6 @@ def group_module_names(names: list[str]) -> list[str]:
     return [pattern.replace("{}", span(sorted(ids))) if ids else pattern for pattern, ids in layers.items()]
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def main_print(message: str) -> None:
-    if is_main_process():
-        print(message)
-
-
 def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
     """TrainingArguments from the documented `train.*` core, plus `train.extra` passed through: extra may change
     the defaults below, not what the core or the stage itself decides."""
@@ -273,9 +271,7 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # LoRA or not, every trainable GPT-2 parameter is used in forward
         report_to="none",
-        # Without CUDA: `accelerate launch --multi_gpu` ranks must be told to run as gloo CPU processes, and
-        # bf16 needs use_cpu to run on the CPU at all.
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        use_cpu=use_cpu(),  # also: bf16 runs on the CPU only with use_cpu
     )
     known = TrainingArguments.__dataclass_fields__
     for key in cfg.extra:
@@ -325,6 +321,10 @@ class PackedTrainer(Trainer):
     def __init__(self, *args, loss_chunk: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_chunk = loss_chunk
+
+    def create_accelerator_and_postprocess(self) -> None:
+        allow_fsdp_on_cpu()
+        super().create_accelerator_and_postprocess()
 
     def _chunked(self) -> bool:
         """The chunked loss reads the output embedding outside the model's forward: not under FSDP or DeepSpeed,

@@ -1,0 +1,76 @@
+"""The process layout of a run, asked of accelerate (which reads torchrun's, MPI's and DeepSpeed's variables and
+joins the process group) instead of one environment variable: how many processes, which one writes the run
+folder's shared files, and a check that every rank trains from the same prepared data and checkpoint."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, gather_object
+
+from finetune.errors import UserError
+
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+DEFAULT_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout's default
+
+
+def use_cpu() -> bool:
+    """Without CUDA or MPS, ranks run as gloo CPU processes (also under `accelerate launch --multi_gpu`)."""
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def process_state(timeout_s: int = DEFAULT_TIMEOUT_S) -> PartialState:
+    """This process's place in the launch (one process when nothing launched it); joins the process group, whose
+    collectives give up after `timeout_s` (a rank that waits longer for another exits with an error)."""
+    check_launch()
+    return PartialState(cpu=use_cpu(), timeout=timedelta(seconds=timeout_s))
+
+
+def main_print(message: str) -> None:
+    """Print once per launch, from the main process (after `process_state`)."""
+    if PartialState().is_main_process:
+        print(message)
+
+
+def check_launch() -> None:
+    """`accelerate launch` with a MULTI_CPU config and no MPI launcher starts one plain process per machine, each
+    believing it is alone: every one would prepare, train on all the data and write the same run folder."""
+    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by every accelerate launcher
+    grouped = any(name in os.environ for name in WORLD_SIZE_VARIABLES)
+    if launched and "MASTER_ADDR" in os.environ and not grouped:
+        raise UserError(
+            "this process was started by 'accelerate launch' for a multi-process run (MASTER_ADDR is set) but "
+            "nothing gave it a rank or a world size: accelerate's MULTI_CPU setup starts one process per machine "
+            "and needs an MPI launcher (--mpirun_hostfile) to join them. Without MPI, start gloo CPU ranks with "
+            "--multi_gpu (make train NPROC=n [NNODES=...]), which runs torchrun")
+
+
+def same_on_every_rank(state: PartialState, what: str, value: str, fix: str) -> None:
+    """Fail on every rank, naming the ranks that differ, unless all ranks hold the main process's `value`."""
+    if state.num_processes == 1:
+        return
+    values = gather_object([(state.process_index, value)])
+    main_value = values[0][1]
+    differing = [rank for rank, v in values if v != main_value]
+    if differing:
+        raise UserError(f"rank(s) {', '.join(map(str, differing))} see a different {what} than rank 0 "
+                        f"({main_value}): {fix}")
+
+
+def same_prepared_data(state: PartialState, fingerprint: str) -> None:
+    same_on_every_rank(state, "prepared data", fingerprint,
+                       "prepare every node from the same sources and recipe, or share the run folder")
+
+
+def allow_fsdp_on_cpu() -> None:
+    """accelerate (1.15) takes up its FSDP plugin only for GPU-family process groups: an FSDP launch on CPU ranks
+    would silently run as plain data parallel. torch's FSDP2 works over gloo, so before the Trainer builds its
+    Accelerator, an FSDP launch's CPU group is presented as one that may take FSDP (for the rest of the process:
+    accelerate's FSDP save and load paths read it again)."""
+    shared = PartialState._shared_state
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+            shared.get("distributed_type") == DistributedType.MULTI_CPU:
+        shared["distributed_type"] = DistributedType.MULTI_GPU
