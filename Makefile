@@ -25,27 +25,36 @@ test: setup
 prepare: setup
 	$(PY) -m finetune prepare $(RECIPE) $(ARGS)
 
-# NPROC>1: prepare once here, then `accelerate launch` (ranks only check the prepared data is current).
-# ACCELERATE_CONFIG=recipes/accelerate/{ddp,fsdp,deepspeed-zero2}.yaml picks a GPU setup; without it,
-# --multi_gpu (on a machine without CUDA the ranks run as gloo CPU processes).
+# NPROC>1 or NNODES>1: prepare here, then `accelerate launch` NPROC processes on this machine (ranks only check
+# that the prepared data is current and the same on every rank). Several machines: run the same command on each,
+# with NNODES=n NODE_RANK=i (0 on the machine at MASTER_ADDR) MASTER_ADDR=host MASTER_PORT=port.
+# ACCELERATE_CONFIG=recipes/accelerate/{ddp,fsdp,deepspeed-zero2,deepspeed-zero3}.yaml picks the setup; without
+# it, --multi_gpu (DDP; on a machine without CUDA the ranks run as gloo CPU processes).
 ACCELERATE_CONFIG ?=
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+LAUNCH = $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
+	--num_processes $$(( $(NPROC) * $(NNODES) )) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
+	--main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT)
+ONE_PROCESS = $(filter 11,$(NPROC)$(NNODES))
+
 train: setup
-ifeq ($(NPROC),1)
+ifneq ($(ONE_PROCESS),)
 	$(PY) -m finetune train $(RECIPE) $(ARGS)
 else
 	$(PY) -m finetune prepare $(RECIPE) $(ARGS)
-	$(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
-		--num_processes $(NPROC) -m finetune train $(RECIPE) $(ARGS)
+	$(LAUNCH) -m finetune train $(RECIPE) $(ARGS)
 endif
 
-# eval: ARGS takes recipe overrides and --model FOLDER (default: the run's final/); NPROC as for train.
+# eval: ARGS takes recipe overrides and --model FOLDER (default: the run's final/); NPROC, NNODES as for train.
 eval: setup
-ifeq ($(NPROC),1)
+ifneq ($(ONE_PROCESS),)
 	$(PY) -m finetune eval $(RECIPE) $(ARGS)
 else
 	$(PY) -m finetune prepare $(RECIPE) $(filter-out --%,$(foreach a,$(ARGS),$(if $(findstring =,$(a)),$(a))))
-	$(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
-		--num_processes $(NPROC) -m finetune eval $(RECIPE) $(ARGS)
+	$(LAUNCH) -m finetune eval $(RECIPE) $(ARGS)
 endif
 
 # Use the tuned model: PROMPT="..." for generate (empty: an unconditional sample); REPO=user/name for push

@@ -45,7 +45,8 @@ def check_launch() -> None:
             "this process was started by 'accelerate launch' for a multi-process run (MASTER_ADDR is set) but "
             "nothing gave it a rank or a world size: accelerate's MULTI_CPU setup starts one process per machine "
             "and needs an MPI launcher (--mpirun_hostfile) to join them. Without MPI, start gloo CPU ranks with "
-            "--multi_gpu (make train NPROC=n [NNODES=...]), which runs torchrun")
+            "--multi_gpu (make train NPROC=n [NNODES=...]), which runs torchrun. (--cpu also makes accelerate start "
+            "plain processes in place of a DeepSpeed or FSDP setup: leave it out; without CUDA ranks run on the CPU.)")
 
 
 def same_on_every_rank(state: PartialState, what: str, value: str, fix: str) -> None:

@@ -118,20 +118,25 @@ def _cache_state(recipe: Recipe, checksums: bool) -> tuple[Any | None, str, dict
 
 
 @contextmanager
-def run_lock(recipe: Recipe, stage: str) -> Iterator[None]:
-    """One `stage` at a time per run folder (released by the OS when the process dies)."""
+def run_lock(recipe: Recipe, stage: str, wait: bool = False) -> Iterator[None]:
+    """One `stage` at a time per run folder (released by the OS when the process dies): refused while another
+    holds it, or with `wait`, after it (then finding its result)."""
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     with (recipe.run_dir / f".{stage}.lock").open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another {stage} is running in {recipe.run_dir}; wait for it to finish") from None
+            if not wait:
+                raise UserError(f"another {stage} is running in {recipe.run_dir}; wait for it to finish") from None
+            print(f"{stage}: waiting for another {stage} in {recipe.run_dir} to finish", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
 def prepare(recipe: Recipe, force: bool = False) -> dict:
-    """Run the stage (or find it cached, or continue a killed run) and return the manifest."""
-    with run_lock(recipe, "prepare"):
+    """Run the stage (or find it cached, or continue a killed run) and return the manifest. Concurrent prepares of
+    one run folder (every node of a multi-machine run on a shared filesystem) run one after the other."""
+    with run_lock(recipe, "prepare", wait=True):
         tokenizer, digest, files, manifest = _cache_state(recipe, checksums=True)
         if manifest and not force:
             print(f"prepare: {recipe.prepared_dir} is up to date (fingerprint {digest[:12]}); nothing to do")

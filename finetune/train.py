@@ -64,7 +64,11 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
 def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
     Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
-    state = process_state(recipe.train.extra.get("ddp_timeout", DEFAULT_TIMEOUT_S))
+    timeout = recipe.train.extra.get("ddp_timeout", DEFAULT_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise UserError(f"{recipe.source}: 'train.extra.ddp_timeout' must be a whole number of seconds above 0; "
+                        f"got {timeout!r}")
+    state = process_state(timeout)
     with run_lock(recipe, "train") if state.is_main_process else nullcontext():
         return _train(recipe, state)
 
@@ -81,6 +85,7 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     tokenizer = load_prepared_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
     trainer = build_trainer(recipe, model, tokenizer)
+    check_final_is_loadable(trainer)
     if state.num_processes > 1:
         main_print(f"train: {state.num_processes} processes, {trainer.accelerator.distributed_type.value} over "
                    f"{state.backend}")
@@ -91,6 +96,17 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     trainer.train(resume_from_checkpoint=resume)
     save_final(recipe, trainer, tokenizer)
     return trainer
+
+
+def check_final_is_loadable(trainer: Trainer) -> None:
+    """DeepSpeed ZeRO-3 keeps only shards of the weights: unless told to gather them when saving, Trainer would
+    write final/ as DeepSpeed shards that no other stage or library loads."""
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise UserError("DeepSpeed ZeRO-3 without gathering the weights at save time would leave final/ without a "
+                        "loadable model: set 'zero3_save_16bit_model: true' under deepspeed_config in the accelerate "
+                        "config (recipes/accelerate/deepspeed-zero3.yaml does), or pass --zero3_save_16bit_model true")
 
 
 def check_model_source(recipe: Recipe) -> None:

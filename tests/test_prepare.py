@@ -406,3 +406,23 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, tokenizer_dir, capsys
     assert err.strip().splitlines()[-1].startswith("error: ") and "No space left on device" in err
     assert "Traceback" not in err and ".tokens" in err
     assert not recipe.prepared_dir.exists()  # nothing that looks complete was left
+
+
+def test_a_second_prepare_of_a_run_folder_waits_for_the_first(tmp_path, tokenizer_dir):
+    """As when every node of a multi-machine run prepares one run folder on a shared filesystem."""
+    import subprocess
+    import sys
+
+    from finetune.prepare import run_lock
+
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(corpus_lines(50)) + "\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(train))
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with run_lock(recipe, "prepare"):  # stands for the first prepare, still running
+        second = subprocess.Popen([sys.executable, "-m", "finetune", "prepare", str(tmp_path / "recipe.yaml")],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert second.stdout.readline().startswith("prepare: waiting for another prepare in")
+        assert second.poll() is None
+    output = second.communicate(timeout=120)[0]
+    assert second.returncode == 0 and "prepare: wrote" in output

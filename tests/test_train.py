@@ -1,12 +1,12 @@
 """The train stage on tiny GPT-2 models: it learns (full, LoRA, from scratch), `final/` loads with plain
-transformers / peft, resume after SIGKILL is exact, 2 processes equal 1, and bad input exits 2."""
+transformers / peft, resume after SIGKILL is exact, and bad input exits 2. Launches of several processes:
+test_distributed.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +22,6 @@ from finetune import cli
 from finetune.errors import UserError
 from finetune.prepare import prepare
 from finetune.recipe import load_recipe
-from finetune.prepare import ensure_prepared
 from finetune.train import train
 
 # peft 0.21 reads a GPT-2 property that transformers 5 deprecated, when loading an adapter.
@@ -219,42 +218,6 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tiny_mode
         torch.testing.assert_close(final_killed[name], tensor, atol=1e-6, rtol=0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tokenizer_dir):
-    model = {"model": {"init": SCRATCH}, "tokenizer": {"path": str(tokenizer_dir)}}
-    two = write_recipe(tmp_path, model, name="two", train={"batch_size": 4})
-    prepare(load_recipe(two))  # once, before the launch, as `make train` does
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
-                             "--main_process_port", str(free_port()), "-m", "finetune", "train", str(two)],
-                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    train(load_recipe(write_recipe(tmp_path, model, name="one", train={"batch_size": 8})))
-    one_rows, two_rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows]
-    assert two_rows[0]["tokens"] == one_rows[0]["tokens"]  # both processes' tokens are counted
-    for key in ("loss", "eval_loss"):
-        a = torch.tensor([r[key] for r in one_rows if key in r])
-        b = torch.tensor([r[key] for r in two_rows if key in r])
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-
-
-def test_ranks_of_a_launch_refuse_missing_or_stale_prepared_data(tmp_path, tiny_model_dir, monkeypatch):
-    recipe = load_recipe(write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}))
-    with pytest.raises(UserError, match="missing.*finetune prepare"):
-        ensure_prepared(recipe, processes=2)
-    prepare(recipe)
-    assert ensure_prepared(recipe, processes=2)["fingerprint"]
-    (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=2)) + "\n")
-    with pytest.raises(UserError, match="stale"):
-        ensure_prepared(recipe, processes=2)
-
-
 @pytest.mark.parametrize("override, message", [
     ("data.block_size=256", "above the model's context length (n_positions = 128)"),
     ("lora.targets=[attn.q_proj]", "'attn.q_proj' matches no module"),
@@ -262,6 +225,7 @@ def test_ranks_of_a_launch_refuse_missing_or_stale_prepared_data(tmp_path, tiny_
     ("train.resume={empty}", "holds no checkpoint"),
     ("train.extra.optimm=adamw_torch", "did you mean 'optim'"),
     ("train.extra.learning_rate=0.1", "set 'train.lr' instead"),
+    ("train.extra.ddp_timeout=0", "'train.extra.ddp_timeout' must be a whole number of seconds above 0"),
     ("train.early_stopping_patience=2 train.eval_steps=0", "needs evaluation"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys, override, message):

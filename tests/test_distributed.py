@@ -1,0 +1,266 @@
+"""Distributed training without GPUs: every launcher accelerate offers (DDP, FSDP, DeepSpeed ZeRO, MPI, two
+machines) runs as gloo CPU ranks and must train exactly what one process trains at the same global batch, with the
+run folder written once; a killed launch resumes where an uninterrupted one ends; broken launches fail clearly.
+
+Bounds, measured on tiny from-scratch GPT-2 runs of 20 steps (dropout off): one process at 1 and at 2 threads
+differs by up to 4.8e-7 in a logged loss and 9.1e-6 in a final weight; DDP, FSDP, ZeRO-2/3, MPI and two machines
+differ from one process by up to 1.9e-6 (loss) and 1.1e-5 (weight). The bounds give 10x headroom over those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import corpus_lines
+from finetune.errors import UserError
+from finetune.prepare import ensure_prepared, prepare
+from finetune.recipe import load_recipe
+from finetune.train import newest_checkpoint, train
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LOSS_BOUND, WEIGHT_BOUND = 2e-5, 1e-4
+SCRATCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
+           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+SETUPS = ROOT / "recipes" / "accelerate"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def environment() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_recipe(folder: Path, tokenizer_dir: Path, name: str, batch_size: int, lora: dict | None = None,
+                 **train_settings) -> Path:
+    """Full fine-tuning (or LoRA) of a from-scratch model; global batch 8 = batch_size x processes."""
+    data = folder / "train.txt"
+    if not data.exists():
+        data.write_text("\n".join(corpus_lines(300, seed=1)) + "\n")
+    raw = {"name": name, "output_dir": str(folder / name), "model": {"init": SCRATCH},
+           "tokenizer": {"path": str(tokenizer_dir)}, "data": {"train": str(data), "block_size": 32}, "lora": lora,
+           "train": {"max_steps": 20, "lr": 3e-3, "batch_size": batch_size, "logging_steps": 1, "save_steps": 5,
+                     "scheduler": "constant", "seed": 0, **train_settings}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def launch(recipe: Path, *options: str, port: int | None = None, log: Path | None = None):
+    """`accelerate launch` of 2 processes in all (over every machine) training `recipe`: the finished process, or
+    with a `log` file for its output, the running launcher."""
+    command = [str(BIN / "accelerate"), "launch", *options, "--num_processes", "2",
+               "--main_process_port", str(port or free_port()), "-m", "finetune", "train", str(recipe)]
+    if log is not None:  # a file, not a pipe: a pipe nobody reads yet would fill and stall the ranks
+        with log.open("w") as output:
+            return subprocess.Popen(command, env=environment(), stdout=output, stderr=subprocess.STDOUT)
+    return subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(run: Path, reference: Path, loss_bound: float = LOSS_BOUND,
+                    weight_bound: float = WEIGHT_BOUND) -> None:
+    rows, expected = metrics(run), metrics(reference)
+    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in expected]  # each line once
+    for key in ("loss", "eval_loss"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows if key in r]),
+                                   torch.tensor([r[key] for r in expected if key in r]), atol=loss_bound, rtol=0)
+    weights_file = next((reference / "final").glob("*.safetensors")).name
+    got, want = load_file(run / "final" / weights_file), load_file(reference / "final" / weights_file)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, atol=weight_bound, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir):
+    """One-process reference runs (full fine-tuning and LoRA), made once for the module."""
+    folder = tmp_path_factory.mktemp("distributed")
+    for name, lora in (("one", None), ("one-lora", LORA)):
+        train(load_recipe(write_recipe(folder, tokenizer_dir, name, 8, lora)))
+    return folder
+
+
+def deepspeed_usable() -> str | None:
+    """Why DeepSpeed cannot run here (it JIT-compiles its CPU communication op), or None."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return "deepspeed is not installed (pip install -e '.[deepspeed]')"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "DeepSpeed builds a C++ op at start-up and no C++ compiler is on PATH"
+    return None
+
+
+def launched_run(runs: Path, tokenizer_dir: Path, name: str, setup: str, lora: dict | None = None) -> str:
+    """Train `name` with a 2-process launch of `setup` (a launch flag or a shipped config); its output."""
+    recipe = write_recipe(runs, tokenizer_dir, name, 4, lora)
+    prepare(load_recipe(recipe))  # once, before the launch, as `make train` does
+    options = [setup] if setup.startswith("--") else ["--config_file", str(SETUPS / setup)]
+    result = launch(recipe, *options)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("setup, engine, lora", [
+    ("--multi_gpu", "MULTI_CPU", None),
+    ("fsdp.yaml", "FSDP", None),
+    ("fsdp.yaml", "FSDP", LORA),
+    ("deepspeed-zero2.yaml", "DEEPSPEED", None),
+    ("deepspeed-zero3.yaml", "DEEPSPEED", None),
+], ids=["ddp", "fsdp", "fsdp-lora", "zero2", "zero3"])
+def test_a_two_process_launch_trains_what_one_process_trains(runs, tokenizer_dir, setup, engine, lora):
+    if engine == "DEEPSPEED" and (reason := deepspeed_usable()):
+        pytest.skip(reason)
+    name = f"{setup.split('.')[0].strip('-')}-{'lora' if lora else 'full'}"
+    output = launched_run(runs, tokenizer_dir, name, setup, lora)
+    assert f"2 processes, {engine} over gloo" in output  # the launcher's engine really ran
+    assert_same_run(runs / name, runs / ("one-lora" if lora else "one"))
+    final = runs / name / "final"
+    if lora:
+        from peft import AutoPeftModelForCausalLM
+
+        assert AutoPeftModelForCausalLM.from_pretrained(final).peft_config["default"].r == LORA["r"]
+    else:
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(final)
+        assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied, as trained
+
+
+def test_fsdp_killed_after_a_checkpoint_resumes_to_where_an_uninterrupted_run_ends(runs, tokenizer_dir):
+    reference = runs / "fsdp-full"
+    if not (reference / "final").is_dir():
+        launched_run(runs, tokenizer_dir, "fsdp-full", "fsdp.yaml")
+    recipe = write_recipe(runs, tokenizer_dir, "fsdp-killed", 4)
+    prepare(load_recipe(recipe))
+    options = ["--config_file", str(SETUPS / "fsdp.yaml")]
+    process = launch(recipe, *options, log=runs / "fsdp-killed.log")
+    checkpoints = runs / "fsdp-killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while newest_checkpoint(checkpoints) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for doomed in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        doomed.kill()  # the launcher and both ranks (in sessions of their own), once a checkpoint is complete
+    process.wait()
+    output = (runs / "fsdp-killed.log").read_text()
+    assert not (runs / "fsdp-killed" / "final").exists(), "the run finished before it could be killed"
+    survivor = newest_checkpoint(checkpoints)
+    assert survivor is not None, output[-3000:]
+    result = launch(recipe, *options)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming from {survivor}" in result.stdout
+    assert_same_run(runs / "fsdp-killed", reference, loss_bound=1e-6, weight_bound=1e-6)
+
+
+def test_two_machines_train_what_one_process_trains_and_write_the_run_once(runs, tokenizer_dir):
+    """Two `accelerate launch --num_machines 2` on one host, one process each, as `make train NNODES=2` starts
+    them; both prepare (the second waits for the first: one run folder, as on a shared filesystem)."""
+    recipe = write_recipe(runs, tokenizer_dir, "two-machines", 4)
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        subprocess.run([sys.executable, "-m", "finetune", "prepare", str(recipe)], env=environment(), check=True,
+                       capture_output=True)
+        nodes.append(launch(recipe, "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
+                            "--main_process_ip", "127.0.0.1", port=port, log=runs / f"two-machines-{rank}.log"))
+    for node in nodes:
+        node.wait(timeout=600)
+    outputs = [(runs / f"two-machines-{rank}.log").read_text() for rank in (0, 1)]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 processes, MULTI_CPU over gloo" in outputs[0]
+    assert "train: wrote" in outputs[0] and "train: wrote" not in outputs[1]
+    assert_same_run(runs / "two-machines", runs / "one")
+
+
+def test_mpi_launch_of_the_multi_cpu_setup_trains_what_one_process_trains(runs, tokenizer_dir):
+    mpirun = shutil.which("mpirun", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if mpirun is None:
+        pytest.skip("no mpirun (pip install mpich)")
+    recipe = write_recipe(runs, tokenizer_dir, "mpi", 4)
+    prepare(load_recipe(recipe))
+    hosts = runs / "hostfile"
+    hosts.write_text("localhost:2\n")
+    setup = runs / "multi-cpu.yaml"
+    setup.write_text(yaml.safe_dump({"distributed_type": "MULTI_CPU", "num_machines": 1, "mixed_precision": "no",
+                                     "use_cpu": True}))
+    env = {**environment(), "PATH": f"{Path(mpirun).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([str(BIN / "accelerate"), "launch", "--config_file", str(setup), "--num_processes", "2",
+                             "--mpirun_hostfile", str(hosts), "--main_process_port", str(free_port()), "-m", "finetune",
+                             "train", str(recipe)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 processes, MULTI_CPU over gloo" in result.stdout
+    assert_same_run(runs / "mpi", runs / "one")
+
+
+def test_a_multi_cpu_launch_without_mpi_is_refused_before_any_work(runs, tokenizer_dir):
+    """accelerate's MULTI_CPU setup without an MPI launcher starts one plain process per machine: each would
+    prepare, train on all the data and write the same run folder."""
+    recipe = write_recipe(runs, tokenizer_dir, "multi-cpu-no-mpi", 4)
+    setup = runs / "multi-cpu-machines.yaml"
+    setup.write_text(yaml.safe_dump({"distributed_type": "MULTI_CPU", "num_machines": 2, "machine_rank": 0,
+                                     "main_process_ip": "127.0.0.1", "mixed_precision": "no", "use_cpu": True}))
+    result = launch(recipe, "--config_file", str(setup))
+    assert result.returncode != 0
+    assert "nothing gave it a rank or a world size" in result.stdout + result.stderr
+    assert not (runs / "multi-cpu-no-mpi" / "prepared").exists()
+
+
+def test_when_a_rank_dies_the_launch_ends_with_an_error_instead_of_hanging(runs, tokenizer_dir):
+    recipe = write_recipe(runs, tokenizer_dir, "dies", 4, max_steps=100_000, save_steps=100_000)
+    prepare(load_recipe(recipe))
+    process = launch(recipe, "--multi_gpu", log=runs / "dies.log")
+    deadline = time.monotonic() + 300
+    while not (runs / "dies" / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rank1 = next(child for child in psutil.Process(process.pid).children(recursive=True)
+                 if child.environ().get("RANK") == "1")
+    rank1.kill()
+    killed = time.monotonic()
+    process.wait(timeout=120)
+    output = (runs / "dies.log").read_text()
+    assert process.returncode != 0
+    assert time.monotonic() - killed < 60
+    assert "Signal 9 (SIGKILL)" in output
+
+
+def test_ranks_refuse_missing_or_stale_prepared_data(tmp_path, tokenizer_dir):
+    recipe = load_recipe(write_recipe(tmp_path, tokenizer_dir, "run", 8))
+    with pytest.raises(UserError, match="missing.*finetune prepare"):
+        ensure_prepared(recipe, processes=2)
+    prepare(recipe)
+    assert ensure_prepared(recipe, processes=2)["fingerprint"]
+    (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=2)) + "\n")
+    with pytest.raises(UserError, match="stale"):
+        ensure_prepared(recipe, processes=2)
