@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import string
@@ -150,6 +151,8 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest checkpoint of the run), never (start over), or a checkpoint path
     dataloader_workers: int = 0
     loss_chunk: int | None = 1024  # positions per chunk of the chunked loss (finetune/loss.py); null = transformers' loss
+    report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
+    run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
 
 
@@ -228,6 +231,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe.source = str(path)
     _resolve_paths(recipe, path.resolve().parent)
     _validate(recipe, str(path))
+    check_reporters_installed(recipe, str(path))
     return recipe
 
 
@@ -392,6 +396,41 @@ def _resolve_paths(recipe: Recipe, folder: Path) -> None:
             setattr(recipe.data, split, str((folder / value).resolve()))
 
 
+# train.report_to value -> (module it needs, pip package); "none" turns tracking off.
+REPORTERS: dict[str, tuple[str, str] | None] = {
+    "none": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio"),
+}
+
+
+def reporters(report_to: str | list) -> list[str]:
+    """`train.report_to` as a list of tracker names, without "none"."""
+    names = [report_to] if isinstance(report_to, str) else report_to
+    return [name for name in names if name != "none"]
+
+
+def _check_report_to(recipe: Recipe, where: str) -> None:
+    value = recipe.train.report_to
+    names = [value] if isinstance(value, str) else value
+    if not names:
+        raise UserError(f"{where}: 'train.report_to' is an empty list; write none to turn tracking off")
+    for name in names:
+        if not isinstance(name, str):
+            raise UserError(f"{where}: 'train.report_to' entries must be strings, got {name!r}")
+        _choice(where, "train.report_to", name, tuple(REPORTERS))
+    if "none" in names and len(names) > 1:
+        raise UserError(f"{where}: 'train.report_to' lists none together with trackers: {names}")
+
+
+def check_reporters_installed(recipe: Recipe, where: str) -> None:
+    """Each tracker in `train.report_to` must be importable (Trainer would fail only once training starts)."""
+    for name in reporters(recipe.train.report_to):
+        module, package = REPORTERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{where}: 'train.report_to' = {name} needs the {package} package, which is not "
+                            f"installed: pip install {package} (or set train.report_to=none)")
+
+
 def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
@@ -516,6 +555,7 @@ def _validate(recipe: Recipe, where: str) -> None:
             )
     _check_bounds(recipe, where)
     _check_templates(recipe, where)
+    _check_report_to(recipe, where)
     if recipe.train.max_steps <= 0 and recipe.train.epochs <= 0:
         raise UserError(f"{where}: 'train.max_steps' ({recipe.train.max_steps}) and 'train.epochs' "
                         f"({recipe.train.epochs:g}) leave nothing to train: set one of them above 0")

@@ -38,6 +38,7 @@ from finetune.packing import IGNORE
 from finetune.plots import plot_loss
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
 from finetune.recipe import Recipe, save_recipe
+from finetune.tracking import environment as tracking_environment, guard as guard_trackers
 
 # TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
 CORE_ARGUMENTS = {
@@ -46,6 +47,7 @@ CORE_ARGUMENTS = {
     "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps",
     "save_steps": "save_steps", "save_total_limit": "save_total_limit", "seed": "seed", "bf16": "bf16",
     "fp16": "fp16", "gradient_checkpointing": "activation_checkpointing", "dataloader_workers": "dataloader_num_workers",
+    "report_to": "report_to", "run_name": "run_name",
 }
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -66,7 +68,7 @@ def world_size() -> int:
 def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
     Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
-    with run_lock(recipe, "train") if is_main_process() else nullcontext():
+    with run_lock(recipe, "train") if is_main_process() else nullcontext(), tracking_environment(recipe):
         return _train(recipe)
 
 
@@ -266,13 +268,13 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
         greater_is_better=False if evaluate else None,
         include_num_input_tokens_seen="all",  # for tokens/s
         remove_unused_columns=False,  # the collator builds exactly the model's inputs
+        run_name=cfg.run_name or recipe.name,
     )
     defaults = dict(
         logging_first_step=True,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # LoRA or not, every trainable GPT-2 parameter is used in forward
-        report_to="none",
         # Without CUDA: `accelerate launch --multi_gpu` ranks must be told to run as gloo CPU processes, and
         # bf16 needs use_cpu to run on the CPU at all.
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
@@ -314,6 +316,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
         trainer.add_callback(TokenProgress(throughput))
     if cfg.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    guard_trackers(trainer)
     return trainer
 
 
