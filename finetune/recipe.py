@@ -483,10 +483,15 @@ def _check_template(where: str, key: str, template: str, allowed: tuple[str, ...
     """A prompt template may use only its placeholders, must use the required ones (or the record's text would be
     silently left out), and has no stray braces ('{{' and '}}' stand for literal braces)."""
     try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as exc:
         raise UserError(f"{where}: '{key}' is not a valid template ({exc}); write '{{{{' and '}}}}' for literal "
                         "braces") from None
+    if any(spec or conversion for _, spec, conversion in parsed):
+        raise UserError(f"{where}: '{key}' may use plain placeholders only ({{{allowed[0]}}}), without a format "
+                        "spec or conversion such as ':>10' or '!r'")
+    fields = {name for name, _, _ in parsed}
     unknown = sorted(fields - set(allowed))
     if unknown:
         raise UserError(f"{where}: '{key}' uses unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}; "

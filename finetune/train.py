@@ -29,6 +29,7 @@ from transformers import (AutoConfig, EarlyStoppingCallback, GPT2Config, PreTrai
 from transformers.trainer_utils import EvalLoopOutput
 
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
+from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
 from finetune.errors import UserError
 from finetune.loss import chunked_nll_sum
@@ -389,7 +390,7 @@ def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerB
     trainer.save_model(str(staging))
     if main:
         (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep it
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, recipe.data, staging)
         save_recipe(recipe, staging / "recipe.yaml")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
