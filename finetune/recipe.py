@@ -157,6 +157,15 @@ class TrainConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run by `finetune eval` (finetune/harness.py)."""
+    tasks: list = field(default_factory=list)
+    num_fewshot: int | None = None  # None: each task's own setting
+    limit: Union[int, float, None] = None  # examples per task (a number below 1: a share of them)
+    include_path: str | None = None  # a folder of local task YAML files, relative to the recipe
+
+
+@dataclass
 class EvalConfig:
     files: list = field(default_factory=list)
     stride: int | None = None
@@ -169,6 +178,7 @@ class EvalConfig:
     generate_samples: int = 16
     max_new_tokens: int = 128
     seed: int = 42
+    harness: HarnessConfig | None = None
 
 
 @dataclass
@@ -293,6 +303,9 @@ def _resolve_relative_sources(data: dict, folder: Path) -> None:
             data["data"][split] = resolved(data["data"][split])
     if isinstance(section("eval").get("files"), list):
         data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
+    harness = section("eval").get("harness")
+    if isinstance(harness, dict) and harness.get("include_path") is not None:
+        harness["include_path"] = resolved(harness["include_path"])
     for owner, key in (("model", "base"), ("tokenizer", "path")):
         value = section(owner).get(key)
         if isinstance(value, str) and value.startswith(("./", "../")):
@@ -453,6 +466,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "train.epochs": (0, None, True), "train.max_steps": (-1, None, True),
     "eval.batch_size": (1, None, True), "eval.max_examples": (1, None, True), "eval.shots": (0, None, True),
     "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
+    "eval.harness.num_fewshot": (0, None, True), "eval.harness.limit": (0, None, False),
     "serve.port": (1, 65536, True), "serve.max_batch_size": (1, None, True), "serve.max_new_tokens_cap": (1, None, True),
 }
 
@@ -512,6 +526,16 @@ def _check_templates(recipe: Recipe, where: str) -> None:
         _check_template(where, f"data.chat.{role}", getattr(data.chat, role), ("content",), ("content",))
 
 
+def _check_harness(recipe: Recipe, where: str) -> None:
+    cfg = recipe.eval.harness
+    if cfg is None:
+        return
+    if not cfg.tasks or not all(isinstance(task, str) and task for task in cfg.tasks):
+        raise UserError(f"{where}: 'eval.harness.tasks' must be a non-empty list of task names, got {cfg.tasks!r}")
+    if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
+        raise UserError(f"{where}: 'eval.harness.include_path' = {cfg.include_path!r} is not a folder")
+
+
 def _check_gpt2_config(init: dict, where: str) -> None:
     """`model.init` keys must be GPT-2 config keys (a typo would silently train another model), and the width
     must split into the heads."""
@@ -561,6 +585,7 @@ def _validate(recipe: Recipe, where: str) -> None:
     _check_bounds(recipe, where)
     _check_templates(recipe, where)
     _check_report_to(recipe, where)
+    _check_harness(recipe, where)
     if recipe.train.max_steps <= 0 and recipe.train.epochs <= 0:
         raise UserError(f"{where}: 'train.max_steps' ({recipe.train.max_steps}) and 'train.epochs' "
                         f"({recipe.train.epochs:g}) leave nothing to train: set one of them above 0")
