@@ -56,22 +56,21 @@ def defaults(recipe: Recipe) -> dict[str, str]:
     if "wandb" in names:
         env["WANDB_DIR"] = str(run_dir)
         url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        if not _wandb_logged_in(url):
+        problem = None if "WANDB_MODE" in os.environ else "no login" if not _wandb_logged_in(url) else \
+            None if reachable(url) else f"{url} is unreachable"
+        if problem:
             env["WANDB_MODE"] = "offline"
-            _note(f"W&B: no login, logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
-        elif "WANDB_MODE" not in os.environ and not reachable(url):
-            env["WANDB_MODE"] = "offline"
-            _note(f"W&B: {url} is unreachable, logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
+            _note(f"W&B: {problem}, logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
     if "mlflow" in names:
-        local = f"sqlite:///{run_dir / 'mlflow.db'}"
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        env["MLFLOW_TRACKING_URI"] = local
-        if uri is not None and uri.startswith(("http://", "https://")) and not reachable(uri):
-            os.environ.pop("MLFLOW_TRACKING_URI")  # replaced below, restored after the run
-            _note(f"MLflow: {uri} is unreachable, logging to {local}")
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
     if "trackio" in names:
         env["TRACKIO_DIR"] = str(run_dir / "trackio")
-    return {key: value for key, value in env.items() if key not in os.environ}
+    env = {key: value for key, value in env.items() if key not in os.environ}
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in names and uri.startswith(("http://", "https://")) and not reachable(uri):
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
+        _note(f"MLflow: {uri} is unreachable, logging to {env['MLFLOW_TRACKING_URI']}")
+    return env
 
 
 @contextlib.contextmanager

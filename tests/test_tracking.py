@@ -4,6 +4,7 @@ metrics.jsonl; trackers are checked at recipe load and never passed through `tra
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,27 @@ def test_a_failing_tracker_is_switched_off_and_the_run_finishes(tmp_path, tiny_m
     train(recipe)
     assert "TensorBoardCallback failed in on_train_begin and is off for the rest of the run" in capsys.readouterr().err
     assert (recipe.run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_trackers_default_to_offline_stores_in_the_run_folder(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from finetune.recipe import recipe_from_dict
+    from finetune.tracking import environment
+
+    raw = yaml.safe_load(write_recipe(tmp_path, tiny_model_dir).read_text())
+    raw["train"]["report_to"] = ["wandb", "mlflow", "trackio"]
+    recipe = recipe_from_dict(raw)  # validated; whether the packages are installed is not checked here
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    run = (tmp_path / "run").resolve()
+    with environment(recipe):
+        assert os.environ["WANDB_MODE"] == "offline" and os.environ["WANDB_DIR"] == str(run)
+        assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{run / 'mlflow.db'}"
+        assert os.environ["TRACKIO_DIR"] == str(run / "trackio")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9" and "WANDB_MODE" not in os.environ
+    err = capsys.readouterr().err
+    assert "W&B: no login, logging offline" in err and "MLflow: http://127.0.0.1:9 is unreachable" in err
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's settings win
+    with environment(recipe):
+        assert os.environ["WANDB_MODE"] == "disabled"
