@@ -141,7 +141,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 # train.* keys a resumed run may change: how long it runs and what it logs and keeps, not what it computes.
 RESUMABLE_KEYS = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                  "early_stopping_patience", "resume", "dataloader_workers", "eval_batch_size")
+                  "early_stopping_patience", "resume", "dataloader_workers", "eval_batch_size", "report_to", "run_name")
 IDENTITY_FILE = "run.json"
 
 
