@@ -17,7 +17,7 @@ import torch
 from finetune.errors import UserError
 from finetune.recipe import HarnessConfig, Recipe
 
-BOOTSTRAP_ITERS = 1000  # resamples for the standard errors of figures that are not means (bits per byte)
+BOOTSTRAP_ITERS = 1000  # resamples for the standard errors the harness bootstraps (means get theirs analytically)
 
 
 def check(recipe: Recipe) -> Any:
