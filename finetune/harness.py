@@ -30,7 +30,9 @@ def check(recipe: Recipe) -> Any:
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    manager = TaskManager(include_path=cfg.include_path)
+    manager = TaskManager(include_path=cfg.include_path, include_defaults=False) if cfg.include_path else None
+    if manager is None or not set(cfg.tasks) <= set(manager.all_tasks):  # indexing the harness's own takes seconds
+        manager = TaskManager(include_path=cfg.include_path)
     for task in cfg.tasks:
         try:
             manager.load([task])
