@@ -28,9 +28,9 @@ CONVERSATIONS = [
 INSTRUCTIONS = [{"instruction": "name a colour", "output": "red"},
                 {"instruction": "say \"hi\" {twice}\n", "output": "hi hi"},
                 {"instruction": "count to three", "output": "one two three\n"}]
-# Quotes, braces (str.format's '{{' '}}' are literal braces), '{%', '{#', newlines and a CR in the templates.
+# Quotes, braces (str.format's '{{' '}}' are literal braces), '{%', '{#', newlines, a CR, a backslash and non-ASCII.
 TRICKY_CHAT = {"system": "'{content}'{{%\n", "user": "\"{{{{x}}}}\r\n{content}{{#\n", "assistant": "{%-'A':",
-               "assistant_content": " {content}", "after_assistant": "\n}}#", "system_prompt": "{b} \"q\" {% raw"}
+               "assistant_content": " {content}", "after_assistant": "\n}}#", "system_prompt": "{b} \"q\" {% raw \\n é"}
 TRICKY_INSTRUCTION = {"template_no_input": "Q {{{{instruction}}}} \"{instruction}\" {{% endfor %}} '\\n'\n>>>:\n",
                       "template": "{instruction} {input}\n>>>:\n"}
 
