@@ -116,3 +116,17 @@ def test_trackers_default_to_offline_stores_in_the_run_folder(tmp_path, tiny_mod
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's settings win
     with environment(recipe):
         assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_mlflow_logs_the_losses_to_the_local_store_when_installed(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow)")
+    import sqlite3
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, report_to="mlflow"))
+    train(recipe)
+    with sqlite3.connect(recipe.run_dir / "mlflow.db") as db:
+        logged = db.execute("SELECT key, step, value FROM metrics WHERE key IN ('loss', 'eval_loss')").fetchall()
+    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(logged) == sorted((key, row["step"], row[key]) for row in rows for key in ("loss", "eval_loss")
+                                    if key in row)
