@@ -115,7 +115,9 @@ for _event in [name for name in vars(TrainerCallback) if name.startswith("on_")]
 
 
 def guard(trainer: Trainer) -> None:
-    """Wrap the trainer's tracker callbacks (those `report_to` added) in Guarded."""
-    trackers = tuple(INTEGRATION_TO_CALLBACK.values())
+    """Wrap the trainer's tracker callbacks (those `report_to` added) in Guarded, and move them last, so that they
+    log what the stage's callbacks add to the logs (tokens_per_s)."""
+    kinds = tuple(INTEGRATION_TO_CALLBACK.values())
     handler = trainer.callback_handler
-    handler.callbacks = [Guarded(c) if isinstance(c, trackers) else c for c in handler.callbacks]
+    trackers = [Guarded(c) for c in handler.callbacks if isinstance(c, kinds)]
+    handler.callbacks = [c for c in handler.callbacks if not isinstance(c, kinds)] + trackers

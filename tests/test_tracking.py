@@ -46,6 +46,9 @@ def test_tensorboard_events_equal_metrics_jsonl(tmp_path, tiny_model_dir):
         logged = {e.step: e.value for e in events.Scalars(tag)}
         expected = {row["step"]: float(np.float32(row[key])) for row in rows if key in row}
         assert logged == expected, tag  # TensorBoard stores float32: the same number, rounded once
+    speeds = {e.step: e.value for e in events.Scalars("train/tokens_per_s")}  # metrics.jsonl rounds it to 0.1
+    assert speeds.keys() == {row["step"] for row in rows if "loss" in row}
+    assert all(abs(speeds[row["step"]] - row["tokens_per_s"]) <= 0.06 for row in rows if "loss" in row)
     assert sorted({e.step for e in events.Scalars("eval/loss")}) == [3, 6]
     assert len(events.Scalars("train/loss")) == 6
 
