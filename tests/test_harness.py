@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,12 @@ def test_a_task_that_cannot_load_is_a_user_error_naming_the_key(tmp_path, tiny_m
     assert "'eval.harness.tasks': 'tiny_labels' cannot be loaded" in capsys.readouterr().err
     assert main(["eval", str(path), "eval.harness.include_path=nowhere"]) == 2
     assert "'eval.harness.include_path'" in capsys.readouterr().err
+
+
+def test_without_lm_eval_the_harness_is_a_user_error_naming_the_install(tmp_path, tiny_model_dir, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # Python's own way to make a package unimportable
+    assert main(["eval", str(write_run(tmp_path, tiny_model_dir)), "--model", str(tiny_model_dir)]) == 2
+    assert "'eval.harness' needs lm-evaluation-harness, which is not installed: pip install -e \".[harness]\"" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "run" / "eval.json").exists()
