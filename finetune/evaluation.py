@@ -25,7 +25,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from finetune import report
+from finetune import harness, report
 from finetune.collate import PackedCollator
 from finetune.data import check_utf8
 from finetune.distributed import process_state, same_prepared_data, use_cpu
@@ -51,16 +51,25 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
     state = process_state()
     accelerator = Accelerator(cpu=use_cpu())
     started = time.perf_counter()
+    tasks = harness.check(recipe) if recipe.eval.harness else None
     manifest = ensure_prepared(recipe, state.num_processes)
     same_prepared_data(state, manifest["fingerprint"])
     folder = Path(args.model) if args.model else recipe.run_dir / "final"
     tokenizer = load_prepared_tokenizer(recipe)
     tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
     evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
-    results = {"model": str(folder), "format": recipe.data.format, **evaluator.evaluate(tuned, baseline=False)}
+
+    def figures(model: torch.nn.Module, baseline: bool) -> dict:
+        out = evaluator.evaluate(model, baseline)
+        if tasks is not None and accelerator.is_main_process:  # the harness runs its model in one process
+            out["harness"] = harness.evaluate(model, tokenizer, recipe.eval.harness, tasks, recipe.eval.batch_size)
+        accelerator.wait_for_everyone()
+        return out
+
+    results = {"model": str(folder), "format": recipe.data.format, **figures(tuned, baseline=False)}
     if recipe.eval.baseline:
         with baseline_model(tuned, recipe, tokenizer, accelerator.device) as (base, description):
-            results["baseline"] = {"model": description, **evaluator.evaluate(base, baseline=True)}
+            results["baseline"] = {"model": description, **figures(base, baseline=True)}
     results["processes"] = accelerator.num_processes
     results["wall_seconds"] = round(time.perf_counter() - started, 3)
     if accelerator.is_main_process:

@@ -136,7 +136,9 @@ def segments(record: dict, cfg: DataConfig) -> list[Segment]:
 
 
 def chat_segments(messages: list[dict], cfg: ChatFormat, add_generation_prompt: bool = False) -> list[Segment]:
-    """Render a conversation with the recipe's plain-text chat template; assistant turns are targets closed by EOS."""
+    """Render a conversation with the recipe's plain-text chat template; assistant turns are targets closed by EOS.
+    The text between replies is one segment (the end of a turn, the next turns, the assistant prefix), so it is
+    tokenized as a whole, as the exported chat template (finetune/chat_template.py) is by any engine."""
     out: list[Segment] = []
     if cfg.system_prompt and not (messages and messages[0]["role"] == "system"):
         out.append((cfg.system.format(content=cfg.system_prompt), False))
@@ -149,7 +151,13 @@ def chat_segments(messages: list[dict], cfg: ChatFormat, add_generation_prompt: 
             out.append((getattr(cfg, role).format(content=content), False))
     if add_generation_prompt:
         out.append((cfg.assistant, False))
-    return [(text, target) for text, target in out if text is None or text]
+    merged: list[Segment] = []
+    for text, target in out:
+        if merged and text is not None and merged[-1][0] is not None and merged[-1][1] == target:
+            merged[-1] = (merged[-1][0] + text, target)
+        elif text is None or text:
+            merged.append((text, target))
+    return merged
 
 
 def prompt_segments(record: dict, cfg: DataConfig) -> list[Segment]:

@@ -166,7 +166,7 @@ def user_prompt_segments(text: str, data: DataConfig) -> list[formats.Segment]:
     if data.format == "chat":
         return formats.chat_segments([{"role": "user", "content": text}], data.chat, add_generation_prompt=True)
     if data.format == "instruction":
-        record = {"prompt": data.instruction.template_no_input.format(instruction=text), "response": ""}
+        record = {"prompt": data.instruction.template_no_input.format(instruction=text, input=""), "response": ""}
     else:
         record = {"text": text, "label": 0, "prompt": data.classification.template.format(text=text)}
     return formats.prompt_segments(record, data)

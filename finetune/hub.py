@@ -17,8 +17,9 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from finetune.chat_template import save_tokenizer
 from finetune.errors import UserError
-from finetune.generation import trained_recipe, user_prompt_segments
+from finetune.generation import trained_recipe
 from finetune.modeling import is_adapter, load_final, quiet_peft
 from finetune.recipe import HubSource, Recipe
 from finetune.tokenizer import load_tokenizer
@@ -43,7 +44,7 @@ def merge(recipe: Recipe) -> Path:
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
-    load_tokenizer(str(final)).save_pretrained(out)
+    save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, out)
     if (final / "recipe.yaml").is_file():
         shutil.copy2(final / "recipe.yaml", out / "recipe.yaml")
     print(f"merged model written to {out}")
@@ -77,22 +78,25 @@ def _copy_model(source: Path, folder: Path, hub_base: str | None) -> None:
         adapter_config.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def usage_snippet(repo: str, adapter: bool, recipe: Recipe, eos_token: str) -> str:
-    """Python that loads the pushed model from the Hub and generates with the recipe's prompt template."""
-    segments = user_prompt_segments(EXAMPLES[recipe.data.format], recipe.data)
-    prompt = "".join(eos_token if text is None else text for text, _ in segments)
+def usage_snippet(repo: str, adapter: bool, recipe: Recipe) -> str:
+    """Python that loads the pushed model from the Hub and generates: prompted formats through the tokenizer's chat
+    template (the recipe's prompt format, see finetune/chat_template.py), plain text as is."""
     cfg = recipe.generate
     sampling = (f"do_sample=True, temperature={cfg.temperature}, top_p={cfg.top_p}" if cfg.temperature > 0
                 else "do_sample=False")
     loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
     imports = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer"] if adapter \
         else ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    example = EXAMPLES[recipe.data.format]
+    encode = [f"inputs = tokenizer({example!r}, return_tensors=\"pt\")"] if recipe.data.format == "text" else [
+        f"messages = [{{\"role\": \"user\", \"content\": {example!r}}}]",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,",
+        "                                       return_tensors=\"pt\")"]
     return "\n".join([
         *imports, "",
         f"model = {loader}.from_pretrained({repo!r})",
         f"tokenizer = AutoTokenizer.from_pretrained({repo!r})",
-        f"prompt = {prompt!r}",
-        'inputs = tokenizer(prompt, return_tensors="pt")',
+        *encode,
         f"output = model.generate(**inputs, max_new_tokens={cfg.max_new_tokens}, {sampling},",
         "                        pad_token_id=tokenizer.eos_token_id)",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
@@ -112,8 +116,8 @@ def _data_sources(recipe: Recipe) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(hub)), described
 
 
-def model_card(recipe: Recipe, repo: str, adapter: bool, hub_base: str | None, evaluation: dict | None,
-               eos_token: str) -> ModelCard:
+def model_card(recipe: Recipe, repo: str, adapter: bool, hub_base: str | None, evaluation: dict | None
+               ) -> ModelCard:
     hub_data, described = _data_sources(recipe)
     metrics = [m for m in METRICS if evaluation and isinstance(evaluation.get(m), (int, float))]
     tags = ["gpt2-finetune", "text-generation", recipe.data.format] + (["lora", "peft"] if adapter else [])
@@ -134,8 +138,9 @@ def model_card(recipe: Recipe, repo: str, adapter: bool, hub_base: str | None, e
                   else f"| {m} | {evaluation[m]:.4g} | |" for m in metrics]
         lines.append("")
     length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps > 0 else f"{recipe.train.epochs} epochs")
-    lines += ["## Usage", "", "```python", usage_snippet(repo, adapter, recipe, eos_token).rstrip(), "```", "",
-              "Prompts follow the template the model was trained with (see `recipe.yaml`, section `data`).", "",
+    lines += ["## Usage", "", "```python", usage_snippet(repo, adapter, recipe).rstrip(), "```", "",
+              "Prompts follow the template the model was trained with (the tokenizer's `chat_template`; see `recipe.yaml`, "
+              "section `data`).", "",
               "## Training", "",
               f"- block size {recipe.data.block_size}, learning rate {recipe.train.lr}, {length}, "
               f"seed {recipe.train.seed}",
@@ -205,7 +210,7 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
     folder.mkdir(parents=True)
     _copy_model(source, folder, hub_base if adapter else None)
     tokenizer = load_tokenizer(str(final))
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, trained_recipe(recipe, final).data, folder)
     if (final / "recipe.yaml").is_file():
         shared = without_local_paths(yaml.safe_load((final / "recipe.yaml").read_text()))
         if hub_base and shared["model"].get("base"):
@@ -217,7 +222,7 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
         (folder / "eval.json").write_text(json.dumps(without_local_paths(evaluation), indent=2))
     else:
         print(f"note: no {recipe.run_dir / 'eval.json'} (run finetune eval first): the model card has no figures")
-    model_card(trained_recipe(recipe, final), repo, adapter, hub_base, evaluation, tokenizer.eos_token).save(
+    model_card(trained_recipe(recipe, final), repo, adapter, hub_base, evaluation).save(
         folder / "README.md")
     check_loads(folder, final, adapter, base)
     return folder, adapter

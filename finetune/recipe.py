@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import string
@@ -150,7 +151,18 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest checkpoint of the run), never (start over), or a checkpoint path
     dataloader_workers: int = 0
     loss_chunk: int | None = 1024  # positions per chunk of the chunked loss (finetune/loss.py); null = transformers' loss
+    report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
+    run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
+
+
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run by `finetune eval` (finetune/harness.py)."""
+    tasks: list = field(default_factory=list)
+    num_fewshot: int | None = None  # None: each task's own setting
+    limit: Union[int, float, None] = None  # examples per task (a number below 1: a share of them)
+    include_path: str | None = None  # a folder of local task YAML files, relative to the recipe
 
 
 @dataclass
@@ -166,6 +178,7 @@ class EvalConfig:
     generate_samples: int = 16
     max_new_tokens: int = 128
     seed: int = 42
+    harness: HarnessConfig | None = None
 
 
 @dataclass
@@ -228,6 +241,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe.source = str(path)
     _resolve_paths(recipe, path.resolve().parent)
     _validate(recipe, str(path))
+    check_reporters_installed(recipe, str(path))
     return recipe
 
 
@@ -289,6 +303,9 @@ def _resolve_relative_sources(data: dict, folder: Path) -> None:
             data["data"][split] = resolved(data["data"][split])
     if isinstance(section("eval").get("files"), list):
         data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
+    harness = section("eval").get("harness")
+    if isinstance(harness, dict) and harness.get("include_path") is not None:
+        harness["include_path"] = resolved(harness["include_path"])
     for owner, key in (("model", "base"), ("tokenizer", "path")):
         value = section(owner).get(key)
         if isinstance(value, str) and value.startswith(("./", "../")):
@@ -392,6 +409,41 @@ def _resolve_paths(recipe: Recipe, folder: Path) -> None:
             setattr(recipe.data, split, str((folder / value).resolve()))
 
 
+# train.report_to value -> (module it needs, pip package); "none" turns tracking off.
+REPORTERS: dict[str, tuple[str, str] | None] = {
+    "none": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio"),
+}
+
+
+def reporters(report_to: str | list) -> list[str]:
+    """`train.report_to` as a list of tracker names, without "none"."""
+    names = [report_to] if isinstance(report_to, str) else report_to
+    return [name for name in names if name != "none"]
+
+
+def _check_report_to(recipe: Recipe, where: str) -> None:
+    value = recipe.train.report_to
+    names = [value] if isinstance(value, str) else value
+    if not names:
+        raise UserError(f"{where}: 'train.report_to' is an empty list; write none to turn tracking off")
+    for name in names:
+        if not isinstance(name, str):
+            raise UserError(f"{where}: 'train.report_to' entries must be strings, got {name!r}")
+        _choice(where, "train.report_to", name, tuple(REPORTERS))
+    if "none" in names and len(names) > 1:
+        raise UserError(f"{where}: 'train.report_to' lists none together with trackers: {names}")
+
+
+def check_reporters_installed(recipe: Recipe, where: str) -> None:
+    """Each tracker in `train.report_to` must be importable (Trainer would fail only once training starts)."""
+    for name in reporters(recipe.train.report_to):
+        module, package = REPORTERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{where}: 'train.report_to' = {name} needs the {package} package, which is not "
+                            f"installed: pip install {package} (or set train.report_to=none)")
+
+
 def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
@@ -414,6 +466,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "train.epochs": (0, None, True), "train.max_steps": (-1, None, True),
     "eval.batch_size": (1, None, True), "eval.max_examples": (1, None, True), "eval.shots": (0, None, True),
     "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
+    "eval.harness.num_fewshot": (0, None, True), "eval.harness.limit": (0, None, False),
     "serve.port": (1, 65536, True), "serve.max_batch_size": (1, None, True), "serve.max_new_tokens_cap": (1, None, True),
 }
 
@@ -444,10 +497,15 @@ def _check_template(where: str, key: str, template: str, allowed: tuple[str, ...
     """A prompt template may use only its placeholders, must use the required ones (or the record's text would be
     silently left out), and has no stray braces ('{{' and '}}' stand for literal braces)."""
     try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as exc:
         raise UserError(f"{where}: '{key}' is not a valid template ({exc}); write '{{{{' and '}}}}' for literal "
                         "braces") from None
+    if any(spec or conversion for _, spec, conversion in parsed):
+        raise UserError(f"{where}: '{key}' may use plain placeholders only ({{{allowed[0]}}}), without a format "
+                        "spec or conversion such as ':>10' or '!r'")
+    fields = {name for name, _, _ in parsed}
     unknown = sorted(fields - set(allowed))
     if unknown:
         raise UserError(f"{where}: '{key}' uses unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}; "
@@ -466,6 +524,16 @@ def _check_templates(recipe: Recipe, where: str) -> None:
     _check_template(where, "data.classification.template", data.classification.template, ("text",), ("text",))
     for role in ("system", "user", "assistant_content"):  # `assistant`, `after_assistant` are used as written
         _check_template(where, f"data.chat.{role}", getattr(data.chat, role), ("content",), ("content",))
+
+
+def _check_harness(recipe: Recipe, where: str) -> None:
+    cfg = recipe.eval.harness
+    if cfg is None:
+        return
+    if not cfg.tasks or not all(isinstance(task, str) and task for task in cfg.tasks):
+        raise UserError(f"{where}: 'eval.harness.tasks' must be a non-empty list of task names, got {cfg.tasks!r}")
+    if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
+        raise UserError(f"{where}: 'eval.harness.include_path' = {cfg.include_path!r} is not a folder")
 
 
 def _check_gpt2_config(init: dict, where: str) -> None:
@@ -516,6 +584,8 @@ def _validate(recipe: Recipe, where: str) -> None:
             )
     _check_bounds(recipe, where)
     _check_templates(recipe, where)
+    _check_report_to(recipe, where)
+    _check_harness(recipe, where)
     if recipe.train.max_steps <= 0 and recipe.train.epochs <= 0:
         raise UserError(f"{where}: 'train.max_steps' ({recipe.train.max_steps}) and 'train.epochs' "
                         f"({recipe.train.epochs:g}) leave nothing to train: set one of them above 0")

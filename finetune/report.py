@@ -25,8 +25,34 @@ def _table(tuned: dict, base: dict | None) -> list[str]:
     return lines
 
 
+def _harness_cell(figures: dict | None, key: str) -> str:
+    value = (figures or {}).get(key)
+    if not isinstance(value, (int, float)):
+        return "-"
+    metric, _, filtering = key.partition(",")
+    stderr = (figures or {}).get(f"{metric}_stderr,{filtering}")
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+
+
+def _harness_table(tuned: dict, base: dict | None) -> list[str]:
+    """lm-evaluation-harness figures (`metric,filter` keys; stderr beside its figure)."""
+    lines = ["| harness task | figure | base | tuned |", "|---|---|---:|---:|"]
+    for task, figures in tuned.items():
+        for key in figures:
+            metric, _, filtering = key.partition(",")
+            if not filtering or metric.endswith("_stderr") or not isinstance(figures[key], (int, float)):
+                continue
+            name = metric if filtering in ("", "none") else f"{metric} ({filtering})"
+            lines.append(f"| {task} | {name} | {_harness_cell((base or {}).get(task), key)} | "
+                         f"{_harness_cell(figures, key)} |")
+    return lines
+
+
 def summary_table(results: dict) -> str:
-    return "\n".join(_table(results, results.get("baseline")))
+    lines = _table(results, results.get("baseline"))
+    if "harness" in results:
+        lines += ["", *_harness_table(results["harness"], (results.get("baseline") or {}).get("harness"))]
+    return "\n".join(lines)
 
 
 def _recipe_summary(recipe: Recipe) -> list[str]:
@@ -68,6 +94,8 @@ def write_report(path: Path, recipe: Recipe, results: dict) -> None:
     if base and base.get("shots"):
         lines += [f"The base model was prompted with {base['shots']} examples from the train split"
                   f"{' and contextual calibration' if base['calibrated'] else ''}; the tuned model zero-shot.", ""]
+    if "harness" in results:
+        lines += ["## lm-evaluation-harness", "", *_harness_table(results["harness"], (base or {}).get("harness")), ""]
     for file, figures in results.get("files", {}).items():
         base_figures = (base or {}).get("files", {}).get(file)
         lines += [f"### {file}", "", figures["method"], "", *_table(figures, base_figures), ""]

@@ -29,6 +29,7 @@ from transformers import (AutoConfig, EarlyStoppingCallback, GPT2Config, PreTrai
 from transformers.trainer_utils import EvalLoopOutput
 
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
+from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
 from finetune.distributed import (DEFAULT_TIMEOUT_S, allow_fsdp_on_cpu, main_print, process_state, same_on_every_rank,
                                   same_prepared_data, use_cpu)
@@ -40,6 +41,7 @@ from finetune.packing import IGNORE
 from finetune.plots import plot_loss
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
 from finetune.recipe import Recipe, save_recipe
+from finetune.tracking import environment as tracking_environment, guard as guard_trackers
 
 # TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
 CORE_ARGUMENTS = {
@@ -48,6 +50,7 @@ CORE_ARGUMENTS = {
     "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps",
     "save_steps": "save_steps", "save_total_limit": "save_total_limit", "seed": "seed", "bf16": "bf16",
     "fp16": "fp16", "gradient_checkpointing": "activation_checkpointing", "dataloader_workers": "dataloader_num_workers",
+    "report_to": "report_to", "run_name": "run_name",
 }
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -69,7 +72,7 @@ def train(recipe: Recipe) -> Trainer:
         raise UserError(f"{recipe.source}: 'train.extra.ddp_timeout' must be a whole number of seconds above 0; "
                         f"got {timeout!r}")
     state = process_state(timeout)
-    with run_lock(recipe, "train") if state.is_main_process else nullcontext():
+    with run_lock(recipe, "train") if state.is_main_process else nullcontext(), tracking_environment(recipe):
         return _train(recipe, state)
 
 
@@ -161,7 +164,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 # train.* keys a resumed run may change: how long it runs and what it logs and keeps, not what it computes.
 RESUMABLE_KEYS = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                  "early_stopping_patience", "resume", "dataloader_workers", "eval_batch_size")
+                  "early_stopping_patience", "resume", "dataloader_workers", "eval_batch_size", "report_to", "run_name")
 IDENTITY_FILE = "run.json"
 
 
@@ -280,13 +283,13 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
         greater_is_better=False if evaluate else None,
         include_num_input_tokens_seen="all",  # for tokens/s
         remove_unused_columns=False,  # the collator builds exactly the model's inputs
+        run_name=cfg.run_name or recipe.name,
     )
     defaults = dict(
         logging_first_step=True,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # LoRA or not, every trainable GPT-2 parameter is used in forward
-        report_to="none",
         use_cpu=use_cpu(),  # also: bf16 runs on the CPU only with use_cpu
     )
     known = TrainingArguments.__dataclass_fields__
@@ -326,6 +329,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
         trainer.add_callback(TokenProgress(throughput))
     if cfg.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    guard_trackers(trainer)
     return trainer
 
 
@@ -402,7 +406,7 @@ def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerB
     trainer.save_model(str(staging))
     if main:
         (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep it
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, recipe.data, staging)
         save_recipe(recipe, staging / "recipe.yaml")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
