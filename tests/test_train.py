@@ -307,6 +307,43 @@ def test_resume_falls_back_from_a_checkpoint_whose_weights_are_truncated(tmp_pat
     assert "resuming from" in out and "checkpoint-2" in out
 
 
+def test_killed_in_the_middle_of_checkpoint_saves_the_run_still_ends_like_an_uninterrupted_one(tmp_path,
+                                                                                            tiny_model_dir):
+    """SIGKILL three times, each the moment a checkpoint folder exists without its trainer_state.json (a save in
+    progress): each rerun skips the partial checkpoint and resumes from a complete one, and the last rerun ends
+    with the losses and weights of a run never interrupted."""
+    model = {"model": {"base": str(tiny_model_dir)}}
+    settings = {"max_steps": 40, "save_steps": 2, "save_total_limit": 3}
+    killed = write_recipe(tmp_path, model, name="killed", train=settings)
+    prepare(load_recipe(killed))
+    folder = tmp_path / "killed" / "checkpoints"
+    mid_save = 0
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(killed)], env=subprocess_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = sorted(folder.glob("checkpoint-*")) if folder.is_dir() else []
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            partial = [c for c in folder.glob("checkpoint-*") if c not in started
+                       and not (c / "trainer_state.json").exists()] if folder.is_dir() else []
+            if partial:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                mid_save += not (partial[0] / "trainer_state.json").exists()
+                break
+            time.sleep(0.001)
+        assert process.returncode == -signal.SIGKILL, f"the run ended by itself (exit {process.returncode})"
+    assert mid_save, "no kill landed inside a save"
+    train(load_recipe(killed))
+    train(load_recipe(write_recipe(tmp_path, model, name="straight", train=settings)))
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == [r["step"] for r in metrics(tmp_path / "straight")]
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "killed")),
+                               torch.tensor(train_losses(tmp_path / "straight")), atol=1e-6, rtol=0)
+    final_killed = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "straight" / "final" / "model.safetensors").items():
+        torch.testing.assert_close(final_killed[name], tensor, atol=1e-6, rtol=0)
+
+
 def test_a_second_train_of_the_same_run_is_refused_while_one_runs(tmp_path, tiny_model_dir, capsys):
     from finetune.prepare import run_lock
 
