@@ -10,7 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SCRATCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,  # a from-scratch GPT-2, dropout off
+           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega red green blue cyan magenta yellow black white good bad great awful").split()
 
@@ -21,6 +24,22 @@ def shared_path(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"../shared/data/{relative} is absent (shared data is not part of a fresh clone)")
     return path
+
+
+def subprocess_env() -> dict:
+    """For stages run as subprocesses: offline, this checkout's code, one thread (as `one_thread` here)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The same arithmetic in this process and in the subprocesses (and no thread thrashing on a shared CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def corpus_lines(n: int = 200, seed: int = 0) -> list[str]:

@@ -24,33 +24,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import corpus_lines
+from conftest import ROOT, SCRATCH, corpus_lines, subprocess_env
 from finetune.errors import UserError
 from finetune.prepare import ensure_prepared, prepare
 from finetune.recipe import load_recipe
 from finetune.train import newest_checkpoint, train
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOSS_BOUND, WEIGHT_BOUND = 2e-5, 1e-4
-SCRATCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
-           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 SETUPS = ROOT / "recipes" / "accelerate"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def free_port() -> int:
@@ -81,8 +66,8 @@ def launch(recipe: Path, *options: str, port: int | None = None, log: Path | Non
                "--main_process_port", str(port or free_port()), "-m", "finetune", "train", str(recipe)]
     if log is not None:  # a file, not a pipe: a pipe nobody reads yet would fill and stall the ranks
         with log.open("w") as output:
-            return subprocess.Popen(command, env=environment(), stdout=output, stderr=subprocess.STDOUT)
-    return subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+            return subprocess.Popen(command, env=subprocess_env(), stdout=output, stderr=subprocess.STDOUT)
+    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -190,7 +175,7 @@ def test_two_machines_train_what_one_process_trains_and_write_the_run_once(runs,
     port = free_port()
     nodes = []
     for rank in (0, 1):
-        subprocess.run([sys.executable, "-m", "finetune", "prepare", str(recipe)], env=environment(), check=True,
+        subprocess.run([sys.executable, "-m", "finetune", "prepare", str(recipe)], env=subprocess_env(), check=True,
                        capture_output=True)
         nodes.append(launch(recipe, "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
                             "--main_process_ip", "127.0.0.1", port=port, log=runs / f"two-machines-{rank}.log"))
@@ -214,7 +199,7 @@ def test_mpi_launch_of_the_multi_cpu_setup_trains_what_one_process_trains(runs, 
     setup = runs / "multi-cpu.yaml"
     setup.write_text(yaml.safe_dump({"distributed_type": "MULTI_CPU", "num_machines": 1, "mixed_precision": "no",
                                      "use_cpu": True}))
-    env = {**environment(), "PATH": f"{Path(mpirun).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**subprocess_env(), "PATH": f"{Path(mpirun).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run([str(BIN / "accelerate"), "launch", "--config_file", str(setup), "--num_processes", "2",
                              "--mpirun_hostfile", str(hosts), "--main_process_port", str(free_port()), "-m", "finetune",
                              "train", str(recipe)],

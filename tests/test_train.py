@@ -5,7 +5,6 @@ test_distributed.py."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,31 +16,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import corpus_lines
+from conftest import SCRATCH, corpus_lines, subprocess_env
 from finetune import cli
-from finetune.errors import UserError
 from finetune.prepare import prepare
 from finetune.recipe import load_recipe
 from finetune.train import train
 
 # peft 0.21 reads a GPT-2 property that transformers 5 deprecated, when loading an adapter.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-ROOT = Path(__file__).resolve().parents[1]
-SCRATCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
-           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same arithmetic in this process and in the subprocesses (and no thread thrashing on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 
 def write_recipe(tmp_path: Path, model: dict, name: str = "run", **sections) -> Path:
