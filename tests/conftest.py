@@ -61,19 +61,22 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random GPT-2 (2 layers, 32 wide) with its tokenizer, saved like a Hub checkpoint."""
+def save_tiny_gpt2(tokenizer, folder: Path, **config) -> Path:
+    """A random GPT-2 (seed 0) for `tokenizer`, saved with it like a Hub checkpoint; `config` sets its shape."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from finetune.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(str(tokenizer_dir))
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, **config)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 (2 layers, 32 wide) with its tokenizer, saved like a Hub checkpoint."""
+    from finetune.tokenizer import load_tokenizer
+
+    return save_tiny_gpt2(load_tokenizer(str(tokenizer_dir)), tmp_path_factory.mktemp("tiny-gpt2"),
+                          n_layer=2, n_head=2, n_embd=32, n_positions=128)

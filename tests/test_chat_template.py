@@ -10,6 +10,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
+from conftest import save_tiny_gpt2
 from finetune.chat_template import chat_template
 from finetune.cli import main
 from finetune.generation import load_generator
@@ -38,17 +39,8 @@ TRICKY_INSTRUCTION = {"template_no_input": "Q {{{{instruction}}}} \"{instruction
 @pytest.fixture(scope="module")
 def long_context_model(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny GPT-2 with 512 positions: room for the Alpaca preamble in the tests' 300-token vocabulary."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=512, vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-gpt2-512")
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path_factory.mktemp("tiny-gpt2-512"),
+                          n_layer=1, n_head=2, n_embd=32, n_positions=512)
 
 
 def run_recipe(tmp_path: Path, base: Path, fmt: str, rows: list[dict], section: dict) -> Path:
