@@ -5,6 +5,8 @@ folder's shared files, and a check that every rank trains from the same prepared
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -22,15 +24,21 @@ def use_cpu() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
-def process_state(timeout_s: int = DEFAULT_TIMEOUT_S) -> PartialState:
-    """This process's place in the launch (one process when nothing launched it); joins the process group, whose
-    collectives give up after `timeout_s` (a rank that waits longer for another exits with an error)."""
+@contextmanager
+def process_group(timeout_s: int = DEFAULT_TIMEOUT_S) -> Iterator[PartialState]:
+    """This process's place in the launch (one process when nothing launched it), for the block: joins the process
+    group, whose collectives give up after `timeout_s` (a rank that waits longer for another exits with an error),
+    and leaves it at the end (a rank exiting with gloo's threads still running can abort at exit)."""
     check_launch()
-    return PartialState(cpu=use_cpu(), timeout=timedelta(seconds=timeout_s))
+    state = PartialState(cpu=use_cpu(), timeout=timedelta(seconds=timeout_s))
+    try:
+        yield state
+    finally:
+        state.destroy_process_group()
 
 
 def main_print(message: str) -> None:
-    """Print once per launch, from the main process (after `process_state`)."""
+    """Print once per launch, from the main process (inside `process_group`)."""
     if PartialState().is_main_process:
         print(message)
 

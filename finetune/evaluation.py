@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from finetune import harness, report
 from finetune.collate import PackedCollator
 from finetune.data import check_utf8
-from finetune.distributed import process_state, same_prepared_data, use_cpu
+from finetune.distributed import process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError
 from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
@@ -48,38 +48,38 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
-    state = process_state()
-    accelerator = Accelerator(cpu=use_cpu())
-    started = time.perf_counter()
-    tasks = harness.check(recipe) if recipe.eval.harness else None
-    manifest = ensure_prepared(recipe, state.num_processes)
-    same_prepared_data(state, manifest["fingerprint"])
-    folder = Path(args.model) if args.model else recipe.run_dir / "final"
-    tokenizer = load_prepared_tokenizer(recipe)
-    tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
-    evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
+    with process_group() as state:
+        accelerator = Accelerator(cpu=use_cpu())
+        started = time.perf_counter()
+        tasks = harness.check(recipe) if recipe.eval.harness else None
+        manifest = ensure_prepared(recipe, state.num_processes)
+        same_prepared_data(state, manifest["fingerprint"])
+        folder = Path(args.model) if args.model else recipe.run_dir / "final"
+        tokenizer = load_prepared_tokenizer(recipe)
+        tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
+        evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
 
-    def figures(model: torch.nn.Module, baseline: bool) -> dict:
-        out = evaluator.evaluate(model, baseline)
-        if tasks is not None and accelerator.is_main_process:  # the harness runs its model in one process
-            out["harness"] = harness.evaluate(model, tokenizer, recipe.eval.harness, tasks, recipe.eval.batch_size)
-        accelerator.wait_for_everyone()
-        return out
+        def figures(model: torch.nn.Module, baseline: bool) -> dict:
+            out = evaluator.evaluate(model, baseline)
+            if tasks is not None and accelerator.is_main_process:  # the harness runs its model in one process
+                out["harness"] = harness.evaluate(model, tokenizer, recipe.eval.harness, tasks,
+                                                  recipe.eval.batch_size)
+            accelerator.wait_for_everyone()
+            return out
 
-    results = {"model": str(folder), "format": recipe.data.format, **figures(tuned, baseline=False)}
-    if recipe.eval.baseline:
-        with baseline_model(tuned, recipe, tokenizer, accelerator.device) as (base, description):
-            results["baseline"] = {"model": description, **figures(base, baseline=True)}
-    results["processes"] = accelerator.num_processes
-    results["wall_seconds"] = round(time.perf_counter() - started, 3)
-    if accelerator.is_main_process:
-        recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        (recipe.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-        report.write_report(recipe.run_dir / "report.md", recipe, results)
-        print(report.summary_table(results))
-        print(f"eval: wrote {recipe.run_dir / 'eval.json'} and {recipe.run_dir / 'report.md'}")
-    accelerator.end_training()
-    return 0
+        results = {"model": str(folder), "format": recipe.data.format, **figures(tuned, baseline=False)}
+        if recipe.eval.baseline:
+            with baseline_model(tuned, recipe, tokenizer, accelerator.device) as (base, description):
+                results["baseline"] = {"model": description, **figures(base, baseline=True)}
+        results["processes"] = accelerator.num_processes
+        results["wall_seconds"] = round(time.perf_counter() - started, 3)
+        if accelerator.is_main_process:
+            recipe.run_dir.mkdir(parents=True, exist_ok=True)
+            (recipe.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+            report.write_report(recipe.run_dir / "report.md", recipe, results)
+            print(report.summary_table(results))
+            print(f"eval: wrote {recipe.run_dir / 'eval.json'} and {recipe.run_dir / 'report.md'}")
+        return 0
 
 
 def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device, prepared: str) -> torch.nn.Module:

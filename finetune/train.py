@@ -31,7 +31,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
-from finetune.distributed import (DEFAULT_TIMEOUT_S, allow_fsdp_on_cpu, main_print, process_state, same_on_every_rank,
+from finetune.distributed import (DEFAULT_TIMEOUT_S, allow_fsdp_on_cpu, main_print, process_group, same_on_every_rank,
                                   same_prepared_data, use_cpu)
 from finetune.errors import UserError
 from finetune.loss import chunked_nll_sum
@@ -71,8 +71,8 @@ def train(recipe: Recipe) -> Trainer:
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
         raise UserError(f"{recipe.source}: 'train.extra.ddp_timeout' must be a whole number of seconds above 0; "
                         f"got {timeout!r}")
-    state = process_state(timeout)
-    with run_lock(recipe, "train") if state.is_main_process else nullcontext(), tracking_environment(recipe):
+    with process_group(timeout) as state, tracking_environment(recipe), \
+            run_lock(recipe, "train") if state.is_main_process else nullcontext():
         return _train(recipe, state)
 
 
