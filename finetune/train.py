@@ -82,6 +82,8 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     same_prepared_data(state, manifest["fingerprint"])
     identity = run_identity(recipe, manifest)
     resume = resume_checkpoint(recipe, identity)
+    # Decided before the collective below: past it, the main process may be replacing checkpoints/ as others read.
+    start_over = resume is None or newest_checkpoint(recipe.run_dir / "checkpoints") is None
     same_on_every_rank(state, "checkpoint to resume from", str(resume),
                        "keep checkpoints on storage every node reads, or write them on each node with "
                        "train.extra.save_on_each_node=true")
@@ -92,7 +94,7 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     if state.num_processes > 1:
         main_print(f"train: {state.num_processes} processes, {trainer.accelerator.distributed_type.value} over "
                    f"{state.backend}")
-    if (resume is None and recipe.train.resume != "auto") or newest_checkpoint(recipe.run_dir / "checkpoints") is None:
+    if start_over:
         clear_checkpoints(trainer, recipe.run_dir / "checkpoints", identity)
     if resume is not None and trainer.is_world_process_zero():
         print(f"train: resuming from {resume} (train.resume=never starts over)")

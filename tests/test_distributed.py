@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,7 @@ BIN = Path(sys.executable).parent
 LOSS_BOUND, WEIGHT_BOUND = 2e-5, 1e-4
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 SETUPS = ROOT / "recipes" / "accelerate"
+PROGRESS = re.compile(r"\d+%\|.*\||\[A$")
 
 
 def free_port() -> int:
@@ -68,6 +70,13 @@ def launch(recipe: Path, *options: str, port: int | None = None, log: Path | Non
         with log.open("w") as output:
             return subprocess.Popen(command, env=subprocess_env(), stdout=output, stderr=subprocess.STDOUT)
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+def messages(*outputs: str) -> str:
+    """What the ranks said, without progress bars (a failing rank's error line must not scroll out of view)."""
+    lines = (line for text in outputs for line in text.replace("\r", "\n").splitlines())
+    said = [line for line in lines if line.strip() and not PROGRESS.search(line)]
+    return "\n".join(said)[-8000:]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -113,7 +122,7 @@ def launched_run(runs: Path, tokenizer_dir: Path, name: str, setup: str, lora: d
     prepare(load_recipe(recipe))  # once, before the launch, as `make train` does
     options = [setup] if setup.startswith("--") else ["--config_file", str(SETUPS / setup)]
     result = launch(recipe, *options)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, messages(result.stdout, result.stderr)
     return result.stdout
 
 
@@ -161,9 +170,9 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_where_an_uninterrupted_run_en
     output = (runs / "fsdp-killed.log").read_text()
     assert not (runs / "fsdp-killed" / "final").exists(), "the run finished before it could be killed"
     survivor = newest_checkpoint(checkpoints)
-    assert survivor is not None, output[-3000:]
+    assert survivor is not None, messages(output)
     result = launch(recipe, *options)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, messages(result.stdout, result.stderr)
     assert f"resuming from {survivor}" in result.stdout
     assert_same_run(runs / "fsdp-killed", reference, loss_bound=1e-6, weight_bound=1e-6)
 
@@ -182,7 +191,7 @@ def test_two_machines_train_what_one_process_trains_and_write_the_run_once(runs,
     for node in nodes:
         node.wait(timeout=600)
     outputs = [(runs / f"two-machines-{rank}.log").read_text() for rank in (0, 1)]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert [node.returncode for node in nodes] == [0, 0], messages(*outputs)
     assert "2 processes, MULTI_CPU over gloo" in outputs[0]
     assert "train: wrote" in outputs[0] and "train: wrote" not in outputs[1]
     assert_same_run(runs / "two-machines", runs / "one")
@@ -204,7 +213,7 @@ def test_mpi_launch_of_the_multi_cpu_setup_trains_what_one_process_trains(runs, 
                              "--mpirun_hostfile", str(hosts), "--main_process_port", str(free_port()), "-m", "finetune",
                              "train", str(recipe)],
                             env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, messages(result.stdout, result.stderr)
     assert "2 processes, MULTI_CPU over gloo" in result.stdout
     assert_same_run(runs / "mpi", runs / "one")
 
