@@ -65,12 +65,12 @@ def main() -> None:
                               capture_output=True, text=True, check=True)
     baseline = json.loads(baseline.stdout.strip().splitlines()[-1])
     output, process_seconds = finetune("train", overrides)
-    end = json.loads((recipe.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    end = json.loads(recipe.run.metrics.read_text().splitlines()[-1])
     steps, train_runtime = end["step"], end["train_runtime"]
     block = recipe.data.block_size
     finetune("eval", [*overrides, f"eval.stride={block}", "eval.baseline=false"])
-    figures = json.loads((recipe.run_dir / "eval.json").read_text())
-    manifest = json.loads((recipe.prepared_dir / "manifest.json").read_text())
+    figures = json.loads(recipe.run.eval_results.read_text())
+    manifest = json.loads((recipe.run.prepared / "manifest.json").read_text())
     bits = figures["bits_per_byte"]
     init = recipe.model.init
     print(f"quality per time (tinyshakespeare from scratch; baseline: nanoGPT-style character model, "

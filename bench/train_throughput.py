@@ -106,7 +106,7 @@ def pipeline_tokens_per_s(recipe, case: Case) -> tuple[float, float]:
 
 
 def bare_model(recipe, case: Case) -> GPT2LMHeadModel:
-    tokenizer = json.loads((recipe.prepared_dir / "manifest.json").read_text())["tokenizer"]
+    tokenizer = json.loads((recipe.run.prepared / "manifest.json").read_text())["tokenizer"]
     torch.manual_seed(0)
     config = GPT2Config(**case.shape, vocab_size=tokenizer["vocab_size"], bos_token_id=tokenizer["eos_token_id"],
                         eos_token_id=tokenizer["eos_token_id"], use_cache=False)

@@ -37,7 +37,7 @@ from finetune.modeling import DTYPES, context_length, load_base_model, load_fina
 from finetune.packing import IGNORE, best_fit_decreasing
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
-from finetune.train import IDENTITY_FILE
+from finetune.run_folder import IDENTITY_FILE
 
 DEMO_SEPARATOR = "\n\n"
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration inputs of Zhao et al. 2021
@@ -54,7 +54,7 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
         tasks = harness.check(recipe) if recipe.eval.harness else None
         manifest = ensure_prepared(recipe, state.num_processes)
         same_prepared_data(state, manifest["fingerprint"])
-        folder = Path(args.model) if args.model else recipe.run_dir / "final"
+        folder = Path(args.model) if args.model else recipe.run.final
         tokenizer = load_prepared_tokenizer(recipe)
         tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
         evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
@@ -74,11 +74,11 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
         results["processes"] = accelerator.num_processes
         results["wall_seconds"] = round(time.perf_counter() - started, 3)
         if accelerator.is_main_process:
-            recipe.run_dir.mkdir(parents=True, exist_ok=True)
-            (recipe.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-            report.write_report(recipe.run_dir / "report.md", recipe, results)
+            recipe.run.root.mkdir(parents=True, exist_ok=True)
+            recipe.run.eval_results.write_text(json.dumps(results, indent=2))
+            report.write_report(recipe.run.report, recipe, results)
             print(report.summary_table(results))
-            print(f"eval: wrote {recipe.run_dir / 'eval.json'} and {recipe.run_dir / 'report.md'}")
+            print(f"eval: wrote {recipe.run.eval_results} and {recipe.run.report}")
         return 0
 
 
@@ -92,12 +92,12 @@ def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device, pr
         trained_on = json.loads(record.read_text()).get("prepared data") if record.is_file() else None
         if trained_on != prepared:
             raise UserError(f"{folder} holds no tokenizer, and no {IDENTITY_FILE} beside it shows it was trained on "
-                            f"{recipe.prepared_dir} as it is now: evaluate a final/ folder, or a checkpoint of this "
+                            f"{recipe.run.prepared} as it is now: evaluate a final/ folder, or a checkpoint of this "
                             "run trained since the data was last prepared")
     if (folder / "tokenizer_config.json").is_file():
         if AutoTokenizer.from_pretrained(str(folder)).get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{folder}: its tokenizer differs from the prepared data's "
-                            f"({recipe.prepared_dir}/tokenizer): the data or tokenizer settings changed after "
+                            f"({recipe.run.prepared}/tokenizer): the data or tokenizer settings changed after "
                             "training; restore them or train again")
     return prepare_for_training(model).to(device).eval()
 

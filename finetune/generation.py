@@ -24,6 +24,7 @@ from finetune.errors import UserError
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final
 from finetune.tokenizer import load_tokenizer, tokenizer_source
 from finetune.recipe import DataConfig, Recipe, recipe_from_dict
+from finetune.run_folder import RECIPE_FILE
 
 SEED_RANGE = 2**64
 Message = dict[str, str]
@@ -359,7 +360,7 @@ def _pad_left(tensor: torch.Tensor, size: int, dim: int, repeat: bool = False) -
 def trained_recipe(recipe: Recipe, folder: Path) -> Recipe:
     """The recipe the model in `folder` was trained with (its recipe.yaml: the prompt template that applies even
     if the recipe file changed since), else `recipe`."""
-    saved = folder / "recipe.yaml"
+    saved = folder / RECIPE_FILE
     if not saved.is_file():
         return recipe
     try:
@@ -386,7 +387,7 @@ def load_generator(recipe: Recipe, base: bool = False) -> Generator:
             tokenizer = load_tokenizer(source)
         model, data, name = load_base_model(recipe, tokenizer), recipe.data, f"{recipe.name}-base"
     else:
-        final = recipe.run_dir / "final"
+        final = recipe.run.final
         model, data, name = load_final(final, dtype), trained_recipe(recipe, final).data, recipe.name
         tokenizer = load_tokenizer(str(final))
     return Generator(model.to(device), tokenizer, data, name)

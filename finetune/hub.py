@@ -22,6 +22,7 @@ from finetune.errors import UserError
 from finetune.generation import trained_recipe
 from finetune.modeling import is_adapter, load_final, quiet_peft
 from finetune.recipe import HubSource, Recipe
+from finetune.run_folder import RECIPE_FILE
 from finetune.tokenizer import load_tokenizer
 
 MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "*.safetensors",
@@ -34,19 +35,19 @@ EXAMPLES = {"text": "Once upon a time", "instruction": "Explain what a language 
 
 def merge(recipe: Recipe) -> Path:
     """Write `<run>/merged/`: the adapter merged into its base, in safetensors, with the tokenizer and recipe."""
-    final = recipe.run_dir / "final"
+    final = recipe.run.final
     if final.is_dir() and not is_adapter(final):
         raise UserError(f"{final} is already a full model (the run had no LoRA adapter): nothing to merge; "
                         "load final/ directly")
     model = load_final(final).merge_and_unload()
     model.config.use_cache = True
-    out = recipe.run_dir / "merged"
+    out = recipe.run.merged
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
     save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, out)
-    if (final / "recipe.yaml").is_file():
-        shutil.copy2(final / "recipe.yaml", out / "recipe.yaml")
+    if (final / RECIPE_FILE).is_file():
+        shutil.copy2(final / RECIPE_FILE, out / RECIPE_FILE)
     print(f"merged model written to {out}")
     return out
 
@@ -189,14 +190,14 @@ def without_local_paths(value: Any) -> Any:
 
 def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) -> tuple[Path, bool]:
     """Write `<run>/hub/` (what would be uploaded) and check that it loads back; returns (folder, is_adapter)."""
-    final = recipe.run_dir / "final"
+    final = recipe.run.final
     if not final.is_dir():
         raise UserError(f"{final} does not exist: train the recipe first (finetune train RECIPE)")
     base = _recorded_base(recipe, final)
     adapter = is_adapter(final) and not merged
     source = final
     if merged and is_adapter(final):
-        source = recipe.run_dir / "merged"
+        source = recipe.run.merged
         if not (source / "config.json").is_file() or source.stat().st_mtime < final.stat().st_mtime:
             merge(recipe)
     hub_base = base_model or (base if base and not Path(base).exists() else None)  # else a local folder
@@ -204,24 +205,24 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
         raise UserError(f"the adapter's base model is a local folder ({base}), which people downloading the adapter "
                         "cannot load: pass --base-model USER/NAME naming the Hub model that folder is a copy of, "
                         "or push the full model with --merged")
-    folder = recipe.run_dir / "hub"
+    folder = recipe.run.hub
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     _copy_model(source, folder, hub_base if adapter else None)
     tokenizer = load_tokenizer(str(final))
     save_tokenizer(tokenizer, trained_recipe(recipe, final).data, folder)
-    if (final / "recipe.yaml").is_file():
-        shared = without_local_paths(yaml.safe_load((final / "recipe.yaml").read_text()))
+    if (final / RECIPE_FILE).is_file():
+        shared = without_local_paths(yaml.safe_load((final / RECIPE_FILE).read_text()))
         if hub_base and shared["model"].get("base"):
             shared["model"]["base"] = hub_base
-        (folder / "recipe.yaml").write_text(yaml.safe_dump(shared, sort_keys=False, allow_unicode=True))
+        (folder / RECIPE_FILE).write_text(yaml.safe_dump(shared, sort_keys=False, allow_unicode=True))
     evaluation = None
-    if (recipe.run_dir / "eval.json").is_file():
-        evaluation = json.loads((recipe.run_dir / "eval.json").read_text())
+    if recipe.run.eval_results.is_file():
+        evaluation = json.loads(recipe.run.eval_results.read_text())
         (folder / "eval.json").write_text(json.dumps(without_local_paths(evaluation), indent=2))
     else:
-        print(f"note: no {recipe.run_dir / 'eval.json'} (run finetune eval first): the model card has no figures")
+        print(f"note: no {recipe.run.eval_results} (run finetune eval first): the model card has no figures")
     model_card(trained_recipe(recipe, final), repo, adapter, hub_base, evaluation).save(
         folder / "README.md")
     check_loads(folder, final, adapter, base)

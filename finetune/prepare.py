@@ -39,6 +39,7 @@ from finetune.errors import UserError
 from finetune.formats import encode_texts, label_names, normalize, segments
 from finetune.tokenizer import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
 from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
+from finetune.run_folder import RECIPE_FILE
 from finetune.store import ShardData, TokenStore, check_shard, finish_split, split_problem, token_dtype, write_atomic
 
 SPLITS = ("train", "validation")
@@ -85,7 +86,7 @@ def source_digests(recipe: Recipe, manifest: dict | None) -> dict[str, dict]:
 
 
 def read_manifest(recipe: Recipe) -> dict | None:
-    path = recipe.prepared_dir / "manifest.json"
+    path = recipe.run.prepared / "manifest.json"
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
@@ -94,7 +95,7 @@ def read_manifest(recipe: Recipe) -> dict | None:
 
 def store_problem(folder: Path, checksums: bool) -> str | None:
     """Why `folder` is not a complete prepared store (None when it is)."""
-    for name in ("manifest.json", "recipe.yaml", "tokenizer/tokenizer.json"):
+    for name in ("manifest.json", RECIPE_FILE, "tokenizer/tokenizer.json"):
         if not (folder / name).is_file():
             return f"{folder / name} is missing"
     for split in SPLITS:
@@ -113,7 +114,7 @@ def _cache_state(recipe: Recipe, checksums: bool) -> tuple[Any | None, str, dict
     files = source_digests(recipe, manifest)
     digest = fingerprint(recipe, tokenizer, {path: entry["digest"] for path, entry in files.items()})
     current = manifest is not None and manifest.get("fingerprint") == digest and \
-        store_problem(recipe.prepared_dir, checksums) is None
+        store_problem(recipe.run.prepared, checksums) is None
     return tokenizer, digest, files, manifest if current else None
 
 
@@ -121,14 +122,14 @@ def _cache_state(recipe: Recipe, checksums: bool) -> tuple[Any | None, str, dict
 def run_lock(recipe: Recipe, stage: str, wait: bool = False) -> Iterator[None]:
     """One `stage` at a time per run folder (released by the OS when the process dies): refused while another
     holds it, or with `wait`, after it (then finding its result)."""
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    with (recipe.run_dir / f".{stage}.lock").open("w") as handle:
+    recipe.run.root.mkdir(parents=True, exist_ok=True)
+    with recipe.run.lock(stage).open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                raise UserError(f"another {stage} is running in {recipe.run_dir}; wait for it to finish") from None
-            print(f"{stage}: waiting for another {stage} in {recipe.run_dir} to finish", flush=True)
+                raise UserError(f"another {stage} is running in {recipe.run.root}; wait for it to finish") from None
+            print(f"{stage}: waiting for another {stage} in {recipe.run.root} to finish", flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
@@ -139,13 +140,13 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     with run_lock(recipe, "prepare", wait=True):
         tokenizer, digest, files, manifest = _cache_state(recipe, checksums=True)
         if manifest and not force:
-            print(f"prepare: {recipe.prepared_dir} is up to date (fingerprint {digest[:12]}); nothing to do")
+            print(f"prepare: {recipe.run.prepared} is up to date (fingerprint {digest[:12]}); nothing to do")
             return manifest
         return _build(recipe, tokenizer, digest, files, force)
 
 
 def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, force: bool) -> dict:
-    out, started = recipe.prepared_dir, time.perf_counter()
+    out, started = recipe.run.prepared, time.perf_counter()
     data.check_sources(recipe.data)
     for leftover in [*out.parent.glob("prepared.old-*"), *out.parent.glob("prepared.tmp-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # from killed swaps, and from versions before the store
@@ -183,7 +184,7 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
     for split in SPLITS:
         manifest[split] = _finish(work / split, chunks[split], dtype, cfg, describe(getattr(cfg, split) or cfg.train))
     tokenizer.save_pretrained(work / "tokenizer")
-    save_recipe(recipe, work / "recipe.yaml")
+    save_recipe(recipe, work / RECIPE_FILE)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     write_atomic(work / "manifest.json", json.dumps(manifest, indent=2).encode())
     _swap(work, out)
@@ -476,13 +477,13 @@ def ensure_prepared(recipe: Recipe, processes: int = 1) -> dict:
     if processes == 1:
         return prepare(recipe)
     state = "stale or incomplete" if read_manifest(recipe) else "missing"
-    raise UserError(f"{recipe.prepared_dir} is {state}, and ranks of a {processes}-process launch do not "
+    raise UserError(f"{recipe.run.prepared} is {state}, and ranks of a {processes}-process launch do not "
                     f"prepare: run 'finetune prepare {recipe.source}' before 'accelerate launch' "
                     "(make train / make eval with NPROC=n do)")
 
 
 def load_prepared(recipe: Recipe, split: str) -> TokenStore:
-    path = recipe.prepared_dir / split
+    path = recipe.run.prepared / split
     if not path.is_dir():
         raise UserError(f"{path} not found: run 'finetune prepare {recipe.source}' first")
     return TokenStore(path)
@@ -493,4 +494,4 @@ def load_records(recipe: Recipe, split: str) -> list[dict]:
 
 
 def load_prepared_tokenizer(recipe: Recipe) -> Any:
-    return with_pad_token(AutoTokenizer.from_pretrained(str(recipe.prepared_dir / "tokenizer")))
+    return with_pad_token(AutoTokenizer.from_pretrained(str(recipe.run.prepared / "tokenizer")))

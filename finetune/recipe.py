@@ -18,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 from finetune.errors import UserError
+from finetune.run_folder import RunFolder
 
 FORMATS = ("text", "instruction", "chat", "classification")
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -217,12 +218,8 @@ class Recipe:
     source: str = field(default="", metadata={"internal": True})
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("outputs") / self.name
-
-    @property
-    def prepared_dir(self) -> Path:
-        return self.run_dir / "prepared"
+    def run(self) -> RunFolder:
+        return RunFolder(Path(self.output_dir) if self.output_dir else Path("outputs") / self.name)
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what `recipe.yaml` in the run folder holds)."""

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from finetune.recipe import Recipe, reporters
+from finetune.run_folder import RunFolder
 
 PROBE_SECONDS = 3.0
 
@@ -48,27 +49,27 @@ def defaults(recipe: Recipe) -> dict[str, str]:
     """The trackers' environment settings for this run, for the variables the user has not set: TensorBoard
     events in `tensorboard/`; W&B files in `wandb/`, offline without a login or a reachable server; MLflow in the
     SQLite store `mlflow.db` unless MLFLOW_TRACKING_URI names a reachable server; Trackio in `trackio/`."""
-    run_dir = recipe.run_dir.resolve()
+    run = RunFolder(recipe.run.root.resolve())
     names = reporters(recipe.train.report_to)
     env: dict[str, str] = {}
     if "tensorboard" in names:
-        env["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+        env["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     if "wandb" in names:
-        env["WANDB_DIR"] = str(run_dir)
+        env["WANDB_DIR"] = str(run.root)
         url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         problem = None if "WANDB_MODE" in os.environ else "no login" if not _wandb_logged_in(url) else \
             None if reachable(url) else f"{url} is unreachable"
         if problem:
             env["WANDB_MODE"] = "offline"
-            _note(f"W&B: {problem}, logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
+            _note(f"W&B: {problem}, logging offline to {run.root / 'wandb'} (upload later with `wandb sync`)")
     if "mlflow" in names:
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{run.root / 'mlflow.db'}"
     if "trackio" in names:
-        env["TRACKIO_DIR"] = str(run_dir / "trackio")
+        env["TRACKIO_DIR"] = str(run.root / "trackio")
     env = {key: value for key, value in env.items() if key not in os.environ}
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if "mlflow" in names and uri.startswith(("http://", "https://")) and not reachable(uri):
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{run.root / 'mlflow.db'}"
         _note(f"MLflow: {uri} is unreachable, logging to {env['MLFLOW_TRACKING_URI']}")
     return env
 

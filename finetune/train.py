@@ -41,6 +41,7 @@ from finetune.packing import IGNORE
 from finetune.plots import plot_loss
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
 from finetune.recipe import Recipe, save_recipe
+from finetune.run_folder import RECIPE_FILE, RunFolder
 from finetune.tracking import environment as tracking_environment, guard as guard_trackers
 
 # TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
@@ -83,7 +84,7 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     identity = run_identity(recipe, manifest)
     resume = resume_checkpoint(recipe, identity)
     # Decided before the collective below: past it, the main process may be replacing checkpoints/ as others read.
-    start_over = resume is None or newest_checkpoint(recipe.run_dir / "checkpoints") is None
+    start_over = resume is None or newest_checkpoint(recipe.run.checkpoints) is None
     same_on_every_rank(state, "checkpoint to resume from", str(resume),
                        "keep checkpoints on storage every node reads, or write them on each node with "
                        "train.extra.save_on_each_node=true")
@@ -95,7 +96,7 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
         main_print(f"train: {state.num_processes} processes, {trainer.accelerator.distributed_type.value} over "
                    f"{state.backend}")
     if start_over:
-        clear_checkpoints(trainer, recipe.run_dir / "checkpoints", identity)
+        clear_checkpoints(trainer, recipe.run, identity)
     if resume is not None and trainer.is_world_process_zero():
         print(f"train: resuming from {resume} (train.resume=never starts over)")
     trainer.train(resume_from_checkpoint=resume)
@@ -167,7 +168,6 @@ def checkpoint_problem(path: Path) -> str | None:
 # train.* keys a resumed run may change: how long it runs and what it logs and keeps, not what it computes.
 RESUMABLE_KEYS = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                   "early_stopping_patience", "resume", "dataloader_workers", "eval_batch_size", "report_to", "run_name")
-IDENTITY_FILE = "run.json"
 
 
 def run_identity(recipe: Recipe, manifest: dict) -> dict:
@@ -187,13 +187,14 @@ def resume_checkpoint(recipe: Recipe, identity: dict) -> str | None:
     if mode == "never":
         return None
     if mode == "auto":
-        folder = recipe.run_dir / "checkpoints"
+        folder = recipe.run.checkpoints
         found = newest_checkpoint(folder)
         if found is None:
             return None
-        recorded = json.loads((folder / IDENTITY_FILE).read_text()) if (folder / IDENTITY_FILE).is_file() else None
+        record = recipe.run.identity
+        recorded = json.loads(record.read_text()) if record.is_file() else None
         if recorded != identity:
-            changed = "unknown (no checkpoints/run.json)" if recorded is None else ", ".join(
+            changed = f"unknown (no {record})" if recorded is None else ", ".join(
                 key for key in identity if recorded.get(key) != identity.get(key))
             raise UserError(f"{recipe.source}: {folder} holds a run of other data or settings (changed: {changed}); "
                             "set train.resume=never to start over, or train.resume=<checkpoint> to continue it "
@@ -207,15 +208,15 @@ def resume_checkpoint(recipe: Recipe, identity: dict) -> str | None:
     return str(found)
 
 
-def clear_checkpoints(trainer: Trainer, folder: Path, identity: dict) -> None:
+def clear_checkpoints(trainer: Trainer, run: RunFolder, identity: dict) -> None:
     """A fresh run must not leave an older run's checkpoints for `auto` to pick up; it records what it trains
     from, so that `auto` resumes only the same run."""
     if trainer.is_world_process_zero():
-        if newest_checkpoint(folder) is not None:
-            print(f"train: starting over: removing the old checkpoints in {folder}")
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        (folder / IDENTITY_FILE).write_text(json.dumps(identity, indent=1))
+        if newest_checkpoint(run.checkpoints) is not None:
+            print(f"train: starting over: removing the old checkpoints in {run.checkpoints}")
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
+        run.checkpoints.mkdir(parents=True)
+        run.identity.write_text(json.dumps(identity, indent=1))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -240,7 +241,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.
 
 def base_dir(recipe: Recipe) -> Path:
     """Where a from-scratch model is saved before LoRA, so the adapter has a base to point at."""
-    return (recipe.run_dir / "base").resolve()
+    return recipe.run.base.resolve()
 
 
 def save_initialized_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -274,7 +275,7 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
         raise UserError(f"{recipe.source}: set 'train.warmup_steps' or 'train.warmup_ratio', not both")
     eval_steps = cfg.save_steps if cfg.eval_steps is None else cfg.eval_steps
     stage = dict(
-        output_dir=str(recipe.run_dir / "checkpoints"),
+        output_dir=str(recipe.run.checkpoints),
         warmup_steps=cfg.warmup_ratio or cfg.warmup_steps,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
         save_strategy="steps",
@@ -313,7 +314,7 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
 
 def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Trainer:
     cfg = recipe.train
-    validation = (recipe.prepared_dir / "validation").is_dir()
+    validation = (recipe.run.prepared / "validation").is_dir()
     evaluate = validation and cfg.eval_steps != 0
     if cfg.early_stopping_patience and not evaluate:
         raise UserError(f"{recipe.source}: 'train.early_stopping_patience' needs evaluation (a validation split and "
@@ -324,7 +325,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
         model=model, args=training_arguments(recipe, evaluate), data_collator=PackedCollator(tokenizer.pad_token_id),
         train_dataset=load_prepared(recipe, "train"),
         eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
-        callbacks=[throughput, MetricsFile(recipe.run_dir / "metrics.jsonl")],
+        callbacks=[throughput, MetricsFile(recipe.run.metrics)],
     )  # no processing_class: Trainer would copy pad = EOS into the model config (final/ gets the tokenizer)
     if not trainer.args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
@@ -399,8 +400,8 @@ class PackedTrainer(Trainer):
 def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> Path:
     """`final/`: the adapter (PEFT format) or the full model (safetensors), the tokenizer and the resolved recipe;
     its config has `use_cache` back on so generation uses a KV cache."""
-    final = recipe.run_dir / "final"
-    staging = recipe.run_dir / "final.tmp"
+    final = recipe.run.final
+    staging = final.with_name("final.tmp")
     main = trainer.is_world_process_zero()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -409,10 +410,10 @@ def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerB
     if main:
         (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep it
         save_tokenizer(tokenizer, recipe.data, staging)
-        save_recipe(recipe, staging / "recipe.yaml")
+        save_recipe(recipe, staging / RECIPE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        plot_loss(recipe.run_dir / "metrics.jsonl", recipe.run_dir / "loss.png")
+        plot_loss(recipe.run.metrics, recipe.run.loss_plot)
         print(f"train: wrote {final}" + (f" (best checkpoint: {trainer.state.best_model_checkpoint})"
                                          if trainer.state.best_model_checkpoint else ""))
     trainer.accelerator.wait_for_everyone()

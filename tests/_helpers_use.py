@@ -110,7 +110,7 @@ def write_recipe(folder: Path, name: str, base: Path, fmt: str = "text", lora: b
 
 
 def _save_final(recipe: Recipe, model: torch.nn.Module, tokenizer) -> None:
-    final = recipe.run_dir / "final"
+    final = recipe.run.final
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
     save_recipe(recipe, final / "recipe.yaml")

@@ -65,9 +65,9 @@ def test_chat_template_gives_the_prompt_and_training_tokens(tmp_path, long_conte
     recipe = load_recipe(run_recipe(tmp_path, long_context_model, "chat", [{"messages": c} for c in CONVERSATIONS],
                                     section))
     train(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.run_dir / "final")
+    tokenizer = AutoTokenizer.from_pretrained(recipe.run.final)
     generator = load_generator(recipe)
-    assert json.loads((recipe.prepared_dir / "manifest.json").read_text())["validation"]["records_truncated"] == 0
+    assert json.loads((recipe.run.prepared / "manifest.json").read_text())["validation"]["records_truncated"] == 0
     store = load_prepared(recipe, "validation")
     trained = list(zip(store.records(), store.documents(), strict=True))
     assert len(trained) == len(CONVERSATIONS)
@@ -88,9 +88,9 @@ def test_chat_template_gives_the_prompt_and_training_tokens(tmp_path, long_conte
 def test_instruction_template_gives_the_prompt_and_training_tokens(tmp_path, long_context_model, section):
     recipe = load_recipe(run_recipe(tmp_path, long_context_model, "instruction", INSTRUCTIONS, section))
     train(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.run_dir / "final")
+    tokenizer = AutoTokenizer.from_pretrained(recipe.run.final)
     generator = load_generator(recipe)
-    assert json.loads((recipe.prepared_dir / "manifest.json").read_text())["validation"]["records_truncated"] == 0
+    assert json.loads((recipe.run.prepared / "manifest.json").read_text())["validation"]["records_truncated"] == 0
     documents = list(load_prepared(recipe, "validation").documents())
     assert len(documents) == len(INSTRUCTIONS)
     for row, tokens in zip(INSTRUCTIONS, documents):
@@ -118,12 +118,12 @@ def test_merge_and_push_carry_the_template_and_the_model_card_uses_it(tmp_path, 
     recipe = load_recipe(path)
     train(recipe)
     expected = chat_template(recipe.data)
-    assert AutoTokenizer.from_pretrained(recipe.run_dir / "final").chat_template == expected
+    assert AutoTokenizer.from_pretrained(recipe.run.final).chat_template == expected
     assert main(["merge", str(path)]) == 0
     assert main(["push", str(path), "--repo", "me/tiny-chat", "--merged", "--dry-run"]) == 0
     for folder in ("merged", "hub"):
-        assert AutoTokenizer.from_pretrained(recipe.run_dir / folder).chat_template == expected, folder
-    card = (recipe.run_dir / "hub" / "README.md").read_text()
+        assert AutoTokenizer.from_pretrained(recipe.run.root / folder).chat_template == expected, folder
+    card = (recipe.run.hub / "README.md").read_text()
     code = card.split("```python\n")[1].split("```")[0]
     assert "tokenizer.apply_chat_template(messages, add_generation_prompt=True" in code
-    exec(compile(code.replace("'me/tiny-chat'", repr(str(recipe.run_dir / "hub"))), "README.md", "exec"), {})  # runs
+    exec(compile(code.replace("'me/tiny-chat'", repr(str(recipe.run.hub))), "README.md", "exec"), {})  # runs

@@ -39,7 +39,7 @@ def write_recipe(folder: Path, raw: dict) -> Path:
 def save_final(model: torch.nn.Module, recipe_path: Path, tokenizer_dir: Path) -> Path:
     """<run>/final/ as train writes it: the model or adapter, the tokenizer and the resolved recipe."""
     recipe = load_recipe(recipe_path)
-    final = recipe.run_dir / "final"
+    final = recipe.run.final
     model.save_pretrained(final)
     load_tokenizer(str(tokenizer_dir)).save_pretrained(final)
     save_recipe(recipe, final / "recipe.yaml")
@@ -48,7 +48,7 @@ def save_final(model: torch.nn.Module, recipe_path: Path, tokenizer_dir: Path) -
 
 def run_eval(recipe_path: Path, *overrides: str) -> dict:
     assert main(["eval", str(recipe_path), *overrides]) == 0
-    return json.loads((load_recipe(recipe_path).run_dir / "eval.json").read_text())
+    return json.loads((load_recipe(recipe_path).run.eval_results).read_text())
 
 
 def reference_sliding(model: torch.nn.Module, stream: list[int], block: int, stride: int) -> tuple[float, int]:
@@ -92,7 +92,7 @@ def test_sliding_window_perplexity_matches_reference(text_run: tuple[Path, Path]
     tokenizer = load_tokenizer(str(base_dir))
     eos = tokenizer.eos_token_id
     docs = [tokenizer(text)["input_ids"] + [eos] for text in VALIDATION_TEXT]
-    tuned, base = load_final(recipe.run_dir / "final").eval(), AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    tuned, base = load_final(recipe.run.final).eval(), AutoModelForCausalLM.from_pretrained(base_dir).eval()
     text_bytes = sum(len(text.encode("utf-8")) for text in VALIDATION_TEXT)
     for stride, batch_size in ((32, 1), (32, 4), (8, 1), (8, 5)):
         result = run_eval(recipe_path, f"eval.stride={stride}", f"eval.batch_size={batch_size}")
@@ -148,8 +148,8 @@ def instruction_run(tmp_path: Path, tiny_model_dir: Path, tokenizer_dir: Path) -
 def test_prompt_and_padding_tokens_are_never_counted(instruction_run: Path) -> None:
     recipe = load_recipe(instruction_run)
     one, four = run_eval(instruction_run, "eval.batch_size=1"), run_eval(instruction_run, "eval.batch_size=4")
-    tokenizer = load_tokenizer(str(recipe.run_dir / "final"))
-    model = load_final(recipe.run_dir / "final").eval()
+    tokenizer = load_tokenizer(str(recipe.run.final))
+    model = load_final(recipe.run.final).eval()
     total, count, n_bytes = 0.0, 0, 0
     for record in load_records(recipe, "validation"):  # each example alone, unpadded: response tokens + EOS
         prompt = tokenizer(record["prompt"])["input_ids"]
@@ -160,14 +160,14 @@ def test_prompt_and_padding_tokens_are_never_counted(instruction_run: Path) -> N
         n_bytes += len(record["response"].encode("utf-8"))
     assert len(load_prepared(recipe, "validation")) < 12  # examples are packed several to a row
     for result in (one, four):
-        assert result["tokens"] == count == json.loads((recipe.prepared_dir / "manifest.json").read_text())[
+        assert result["tokens"] == count == json.loads((recipe.run.prepared / "manifest.json").read_text())[
             "validation"]["target_tokens"]
         assert result["loss"] == pytest.approx(total / count, rel=1e-5)
         assert result["bytes"] == n_bytes
         assert result["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
     assert abs(result["baseline"]["loss"] - result["loss"]) > 1e-3
     assert len(result["generations"]) == 5 and {"exact_match", "bleu"} <= set(result)
-    assert "## Sample generations" in (recipe.run_dir / "report.md").read_text()
+    assert "## Sample generations" in recipe.run.report.read_text()
 
 
 @torch.inference_mode()
@@ -246,7 +246,7 @@ def test_classification_goes_from_chance_to_near_perfect(classification_run: Pat
     assert len(result["baseline"]["shot_texts"]) == 2 and not validation & set(result["baseline"]["shot_texts"])
     matrix = result["confusion_matrix"]["rows_true_columns_predicted"]
     assert sum(map(sum, matrix)) == result["examples"] == 40
-    report = (load_recipe(classification_run).run_dir / "report.md").read_text()
+    report = (load_recipe(classification_run).run.report).read_text()
     assert "| accuracy |" in report and "Confusion matrices" in report
 
 
@@ -257,7 +257,7 @@ def test_two_processes_give_the_same_figures(classification_run: Path) -> None:
     done = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "-m", "finetune", "eval",
                            str(classification_run)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((load_recipe(classification_run).run_dir / "eval.json").read_text())
+    two = json.loads((load_recipe(classification_run).run.eval_results).read_text())
     assert two["processes"] == 2
     for a, b in ((one, two), (one["baseline"], two["baseline"])):
         assert (a["tokens"], a["bytes"], a["examples"]) == (b["tokens"], b["bytes"], b["examples"])

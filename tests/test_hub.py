@@ -36,7 +36,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def run_paths(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     paths = runs(tmp_path_factory, tokenizer_dir)
-    (load_recipe(paths["lora"]).run_dir / "eval.json").write_text(json.dumps(EVAL))
+    (load_recipe(paths["lora"]).run.eval_results).write_text(json.dumps(EVAL))
     return paths
 
 
@@ -56,7 +56,7 @@ def hub_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory, 
 
 
 def probe_ids(recipe: Recipe) -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(recipe.run_dir / "final")
+    tokenizer = AutoTokenizer.from_pretrained(recipe.run.final)
     return torch.tensor([tokenizer(RECITAL)["input_ids"][:100]])
 
 
@@ -76,11 +76,11 @@ def run_usage_snippet(folder: Path, repo: str, capsys: pytest.CaptureFixture) ->
 
 def test_merge_gives_a_plain_transformers_model_with_the_adapters_logits(lora: Recipe, run_paths) -> None:
     assert main(["merge", str(run_paths["lora"])]) == 0
-    merged = lora.run_dir / "merged"
+    merged = lora.run.merged
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
     assert (merged / "tokenizer.json").is_file() and (merged / "recipe.yaml").is_file()
     ids = probe_ids(lora)
-    adapter = logits(load_final(lora.run_dir / "final"), ids)
+    adapter = logits(load_final(lora.run.final), ids)
     plain = logits(AutoModelForCausalLM.from_pretrained(merged), ids)
     base = logits(AutoModelForCausalLM.from_pretrained(lora.model.base), ids)
     assert torch.allclose(plain, adapter, atol=1e-5)
@@ -102,7 +102,7 @@ def test_push_dry_run_of_the_adapter(lora: Recipe, run_paths, hub_copy: Path, ca
     assert main(["push", str(run_paths["lora"]), "--repo", "me/tiny-lora", "--dry-run",
                  "--base-model", HUB_BASE]) == 0
     out = capsys.readouterr().out
-    folder = lora.run_dir / "hub"
+    folder = lora.run.hub
     names = {p.name for p in folder.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "recipe.yaml", "eval.json", "README.md"} <= names
@@ -115,9 +115,9 @@ def test_push_dry_run_of_the_adapter(lora: Recipe, run_paths, hub_copy: Path, ca
     assert "| perplexity | 1.52 | 164 |" in card.text
     ids = probe_ids(lora)
     loaded = AutoPeftModelForCausalLM.from_pretrained(folder)  # as a user would, base resolved from HUB_BASE
-    assert torch.allclose(logits(loaded, ids), logits(load_final(lora.run_dir / "final"), ids), atol=1e-5)
+    assert torch.allclose(logits(loaded, ids), logits(load_final(lora.run.final), ids), atol=1e-5)
     assert run_usage_snippet(folder, "me/tiny-lora", capsys).strip()
-    local = str(lora.run_dir.resolve().parent)  # the test's folder: runs, data files, the base model
+    local = str(lora.run.root.resolve().parent)  # the test's folder: runs, data files, the base model
     for path in folder.iterdir():
         if path.suffix in (".json", ".yaml", ".md"):
             assert local not in path.read_text(), f"{path.name} names a local path"
@@ -127,7 +127,7 @@ def test_push_dry_run_of_the_adapter(lora: Recipe, run_paths, hub_copy: Path, ca
 def test_push_dry_run_of_the_merged_model(lora: Recipe, run_paths, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["push", str(run_paths["lora"]), "--repo", "me/tiny-merged", "--merged", "--dry-run"]) == 0
-    folder = lora.run_dir / "hub"
+    folder = lora.run.hub
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= names
     assert "adapter_config.json" not in names

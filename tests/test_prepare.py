@@ -231,7 +231,7 @@ def test_resolved_recipe_is_written_with_the_prepared_data(tmp_path, tokenizer_d
     (tmp_path / "c.txt").write_text("\n".join(corpus_lines(20)) + "\n")
     recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"))
     prepare(recipe)
-    written = yaml.safe_load((recipe.prepared_dir / "recipe.yaml").read_text())
+    written = yaml.safe_load((recipe.run.prepared / "recipe.yaml").read_text())
     assert written == recipe.to_dict() and written["data"]["train"] == str(tmp_path / "c.txt")
 
 
@@ -280,7 +280,7 @@ def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_
     assert expected["train"]["tokens"] > 15 * 2000
     killed_path = big_text_recipe(tmp_path, tokenizer_dir, "killed")
     killed = load_recipe(killed_path)
-    progress = killed.run_dir / "prepared.partial" / "progress"
+    progress = killed.run.root / "prepared.partial" / "progress"
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     rng = random.Random(0)
@@ -299,13 +299,13 @@ def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_
             kills += 1
         process.wait()
         if read_manifest_or_none(killed) is not None:  # killed after the swap: a complete store
-            assert store_problem(killed.prepared_dir, checksums=True) is None
+            assert store_problem(killed.run.prepared, checksums=True) is None
     assert kills >= 1, "prepare finished before it could be killed"
     done = list(progress.glob("*.json")) if progress.is_dir() else []
-    assert done and not killed.prepared_dir.exists(), f"killed too late: {kills} kills, {len(done)} shards done"
+    assert done and not killed.run.prepared.exists(), f"killed too late: {kills} kills, {len(done)} shards done"
     # a shard damaged after it was recorded is detected and redone, never trusted
     victim = json.loads(sorted(done)[0].read_text())["splits"]["train"]
-    shard = killed.run_dir / "prepared.partial" / "train" / f"{victim['name']}.tokens"
+    shard = killed.run.root / "prepared.partial" / "train" / f"{victim['name']}.tokens"
     shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x00")
     result = subprocess.run([sys.executable, "-m", "finetune", "prepare", str(killed_path)], env=env,
                             capture_output=True, text=True)
@@ -316,7 +316,7 @@ def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_
         for key in ("records_in", "records_kept", "tokens", "target_tokens", "sequences"):
             assert manifest[split][key] == expected[split][key], (split, key)
         assert store_rows(killed, split) == store_rows(straight, split)
-    assert not (killed.run_dir / "prepared.partial").exists()
+    assert not (killed.run.root / "prepared.partial").exists()
 
 
 def read_manifest_or_none(recipe):
@@ -337,8 +337,8 @@ def test_a_damaged_store_is_never_up_to_date(tmp_path, tokenizer_dir, capsys):
 
     recipe = load_recipe(big_text_recipe(tmp_path, tokenizer_dir, "run"))
     prepare(recipe)
-    info = json.loads((recipe.prepared_dir / "validation" / "split.json").read_text())
-    records = recipe.prepared_dir / "validation" / f"{info['shards'][0]['name']}.tokens"
+    info = json.loads((recipe.run.prepared / "validation" / "split.json").read_text())
+    records = recipe.run.prepared / "validation" / f"{info['shards'][0]['name']}.tokens"
     records.write_bytes(records.read_bytes()[:-1] + b"\x01")  # same size, other bytes
     ensure_prepared(recipe, processes=2)  # ranks check sizes only: cheap at any corpus size
     capsys.readouterr()
@@ -370,11 +370,11 @@ def test_replacing_a_store_never_passes_through_a_state_that_looks_complete(tmp_
     with pytest.raises(KeyboardInterrupt):
         prepare(recipe)
     monkeypatch.undo()
-    assert not recipe.prepared_dir.exists()
+    assert not recipe.run.prepared.exists()
     with pytest.raises(UserError):
         stage.ensure_prepared(recipe, processes=2)
     manifest = prepare(recipe)
-    assert manifest["block_size"] == 32 and not list(recipe.run_dir.glob("prepared.old-*"))
+    assert manifest["block_size"] == 32 and not list(recipe.run.root.glob("prepared.old-*"))
 
 
 def test_overrides_may_follow_the_options(tmp_path, tokenizer_dir, capsys):
@@ -383,7 +383,7 @@ def test_overrides_may_follow_the_options(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "c.txt").write_text("\n".join(corpus_lines(40)) + "\n")
     recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"))
     assert main(["prepare", recipe.source, "--force", "data.block_size=32"]) == 0
-    assert json.loads((recipe.prepared_dir / "manifest.json").read_text())["block_size"] == 32
+    assert json.loads((recipe.run.prepared / "manifest.json").read_text())["block_size"] == 32
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", recipe.source, "--force", "stray"])
     assert exit_info.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
@@ -405,7 +405,7 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, tokenizer_dir, capsys
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: ") and "No space left on device" in err
     assert "Traceback" not in err and ".tokens" in err
-    assert not recipe.prepared_dir.exists()  # nothing that looks complete was left
+    assert not recipe.run.prepared.exists()  # nothing that looks complete was left
 
 
 def test_a_second_prepare_of_a_run_folder_waits_for_the_first(tmp_path, tokenizer_dir):

@@ -39,8 +39,8 @@ def test_tensorboard_events_equal_metrics_jsonl(tmp_path, tiny_model_dir):
         train(recipe)
     finally:
         torch.set_num_threads(before)
-    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
-    events = EventAccumulator(str(recipe.run_dir / "tensorboard"))
+    rows = [json.loads(line) for line in recipe.run.metrics.read_text().splitlines()]
+    events = EventAccumulator(str(recipe.run.tensorboard))
     events.Reload()
     for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
         logged = {e.step: e.value for e in events.Scalars(tag)}
@@ -94,7 +94,7 @@ def test_a_failing_tracker_is_switched_off_and_the_run_finishes(tmp_path, tiny_m
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir), ["train.max_steps=2", "train.eval_steps=0"])
     train(recipe)
     assert "TensorBoardCallback failed in on_train_begin and is off for the rest of the run" in capsys.readouterr().err
-    assert (recipe.run_dir / "final" / "model.safetensors").is_file()
+    assert (recipe.run.final / "model.safetensors").is_file()
 
 
 def test_trackers_default_to_offline_stores_in_the_run_folder(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -128,8 +128,8 @@ def test_mlflow_logs_the_losses_to_the_local_store_when_installed(tmp_path, tiny
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, report_to="mlflow"))
     train(recipe)
-    with sqlite3.connect(recipe.run_dir / "mlflow.db") as db:
+    with sqlite3.connect(recipe.run.root / "mlflow.db") as db:
         logged = db.execute("SELECT key, step, value FROM metrics WHERE key IN ('loss', 'eval_loss')").fetchall()
-    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in recipe.run.metrics.read_text().splitlines()]
     assert sorted(logged) == sorted((key, row["step"], row[key]) for row in rows for key in ("loss", "eval_loss")
                                     if key in row)
