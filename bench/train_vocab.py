@@ -8,7 +8,7 @@ Shapes, both without dropout, on WikiText-2 text tokenized with the real GPT-2 t
 - gpt2: gpt2-small's shape (12 x 768, 124M parameters), block 128, batch 4, 8 steps.
 Both loops run AdamW (fused) at a constant learning rate with clipping at 1.0 on full rows of the same store;
 timed from the end of the warm-up steps to the end of the last one. The pipeline runs as `finetune train` does
-(glibc keeps freed memory, see cli.keep_freed_memory); the bare loop as a user's script would. Goal: ratio
+(glibc keeps freed memory, see allocator.keep_freed_memory); the bare loop as a user's script would. Goal: ratio
 >= 1.6 on the small shape.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.common import ROOT, record, shared_or_skip
 from bench.train_throughput import NO_DROPOUT, Case, bare_tokens_per_s, pipeline_tokens_per_s
-from finetune.cli import keep_freed_memory
+from finetune.allocator import keep_freed_memory
 from finetune.prepare import prepare
 from finetune.recipe import recipe_from_dict
 

@@ -6,14 +6,13 @@ commands: /reset (forget the conversation) and /exit. Piped stdin is read line b
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from finetune.errors import UserError
-from finetune.generation import (Generator, Message, SamplingParams, add_sampling_arguments, load_generator,
-                                 sampling_params, write_stream)
+from finetune.generation import Generator, Message, SamplingParams, load_generator, sampling_params, write_stream
 from finetune.recipe import Recipe
 
 
@@ -60,15 +59,12 @@ def _without_leading_space() -> Callable[[str], None]:
     return show
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--system", help="system prompt (default: data.chat.system_prompt)")
-    add_sampling_arguments(parser)
-
-
-def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
-    generator = load_generator(recipe, base=args.base)
-    params = sampling_params(recipe, args, extra_stops=generator.chat_stops())
-    session = ChatSession(generator, params, args.system)
+def chat(recipe: Recipe, options: dict[str, Any], stops: tuple[str, ...] = (), system: str | None = None,
+         base: bool = False) -> None:
+    """The dialogue loop on stdin and stdout; `options` and `stops` as for `sampling_params`."""
+    generator = load_generator(recipe, base=base)
+    params = sampling_params(recipe, options, (*stops, *generator.chat_stops()))
+    session = ChatSession(generator, params, system)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {generator.name} ({generator.context}-token window); /reset, /exit", file=sys.stderr)
@@ -97,4 +93,3 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
         print()
-    return 0

@@ -9,7 +9,6 @@ so the figures depend neither on the number of processes nor on the batch size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -43,18 +42,16 @@ DEMO_SEPARATOR = "\n\n"
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration inputs of Zhao et al. 2021
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--model", metavar="FOLDER", help="model folder to evaluate (default: the run's final/)")
-
-
-def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
+def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
+    """Score the model in `folder` (default: the run's final/) and, unless eval.baseline is off, its base; write eval.json and
+    report.md. Returns the figures."""
     with process_group() as state:
         accelerator = Accelerator(cpu=use_cpu())
         started = time.perf_counter()
         tasks = harness.check(recipe) if recipe.eval.harness else None
         manifest = ensure_prepared(recipe, state.num_processes)
         same_prepared_data(state, manifest["fingerprint"])
-        folder = Path(args.model) if args.model else recipe.run.final
+        folder = folder or recipe.run.final
         tokenizer = load_prepared_tokenizer(recipe)
         tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
         evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
@@ -79,7 +76,7 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
             report.write_report(recipe.run.report, recipe, results)
             print(report.summary_table(results))
             print(f"eval: wrote {recipe.run.eval_results} and {recipe.run.report}")
-        return 0
+        return results
 
 
 def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device, prepared: str) -> torch.nn.Module:

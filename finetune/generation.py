@@ -4,7 +4,6 @@ stop strings and streamed text. `finetune generate`, `finetune chat` and the HTT
 
 from __future__ import annotations
 
-import argparse
 import functools
 import secrets
 import sys
@@ -19,7 +18,6 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from finetune import formats
-from finetune.data import check_utf8
 from finetune.errors import UserError
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final
 from finetune.tokenizer import load_tokenizer, tokenizer_source
@@ -393,19 +391,6 @@ def load_generator(recipe: Recipe, base: bool = False) -> Generator:
     return Generator(model.to(device), tokenizer, data, name)
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `generate` and `chat`; unset ones come from the recipe's `generate` section."""
-    parser.add_argument("--max-new-tokens", type=int, help="most tokens to generate (generate.max_new_tokens)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (generate.temperature)")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (generate.top_p)")
-    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens, 0 = off (generate.top_k)")
-    parser.add_argument("--repetition-penalty", type=float, help="1.0 = off (generate.repetition_penalty)")
-    parser.add_argument("--seed", type=int, help="same seed, same output (generate.seed; default: random, printed)")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop before this text (repeatable; adds to generate.stop)")
-    parser.add_argument("--base", action="store_true", help="use the bare base model instead of the run's final/")
-
-
 def recipe_params(recipe: Recipe) -> SamplingParams:
     """The recipe's `generate` section as sampling settings, checked."""
     cfg = recipe.generate
@@ -417,13 +402,12 @@ def recipe_params(recipe: Recipe) -> SamplingParams:
     return params
 
 
-def sampling_params(recipe: Recipe, args: argparse.Namespace, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
-    """The recipe's settings with the command-line options over them; an unset seed is drawn and printed."""
+def sampling_params(recipe: Recipe, options: dict[str, Any], stops: tuple[str, ...] = ()) -> SamplingParams:
+    """The recipe's settings with the command-line `options` over them (SamplingParams fields; None = unset) and
+    `stops` added; an unset seed is drawn and printed."""
     params = recipe_params(recipe)
-    options = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "top_k",
-                                                       "repetition_penalty", "seed")}
     params = replace(params, **{k: v for k, v in options.items() if v is not None},
-                     stop=tuple(dict.fromkeys([*params.stop, *args.stop, *extra_stops])))
+                     stop=tuple(dict.fromkeys([*params.stop, *stops])))
     problem = params.problem()
     if problem:
         raise UserError(f"{problem} (from the command-line options)")
@@ -438,44 +422,19 @@ def write_stream(piece: str) -> None:
     sys.stdout.flush()
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    source.add_argument("--prompt-file", help="a file with one prompt a line")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt (seeds seed, seed+1, ...)")
-    parser.add_argument("--raw", action="store_true", help="use the prompt as is, without the recipe's template")
-    add_sampling_arguments(parser)
-
-
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompt is not None:
-        return args.prompt
-    path = Path(args.prompt_file)
-    if not path.is_file():
-        raise UserError(f"--prompt-file {path}: no such file")
-    check_utf8(path)
-    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"--prompt-file {path}: no prompts in it (one prompt a line)")
-    return prompts
-
-
-def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    prompts = read_prompts(args)
-    params = sampling_params(recipe, args)
-    generator = load_generator(recipe, base=args.base)
-    jobs = [(prompt, sample) for prompt in prompts for sample in range(args.num_samples)]
+def generate(recipe: Recipe, prompts: list[str], params: SamplingParams, num_samples: int = 1, raw: bool = False,
+             base: bool = False) -> None:
+    """Stream `num_samples` completions of each prompt (seeds seed, seed+1, ...) to stdout."""
+    generator = load_generator(recipe, base=base)
+    jobs = [(prompt, sample) for prompt in prompts for sample in range(num_samples)]
     for prompt, sample in jobs:
         seed = (params.seed + sample) % SEED_RANGE
         if len(jobs) > 1:
-            print(f"=== {prompt[:60]!r} - sample {sample + 1}/{args.num_samples} (seed {seed}) ===")
-        ids = generator.prompt_ids(prompt, raw=args.raw)
+            print(f"=== {prompt[:60]!r} - sample {sample + 1}/{num_samples} (seed {seed}) ===")
+        ids = generator.prompt_ids(prompt, raw=raw)
         fitted = generator.fit(ids, params.max_new_tokens)
         if len(fitted) < len(ids):
             print(f"note: prompt cut to its last {len(fitted)} of {len(ids)} tokens to fit the context window "
                   f"({generator.context})", file=sys.stderr)
         generator.generate(fitted, replace(params, seed=seed), on_text=write_stream)
         print()
-    return 0

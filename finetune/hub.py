@@ -4,7 +4,6 @@ the run's model before it is sent to the Hugging Face Hub)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -256,22 +255,3 @@ def push(recipe: Recipe, repo: str, private: bool = False, merged: bool = False,
         raise UserError(f"upload to {repo} failed: {type(exc).__name__}: {message}") from None
     print(f"pushed: https://huggingface.co/{repo}")
     return folder
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    if command != "push":
-        return
-    parser.add_argument("--repo", required=True, help="Hub repository id, user/name")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--merged", action="store_true", help="push the merged full model instead of the adapter")
-    parser.add_argument("--dry-run", action="store_true", help="write and check the upload folder; send nothing")
-    parser.add_argument("--base-model", help="Hub id of the base model, when the run's base is a local copy of it")
-
-
-def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
-    if command == "merge":
-        merge(recipe)
-    else:
-        push(recipe, args.repo, private=args.private, merged=args.merged, dry_run=args.dry_run,
-             base_model=args.base_model)
-    return 0

@@ -8,7 +8,6 @@ template), both streaming as server-sent events with `"stream": true`. The reque
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
@@ -541,14 +540,6 @@ def load_workers(recipe: Recipe, base: bool = False) -> list[ModelWorker]:
     return workers
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, help="port (serve.port, default 8000)")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $FINETUNE_API_KEY, "
-                                          "or the variable named by serve.api_key_env)")
-    parser.add_argument("--base", action="store_true", help="serve the bare base model(s) instead of final/")
-
-
 def check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -558,13 +549,16 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
+def serve(recipe: Recipe, host: str | None = None, port: int | None = None, api_key: str | None = None,
+          base: bool = False) -> None:
+    """Serve the run's model (and `serve.extra_runs`) until interrupted; unset arguments come from the recipe's
+    `serve` section (the API key from the variable it names)."""
     cfg = recipe.serve
-    host, port = args.host or cfg.host, cfg.port if args.port is None else args.port
+    host, port = host or cfg.host, cfg.port if port is None else port
     check_bound("serve.port", port, "--port")
-    api_key = args.api_key or os.environ.get(cfg.api_key_env) or None
+    api_key = api_key or os.environ.get(cfg.api_key_env) or None
     check_port(host, port)
-    workers = load_workers(recipe, base=args.base)
+    workers = load_workers(recipe, base=base)
     app = create_app(workers, api_key, cfg.max_new_tokens_cap)
     names = ", ".join(w.name for w in workers)
     print(f"serving {names} on http://{host}:{port} (OpenAI base_url http://{host}:{port}/v1; "
@@ -573,7 +567,6 @@ def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
         print(f"warning: listening on {host} without an API key: anyone who can reach it can use the model",
               file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info")
-    return 0
 
 
 class BackgroundServer:

@@ -9,7 +9,6 @@ with optimizer, scheduler, data order and RNG state, so a killed run ends where 
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import re
@@ -54,15 +53,6 @@ CORE_ARGUMENTS = {
     "report_to": "report_to", "run_name": "run_name",
 }
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """No options of its own: everything is in the recipe (`train.*`, `lora.*`), overridable as key=value."""
-
-
-def run(command: str, recipe: Recipe, args: argparse.Namespace) -> int:
-    train(recipe)
-    return 0
 
 
 def train(recipe: Recipe) -> Trainer:

@@ -1,0 +1,25 @@
+"""`finetune serve RECIPE`: an HTTP API for the tuned model, with OpenAI-compatible endpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+from finetune.commands import Command
+from finetune.recipe import Recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, help="port (serve.port, default 8000)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $FINETUNE_API_KEY, "
+                                          "or the variable named by serve.api_key_env)")
+    parser.add_argument("--base", action="store_true", help="serve the bare base model(s) instead of final/")
+
+
+def run(recipe: Recipe, args: argparse.Namespace) -> None:
+    from finetune.serve import serve
+
+    serve(recipe, host=args.host, port=args.port, api_key=args.api_key, base=args.base)
+
+
+COMMAND = Command("serve", "HTTP API, including OpenAI-compatible endpoints", run, add_arguments)
