@@ -14,9 +14,9 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
 
 from finetune.errors import UserError
+from finetune.recipe import DEFAULT_DDP_TIMEOUT_S
 
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-DEFAULT_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout's default
 
 
 def use_cpu() -> bool:
@@ -25,7 +25,7 @@ def use_cpu() -> bool:
 
 
 @contextmanager
-def process_group(timeout_s: int = DEFAULT_TIMEOUT_S) -> Iterator[PartialState]:
+def process_group(timeout_s: int = DEFAULT_DDP_TIMEOUT_S) -> Iterator[PartialState]:
     """This process's place in the launch (one process when nothing launched it), for the block: joins the process
     group, whose collectives give up after `timeout_s` (a rank that waits longer for another exits with an error),
     and leaves it at the end (a rank exiting with gloo's threads still running can abort at exit)."""

@@ -197,9 +197,9 @@ class Evaluator:
 
     def _check_settings(self) -> None:
         cfg, where = self.cfg, self.recipe.source
-        if cfg.stride is not None and not 1 <= cfg.stride <= self.block:
-            raise UserError(f"{where}: 'eval.stride' must be between 1 and the block size {self.block}, "
-                            f"got {cfg.stride}")
+        if cfg.stride is not None and cfg.stride > self.block:  # 1..data.block_size was checked at load
+            raise UserError(f"{where}: 'eval.stride' ({cfg.stride}) is above the model's {self.max_context}-token "
+                            "context")
         if self.recipe.data.format in ("instruction", "chat") and cfg.generate_samples and \
                 cfg.max_new_tokens >= self.max_context:
             raise UserError(f"{where}: 'eval.max_new_tokens' ({cfg.max_new_tokens}) leaves no room for the prompt "

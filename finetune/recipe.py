@@ -533,6 +533,63 @@ def _check_harness(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: 'eval.harness.include_path' = {cfg.include_path!r} is not a folder")
 
 
+# train.* keys -> the TrainingArguments they set (finetune/train.py); train.extra passes any other one through.
+TRAINING_ARGUMENTS = {
+    "epochs": "num_train_epochs", "max_steps": "max_steps", "lr": "learning_rate", "scheduler": "lr_scheduler_type",
+    "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+    "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps",
+    "save_steps": "save_steps", "save_total_limit": "save_total_limit", "seed": "seed", "bf16": "bf16",
+    "fp16": "fp16", "gradient_checkpointing": "activation_checkpointing", "dataloader_workers": "dataloader_num_workers",
+    "report_to": "report_to", "run_name": "run_name",
+}
+# TrainingArguments the train stage derives from the recipe (train.extra may not set them).
+STAGE_ARGUMENTS = ("output_dir", "warmup_steps", "per_device_eval_batch_size", "save_strategy", "eval_strategy",
+                   "eval_steps", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+                   "include_num_input_tokens_seen", "remove_unused_columns", "run_name")
+DEFAULT_DDP_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout's default
+
+
+def _check_train(recipe: Recipe, where: str) -> None:
+    cfg = recipe.train
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise UserError(f"{where}: 'train.max_steps' ({cfg.max_steps}) and 'train.epochs' ({cfg.epochs:g}) leave "
+                        "nothing to train: set one of them above 0")
+    if cfg.warmup_ratio and cfg.warmup_steps:
+        raise UserError(f"{where}: set 'train.warmup_steps' or 'train.warmup_ratio', not both")
+    if cfg.early_stopping_patience and cfg.eval_steps == 0:
+        raise UserError(f"{where}: 'train.early_stopping_patience' needs evaluation: 'train.eval_steps' must not be 0")
+    if cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
+        raise UserError(f"{where}: 'train.save_steps' ({cfg.save_steps}) must be a multiple of 'train.eval_steps' "
+                        f"({cfg.eval_steps}): the best checkpoint is chosen among the evaluated ones")
+    timeout = cfg.extra.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise UserError(f"{where}: 'train.extra.ddp_timeout' must be a whole number of seconds above 0; got "
+                        f"{timeout!r}")
+    if cfg.extra:
+        _check_train_extra(cfg.extra, where)
+
+
+def _check_train_extra(extra: dict, where: str) -> None:
+    from transformers import TrainingArguments
+
+    known = TrainingArguments.__dataclass_fields__
+    for key in extra:
+        owner = next((k for k, argument in TRAINING_ARGUMENTS.items() if argument == key), None)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{where}: 'train.extra.{key}' is not a TrainingArguments argument{hint}")
+        if owner or key in STAGE_ARGUMENTS:
+            hint = f"set 'train.{owner}' instead" if owner else "the train stage derives it from the recipe"
+            raise UserError(f"{where}: 'train.extra.{key}' cannot be passed through: {hint}")
+
+
+def _check_eval(recipe: Recipe, where: str) -> None:
+    stride, block = recipe.eval.stride, recipe.data.block_size
+    if stride is not None and not 1 <= stride <= block:
+        raise UserError(f"{where}: 'eval.stride' must be between 1 and data.block_size ({block}), got {stride}")
+
+
 def _check_gpt2_config(init: dict, where: str) -> None:
     """`model.init` keys must be GPT-2 config keys (a typo would silently train another model), and the width
     must split into the heads."""
@@ -583,9 +640,8 @@ def _validate(recipe: Recipe, where: str) -> None:
     _check_templates(recipe, where)
     _check_report_to(recipe, where)
     _check_harness(recipe, where)
-    if recipe.train.max_steps <= 0 and recipe.train.epochs <= 0:
-        raise UserError(f"{where}: 'train.max_steps' ({recipe.train.max_steps}) and 'train.epochs' "
-                        f"({recipe.train.epochs:g}) leave nothing to train: set one of them above 0")
+    _check_train(recipe, where)
+    _check_eval(recipe, where)
     if recipe.model.init is not None:
         _check_gpt2_config(recipe.model.init, where)
     if recipe.data.format == "classification" and not recipe.data.classification.labels:

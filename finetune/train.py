@@ -9,7 +9,6 @@ with optimizer, scheduler, data order and RNG state, so a killed run ends where 
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import shutil
@@ -30,7 +29,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
-from finetune.distributed import (DEFAULT_TIMEOUT_S, allow_fsdp_on_cpu, main_print, process_group, same_on_every_rank,
+from finetune.distributed import (allow_fsdp_on_cpu, main_print, process_group, same_on_every_rank,
                                   same_prepared_data, use_cpu)
 from finetune.errors import UserError
 from finetune.loss import chunked_nll_sum
@@ -39,30 +38,18 @@ from finetune.modeling import (apply_lora, check_model_folder, context_length, l
 from finetune.packing import IGNORE
 from finetune.plots import plot_loss
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
-from finetune.recipe import Recipe, save_recipe
+from finetune.recipe import DEFAULT_DDP_TIMEOUT_S, STAGE_ARGUMENTS, TRAINING_ARGUMENTS, Recipe, save_recipe
 from finetune.run_folder import RECIPE_FILE, RunFolder
 from finetune.tracking import environment as tracking_environment, guard as guard_trackers
 
 # TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
-CORE_ARGUMENTS = {
-    "epochs": "num_train_epochs", "max_steps": "max_steps", "lr": "learning_rate", "scheduler": "lr_scheduler_type",
-    "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
-    "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps",
-    "save_steps": "save_steps", "save_total_limit": "save_total_limit", "seed": "seed", "bf16": "bf16",
-    "fp16": "fp16", "gradient_checkpointing": "activation_checkpointing", "dataloader_workers": "dataloader_num_workers",
-    "report_to": "report_to", "run_name": "run_name",
-}
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
     Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
-    timeout = recipe.train.extra.get("ddp_timeout", DEFAULT_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
-        raise UserError(f"{recipe.source}: 'train.extra.ddp_timeout' must be a whole number of seconds above 0; "
-                        f"got {timeout!r}")
-    with process_group(timeout) as state, tracking_environment(recipe), \
+    with process_group(recipe.train.extra.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)) as state, tracking_environment(recipe), \
             run_lock(recipe, "train") if state.is_main_process else nullcontext():
         return _train(recipe, state)
 
@@ -261,8 +248,6 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
     """TrainingArguments from the documented `train.*` core, plus `train.extra` passed through: extra may change
     the defaults below, not what the core or the stage itself decides."""
     cfg = recipe.train
-    if cfg.warmup_ratio and cfg.warmup_steps:
-        raise UserError(f"{recipe.source}: set 'train.warmup_steps' or 'train.warmup_ratio', not both")
     eval_steps = cfg.save_steps if cfg.eval_steps is None else cfg.eval_steps
     stage = dict(
         output_dir=str(recipe.run.checkpoints),
@@ -285,17 +270,8 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
         ddp_find_unused_parameters=False,  # LoRA or not, every trainable GPT-2 parameter is used in forward
         use_cpu=use_cpu(),  # also: bf16 runs on the CPU only with use_cpu
     )
-    known = TrainingArguments.__dataclass_fields__
-    for key in cfg.extra:
-        owner = next((k for k, arg in CORE_ARGUMENTS.items() if arg == key), None)
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{recipe.source}: 'train.extra.{key}' is not a TrainingArguments argument{hint}")
-        if owner or key in stage:
-            hint = f"set 'train.{owner}' instead" if owner else "the train stage derives it from the recipe"
-            raise UserError(f"{recipe.source}: 'train.extra.{key}' cannot be passed through: {hint}")
-    kwargs = {**{arg: getattr(cfg, key) for key, arg in CORE_ARGUMENTS.items()}, **defaults, **cfg.extra, **stage}
+    assert set(stage) == set(STAGE_ARGUMENTS)  # train.extra was checked against that list when the recipe loaded
+    kwargs = {**{arg: getattr(cfg, key) for key, arg in TRAINING_ARGUMENTS.items()}, **defaults, **cfg.extra, **stage}
     try:
         return TrainingArguments(**kwargs)
     except ValueError as exc:
@@ -306,9 +282,9 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
     cfg = recipe.train
     validation = (recipe.run.prepared / "validation").is_dir()
     evaluate = validation and cfg.eval_steps != 0
-    if cfg.early_stopping_patience and not evaluate:
-        raise UserError(f"{recipe.source}: 'train.early_stopping_patience' needs evaluation (a validation split and "
-                        "'train.eval_steps' other than 0)")
+    if cfg.early_stopping_patience and not validation:
+        raise UserError(f"{recipe.source}: 'train.early_stopping_patience' needs evaluation, but the prepared data "
+                        "has no validation split")
     throughput = Throughput()
     trainer = PackedTrainer(
         loss_chunk=cfg.loss_chunk,

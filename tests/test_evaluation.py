@@ -294,7 +294,7 @@ def test_bad_settings_are_user_errors(text_run: tuple[Path, Path], tmp_path: Pat
                                       capsys: pytest.CaptureFixture) -> None:
     recipe_path, _ = text_run
     assert main(["eval", str(recipe_path), "eval.stride=33"]) == 2
-    assert "'eval.stride' must be between 1 and the block size 32" in capsys.readouterr().err
+    assert "'eval.stride' must be between 1 and data.block_size (32), got 33" in capsys.readouterr().err
     assert main(["eval", str(recipe_path), "eval.files=[missing.txt]"]) == 2
     assert "eval.files: missing.txt not found" in capsys.readouterr().err
     assert main(["eval", str(recipe_path), f"output_dir={tmp_path / 'elsewhere'}"]) == 2

@@ -125,6 +125,24 @@ def test_bad_values_templates_and_names_are_rejected_at_load_naming_the_key(tmp_
         load_recipe(path, [override])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.warmup_steps=5", "train.warmup_ratio=0.1"], r"set 'train.warmup_steps' or 'train.warmup_ratio', not both"),
+    (["train.early_stopping_patience=2", "train.eval_steps=0"], r"'train.eval_steps' must not be 0"),
+    (["train.save_steps=10", "train.eval_steps=4"], r"'train.save_steps' \(10\) must be a multiple of 'train.eval_steps'"),
+    (["train.extra.ddp_timeout=0"], r"'train.extra.ddp_timeout' must be a whole number of seconds above 0"),
+    (["train.extra.optimm=adamw_torch"], r"'train.extra.optimm' is not a TrainingArguments argument; did you mean"),
+    (["train.extra.learning_rate=0.1"], r"set 'train.lr' instead"),
+    (["train.extra.output_dir=x"], r"the train stage derives it from the recipe"),
+    (["eval.stride=0"], r"'eval.stride' must be between 1 and data.block_size \(64\), got 0"),
+    (["eval.stride=65"], r"'eval.stride' must be between 1 and data.block_size \(64\), got 65"),
+])
+def test_train_and_eval_settings_that_need_no_model_are_checked_at_load(tmp_path, overrides, message):
+    """So that `finetune train` refuses them before any work, not after training."""
+    path = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(UserError, match=message):
+        load_recipe(path, overrides)
+
+
 def test_a_run_that_would_train_nothing_and_bad_scratch_configs_are_rejected(tmp_path):
     path = write(tmp_path / "r.yaml", BASE)
     with pytest.raises(UserError, match="leave nothing to train"):
