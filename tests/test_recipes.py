@@ -1,0 +1,100 @@
+"""One offline run per shipped recipe, as torchtune tests its recipes: the recipe file as shipped, with a tiny
+GPT-2 standing in for the Hub model and a slice of the same public data set (../shared/data) for the Hub data,
+through prepare -> train -> eval on the command line. A recipe that no longer prepares, trains or evaluates
+fails here, not in a user's hands. Only sizes (steps, rows, block size) and the stand-ins are overridden."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, save_tiny_gpt2
+from finetune import cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+RECIPES = ROOT / "recipes"
+SHARED = ROOT.parent / "shared" / "data"
+# Hub recipes: the local copy of their data set, and how its columns differ from the Hub's.
+HUB_STAND_INS = {
+    "gpt2-lora-wikitext2": ("wikitext-2/wikitext2_validation.txt", []),
+    "gpt2-lora-sst2": ("sst2/train.tsv", []),
+    "gpt2-medium-lora-e2e": ("e2e/devset.csv", ["data.instruction.instruction_field=mr",
+                                                "data.instruction.output_field=ref"]),
+    "gpt2-alpaca": ("alpaca/alpaca_en_demo.json", []),
+    "gpt2-chat": ("chat/dummy_conversation.json", []),
+}
+SHORT = ["train.max_steps=2", "train.save_steps=2", "train.eval_steps=2", "train.batch_size=2",
+         "train.report_to=none", "eval.max_examples=8", "eval.generate_samples=2", "eval.max_new_tokens=4"]
+
+
+def shipped(name: str) -> dict:
+    return yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+
+
+def run(name: str, output: Path, overrides: list[str]) -> dict:
+    """prepare, train and eval the shipped recipe `name` into `output`; its eval.json."""
+    stride = shipped(name).get("eval", {}).get("stride")
+    overrides = [f"output_dir={output}", *SHORT, *(["eval.stride=32"] if stride else []), *overrides]
+    recipe = str(RECIPES / f"{name}.yaml")
+    for command in ("prepare", "train", "eval"):
+        assert cli.main([command, recipe, *overrides]) == 0, f"{command} {name} failed"
+    assert (output / "final" / "recipe.yaml").is_file()
+    figures = json.loads((output / "eval.json").read_text())
+    assert all(math.isfinite(value) for value in numbers(figures)), figures
+    return figures
+
+
+def numbers(figures: object) -> list[float]:
+    if isinstance(figures, dict):
+        return [n for value in figures.values() for n in numbers(value)]
+    if isinstance(figures, list):
+        return [n for value in figures for n in numbers(value)]
+    return [float(figures)] if isinstance(figures, (int, float)) and not isinstance(figures, bool) else []
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_vocab_model(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 with the real GPT-2 tokenizer, standing in for gpt2 and gpt2-medium."""
+    if not (SHARED / "gpt2-tokenizer" / "vocab.json").is_file():
+        pytest.skip("../shared/data/gpt2-tokenizer is absent")
+    from finetune.tokenizer import load_tokenizer
+
+    return save_tiny_gpt2(load_tokenizer(str(SHARED / "gpt2-tokenizer")), tmp_path_factory.mktemp("gpt2-vocab"),
+                          n_layer=1, n_head=2, n_embd=16, n_positions=256)
+
+
+@pytest.mark.parametrize("name", sorted(HUB_STAND_INS))
+def test_hub_recipe_runs_offline_with_stand_ins(name, tmp_path, tiny_gpt2_vocab_model):
+    data, columns = HUB_STAND_INS[name]
+    if not (SHARED / data).is_file():
+        pytest.skip(f"../shared/data/{data} is absent")
+    stand_ins = [f"model.base={tiny_gpt2_vocab_model}", f"data.train={SHARED / data}", "data.validation=null",
+                 "data.max_records=80", "data.block_size=256", *columns]
+    figures = run(name, tmp_path / name, stand_ins)
+    assert "baseline" in figures
+
+
+def test_demo_recipes_run_in_sequence(tmp_path):
+    """demo-pretrain trains a model from scratch; demo-tune (and demo-tune-harness) tune it with LoRA."""
+    run("demo-pretrain", tmp_path / "demo-pretrain", ["data.max_records=400"])
+    tuned = [f"model.base={tmp_path / 'demo-pretrain' / 'final'}", "data.max_records=80", "eval.shots=2"]
+    figures = run("demo-tune", tmp_path / "demo-tune", tuned)
+    assert 0 <= figures["accuracy"] <= 1
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed (pip install -e '.[harness]'): demo-tune-harness not run")
+    figures = run("demo-tune-harness", tmp_path / "demo-tune-harness", [*tuned, "eval.harness.limit=4"])
+    assert set(figures["harness"]) >= {"demo_sentiment", "demo_reviews_bpb"}
+
+
+def test_scratch_recipe_runs(tmp_path):
+    run("scratch-text", tmp_path / "scratch-text", ["data.max_records=400", "tokenizer.train.vocab_size=512"])
+
+
+def test_every_shipped_recipe_has_a_run_here():
+    tested = {*HUB_STAND_INS, "demo-pretrain", "demo-tune", "demo-tune-harness", "scratch-text"}
+    assert {path.stem for path in RECIPES.glob("*.yaml")} == tested
