@@ -41,14 +41,26 @@ def merge(recipe: Recipe) -> Path:
     model = load_final(final).merge_and_unload()
     model.config.use_cache = True
     out = recipe.run.merged
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, out)
-    if (final / RECIPE_FILE).is_file():
-        shutil.copy2(final / RECIPE_FILE, out / RECIPE_FILE)
+    staging = out.with_name("merged.tmp")  # renamed into place when complete: `push --merged` trusts merged/
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, staging)
+    write_shareable_recipe(final, staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
     print(f"merged model written to {out}")
     return out
+
+
+def write_shareable_recipe(final: Path, folder: Path, hub_base: str | None = None) -> None:
+    """final/'s recipe in `folder`, without this machine's paths (a merged model or an upload is for others);
+    `hub_base` names the Hub model the base folder is a copy of."""
+    if not (final / RECIPE_FILE).is_file():
+        return
+    shared = without_local_paths(yaml.safe_load((final / RECIPE_FILE).read_text()))
+    if hub_base and shared["model"].get("base"):
+        shared["model"]["base"] = hub_base
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(shared, sort_keys=False, allow_unicode=True))
 
 
 def _recorded_base(recipe: Recipe, final: Path) -> str | None:
@@ -211,11 +223,7 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
     _copy_model(source, folder, hub_base if adapter else None)
     tokenizer = load_tokenizer(str(final))
     save_tokenizer(tokenizer, trained_recipe(recipe, final).data, folder)
-    if (final / RECIPE_FILE).is_file():
-        shared = without_local_paths(yaml.safe_load((final / RECIPE_FILE).read_text()))
-        if hub_base and shared["model"].get("base"):
-            shared["model"]["base"] = hub_base
-        (folder / RECIPE_FILE).write_text(yaml.safe_dump(shared, sort_keys=False, allow_unicode=True))
+    write_shareable_recipe(final, folder, hub_base)
     evaluation = None
     if recipe.run.eval_results.is_file():
         evaluation = json.loads(recipe.run.eval_results.read_text())

@@ -79,6 +79,8 @@ def test_merge_gives_a_plain_transformers_model_with_the_adapters_logits(lora: R
     merged = lora.run.merged
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
     assert (merged / "tokenizer.json").is_file() and (merged / "recipe.yaml").is_file()
+    assert str(lora.run.root.resolve().parent) not in (merged / "recipe.yaml").read_text()  # merged/ is for sharing
+    assert not merged.with_name("merged.tmp").exists()
     ids = probe_ids(lora)
     adapter = logits(load_final(lora.run.final), ids)
     plain = logits(AutoModelForCausalLM.from_pretrained(merged), ids)
