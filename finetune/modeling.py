@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import UserError
@@ -24,10 +24,26 @@ LORA_PRESETS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def check_model_folder(base: str) -> None:
+@contextmanager
+def loading_base(base: str) -> Iterator[None]:
+    """Loading `model.base`: a folder that holds no model, or a model transformers or the Hub cannot give, is a
+    user error naming it."""
     path = Path(base)
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(f"model.base {base!r} is a folder but not a model (no config.json in it)")
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load model.base {base!r}: {type(exc).__name__}: {exc}") from None
+
+
+def base_config(recipe: Recipe) -> PretrainedConfig:
+    """The base model's config without its weights (model.init's GPT-2 config for a model trained from scratch)."""
+    cfg = recipe.model
+    if cfg.base is None:
+        return GPT2Config(**cfg.init)  # its keys and values were checked when the recipe loaded
+    with loading_base(cfg.base):
+        return AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
 
 
 def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
@@ -46,14 +62,11 @@ def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch
         if cfg.dtype not in ("float32", "auto"):
             model = model.to(DTYPES[cfg.dtype])
         return _causal_lm(model)
-    check_model_folder(cfg.base)
-    try:
+    with loading_base(cfg.base):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.base, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load model.base {cfg.base!r}: {type(exc).__name__}: {exc}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return _causal_lm(model)
@@ -136,8 +149,8 @@ def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.
         from peft import PeftModel
 
         base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        check_model_folder(base_path)
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        with loading_base(base_path):
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
         with quiet_peft():
             return PeftModel.from_pretrained(base, folder)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from safetensors import safe_open
-from transformers import (AutoConfig, EarlyStoppingCallback, GPT2Config, PreTrainedTokenizerBase, ProgressCallback,
-                          Trainer, TrainingArguments, set_seed)
+from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, ProgressCallback, Trainer,
+                          TrainingArguments, set_seed)
 from transformers.trainer_utils import EvalLoopOutput
 
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
@@ -33,7 +33,7 @@ from finetune.distributed import (allow_fsdp_on_cpu, main_print, process_group, 
                                   same_prepared_data, use_cpu)
 from finetune.errors import UserError
 from finetune.loss import chunked_nll_sum
-from finetune.modeling import (apply_lora, check_model_folder, context_length, load_base_model, parameter_counts,
+from finetune.modeling import (apply_lora, base_config, context_length, load_base_model, parameter_counts,
                                prepare_for_training)
 from finetune.packing import IGNORE
 from finetune.plots import plot_loss
@@ -93,17 +93,8 @@ def check_final_is_loadable(trainer: Trainer) -> None:
 
 
 def check_model_source(recipe: Recipe) -> None:
-    """Fail before any work on a base folder that is not a model or a block size the model cannot take."""
-    cfg = recipe.model
-    if cfg.base is not None:
-        check_model_folder(cfg.base)
-        try:
-            config = AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"could not load model.base {cfg.base!r}: {type(exc).__name__}: {exc}") from None
-    else:
-        config = GPT2Config(**cfg.init)  # its keys and values were checked when the recipe loaded
-    limit = context_length(config)
+    """Fail before any work on a base that is not a model or a block size the model cannot take."""
+    limit = context_length(base_config(recipe))
     if recipe.data.block_size > limit:
         raise UserError(f"{recipe.source}: 'data.block_size' = {recipe.data.block_size} is above the model's "
                         f"context length (n_positions = {limit}); use at most {limit}")
