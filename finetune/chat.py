@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from finetune.errors import UserError
-from finetune.generation import Generator, Message, SamplingParams, load_generator, sampling_params, write_stream
+from finetune.generation.generator import Generator, Message
+from finetune.generation.loading import load_generator
+from finetune.generation.params import SEED_RANGE, SamplingParams
 from finetune.recipe import Recipe
 
 
@@ -37,7 +38,7 @@ class ChatSession:
         ids, kept = self.generator.fit_chat([*self.messages(), {"role": "user", "content": text}],
                                             self.params.max_new_tokens)
         self.turns = kept[1:] if self.system else kept
-        seed = (self.params.seed + self.replies) % 2**64 if self.params.seed is not None else None
+        seed = (self.params.seed + self.replies) % SEED_RANGE if self.params.seed is not None else None
         request = self.generator.generate(ids, replace(self.params, seed=seed), on_text=on_text)
         self.replies += 1
         answer = request.text.strip()
@@ -54,16 +55,15 @@ def _without_leading_space() -> Callable[[str], None]:
         if not started:
             piece = piece.lstrip()
             started = bool(piece)
-        write_stream(piece)
+        print(piece, end="", flush=True)
 
     return show
 
 
-def chat(recipe: Recipe, options: dict[str, Any], stops: tuple[str, ...] = (), system: str | None = None,
-         base: bool = False) -> None:
-    """The dialogue loop on stdin and stdout; `options` and `stops` as for `sampling_params`."""
+def chat(recipe: Recipe, params: SamplingParams, system: str | None = None, base: bool = False) -> None:
+    """The dialogue loop on stdin and stdout; replies also stop where the model starts the user's next turn."""
     generator = load_generator(recipe, base=base)
-    params = sampling_params(recipe, options, (*stops, *generator.chat_stops()))
+    params = params.merged({}, generator.chat_stops())
     session = ChatSession(generator, params, system)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.chat_template import save_tokenizer
 from finetune.errors import UserError
-from finetune.generation import trained_recipe
-from finetune.modeling import is_adapter, load_final, quiet_peft
+from finetune.modeling import is_adapter, load_final, quiet_peft, trained_recipe
 from finetune.recipe import HubSource, Recipe
 from finetune.run_folder import RECIPE_FILE
 from finetune.tokenizer import load_tokenizer

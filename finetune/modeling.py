@@ -1,19 +1,23 @@
-"""Models: load or initialise GPT-2, attach GPT-2-aware LoRA, load a run's final model."""
+"""Models: load or initialise GPT-2, attach GPT-2-aware LoRA, load a run's final model and the recipe it was
+trained with."""
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import UserError
-from finetune.recipe import LoraConfig, Recipe
+from finetune.recipe import LoraConfig, Recipe, recipe_from_dict
+from finetune.run_folder import RECIPE_FILE
 
 LORA_PRESETS = {
     "attn": ["attn.c_attn"],
@@ -154,6 +158,19 @@ def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.
         with quiet_peft():
             return PeftModel.from_pretrained(base, folder)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+
+
+def trained_recipe(recipe: Recipe, folder: Path) -> Recipe:
+    """The recipe the model in `folder` was trained with (its recipe.yaml: the prompt template that applies even
+    if the recipe file changed since), else `recipe`."""
+    saved = folder / RECIPE_FILE
+    if not saved.is_file():
+        return recipe
+    try:
+        return recipe_from_dict(yaml.safe_load(saved.read_text()), folder, str(saved))
+    except UserError as exc:
+        print(f"note: using {recipe.source}, not {saved}: {exc}", file=sys.stderr)
+        return recipe
 
 
 def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:

@@ -33,7 +33,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from finetune.errors import UserError
-from finetune.generation import Batch, Generator, Message, Request, SamplingParams, load_generator, recipe_params
+from finetune.generation.engine import Batch, Request
+from finetune.generation.generator import Generator, Message
+from finetune.generation.loading import load_generator
+from finetune.generation.params import SamplingParams
 from finetune.recipe import Recipe, check_bound, load_recipe
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -222,7 +225,7 @@ class ModelWorker:
         return 0
 
     def _loop(self) -> None:
-        batch = Batch(self.generator)
+        batch = Batch(self.generator.engine)
         steps_waited = 0
         while (waiting := self._take(self._admit(len(batch.rows), steps_waited), wait=not batch.rows)) is not None:
             steps_waited = 0 if waiting else steps_waited + 1
@@ -241,7 +244,7 @@ class ModelWorker:
                 batch.step()
             except Exception as exc:  # noqa: BLE001
                 _fail(batch.rows, exc)
-                batch = Batch(self.generator)
+                batch = Batch(self.generator.engine)
 
 
 def _fail(requests: list[Request], exc: Exception) -> None:
@@ -533,7 +536,10 @@ def load_workers(recipe: Recipe, base: bool = False) -> list[ModelWorker]:
         recipes.append(load_recipe(folder / extra))
     workers = []
     for r in recipes:
-        worker = ModelWorker(load_generator(r, base=base), recipe_params(r), recipe.serve.max_batch_size)
+        defaults = SamplingParams.from_config(r.generate)
+        if defaults.problem():
+            raise UserError(f"{r.source}: generate.{defaults.problem()}")
+        worker = ModelWorker(load_generator(r, base=base), defaults, recipe.serve.max_batch_size)
         if any(w.name == worker.name for w in workers):
             raise UserError(f"{recipe.source}: two served runs are both named {worker.name!r}")
         workers.append(worker)

@@ -13,7 +13,10 @@ from conftest import WORDS
 from finetune import formats
 from finetune.chat import ChatSession
 from finetune.cli import main
-from finetune.generation import Batch, Generator, Request, SamplingParams, load_generator
+from finetune.generation.engine import Batch, Request
+from finetune.generation.generator import Generator
+from finetune.generation.loading import load_generator
+from finetune.generation.params import SamplingParams
 from finetune.recipe import ChatFormat, DataConfig, load_recipe
 
 GREEDY = SamplingParams(max_new_tokens=60, temperature=0.0)
@@ -94,7 +97,7 @@ def test_requests_joining_a_running_batch_get_their_single_request_output(genera
     requests = [Request(generator.prompt_ids(p), SamplingParams(max_new_tokens=n, temperature=1.0, seed=s))
                 for p, n, s in settings]
     singles = [generator.generate(r.prompt_ids, r.params).text for r in requests]
-    batch = Batch(generator)
+    batch = Batch(generator.engine)
     batch.add(requests[:1])
     for joining in ([requests[1]], [], requests[2:]):  # a short prompt, nothing, then a short and a long one
         for _ in range(4):
@@ -108,7 +111,7 @@ def test_requests_joining_a_running_batch_get_their_single_request_output(genera
 def test_padding_no_row_needs_is_cut_from_the_cache(generator: Generator) -> None:
     long = Request(generator.prompt_ids("alpha beta gamma delta " * 5), replace(GREEDY, max_new_tokens=1))
     short = Request(generator.prompt_ids("alpha"), replace(GREEDY, max_new_tokens=10))
-    batch = Batch(generator)
+    batch = Batch(generator.engine)
     batch.add([long, short])
     batch.step()  # the long row finishes; only the short row's columns stay
     assert batch.rows == [short]

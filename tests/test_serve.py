@@ -14,7 +14,8 @@ from conftest import WORDS
 from fastapi.testclient import TestClient
 
 from finetune.cli import main
-from finetune.generation import Generator, SamplingParams
+from finetune.generation.generator import Generator
+from finetune.generation.params import SamplingParams
 from finetune.recipe import load_recipe
 from finetune.serve import ApiError, BackgroundServer, ModelWorker, Pending, create_app, load_workers
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from finetune.commands import Command
-from finetune.commands.sampling import add_sampling_arguments, sampling_options
+from finetune.commands.sampling import add_sampling_arguments, sampling_params
 from finetune.recipe import Recipe
 
 
@@ -15,9 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> None:
+    params = sampling_params(recipe, args)
     from finetune.chat import chat
 
-    chat(recipe, sampling_options(args), tuple(args.stop), system=args.system, base=args.base)
+    chat(recipe, params, system=args.system, base=args.base)
 
 
 COMMAND = Command("chat", "interactive chat with the tuned model", run, add_arguments)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from finetune.commands import Command
-from finetune.commands.sampling import add_sampling_arguments, sampling_options
+from finetune.commands.sampling import add_sampling_arguments, sampling_params
 from finetune.data import check_utf8
 from finetune.errors import UserError
 from finetune.recipe import Recipe
@@ -38,9 +38,9 @@ def run(recipe: Recipe, args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     prompts = read_prompts(args)
-    from finetune.generation import generate, sampling_params
+    params = sampling_params(recipe, args)
+    from finetune.generate import generate
 
-    params = sampling_params(recipe, sampling_options(args), tuple(args.stop))
     generate(recipe, prompts, params, num_samples=args.num_samples, raw=args.raw, base=args.base)
 
 

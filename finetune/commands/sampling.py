@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import secrets
+import sys
+from dataclasses import replace
+
+from finetune.errors import UserError
+from finetune.generation.params import SamplingParams
+from finetune.recipe import Recipe
 
 OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
@@ -20,6 +26,18 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", action="store_true", help="use the bare base model instead of the run's final/")
 
 
-def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling settings given on the command line (None where unset)."""
-    return {name: getattr(args, name) for name in OPTIONS}
+def sampling_params(recipe: Recipe, args: argparse.Namespace) -> SamplingParams:
+    """The recipe's `generate` settings with the command-line options over them and --stop strings added; an unset
+    seed is drawn and printed."""
+    defaults = SamplingParams.from_config(recipe.generate)
+    problem = defaults.problem()
+    if problem:
+        raise UserError(f"{recipe.source}: generate.{problem}")
+    params = defaults.merged({name: getattr(args, name) for name in OPTIONS}, args.stop)
+    problem = params.problem()
+    if problem:
+        raise UserError(f"{problem} (from the command-line options)")
+    if params.seed is None:
+        params = replace(params, seed=secrets.randbits(63))
+        print(f"seed: {params.seed}", file=sys.stderr)
+    return params
