@@ -4,23 +4,49 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import uvicorn
 from _helpers_use import one_thread, runs
 from conftest import WORDS
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from finetune.cli import main
 from finetune.generation.generator import Generator
 from finetune.generation.params import SamplingParams
 from finetune.recipe import load_recipe
-from finetune.serve import ApiError, BackgroundServer, ModelWorker, Pending, create_app, load_workers
+from finetune.serve import load_workers
+from finetune.serve.app import create_app
+from finetune.serve.worker import GenerationFailed, ModelWorker, Pending
 
 KEY = "test-key-123"
 CAP = 64
+
+
+@contextmanager
+def background_server(app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn in a thread on a free port of 127.0.0.1; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server failed to start")
+            time.sleep(0.01)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +56,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> li
 
 @pytest.fixture(scope="module")
 def url(workers: list[ModelWorker]):
-    with one_thread(), BackgroundServer(create_app(workers, api_key=KEY, max_new_tokens_cap=CAP)) as address:
+    with one_thread(), background_server(create_app(workers, api_key=KEY, max_new_tokens_cap=CAP)) as address:
         yield address
 
 
@@ -242,7 +268,7 @@ def test_a_failed_generation_is_reported_and_the_worker_goes_on(workers: list[Mo
     async def out_of_vocabulary() -> None:  # a token id the embedding does not have: the prefill raises
         await Pending(workers[0], [[10**6]], [SamplingParams(max_new_tokens=2)], stream=False).results()
 
-    with pytest.raises(ApiError, match="generation failed: IndexError"):
+    with pytest.raises(GenerationFailed, match="generation failed: IndexError"):
         asyncio.run(out_of_vocabulary())
     reply = httpx.post(f"{url}/generate", headers={"Authorization": f"Bearer {KEY}"},
                        json={"prompt": "good", "temperature": 0})
