@@ -30,6 +30,9 @@ from finetune.data import check_utf8
 from finetune.distributed import process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError
 from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
+from finetune.generation.engine import Engine, Request
+from finetune.generation.params import SamplingParams
+from finetune.generation.window import fit_prompt
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
                               token_byte_lengths)
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final, prepare_for_training
@@ -266,10 +269,11 @@ class Evaluator:
     @torch.inference_mode()
     def _label_scores(self, model: torch.nn.Module, contexts: list[list[int]], label_ids: list[list[int]],
                       desc: str) -> torch.Tensor:
-        room = self.max_context - max(len(ids) for ids in label_ids)
+        reserve = max(len(ids) for ids in label_ids)
         mine = []
         for batch in self._batches(self._mine(list(enumerate(contexts))), desc):
-            scores = label_loglikelihoods(model, [c[-room:] for _, c in batch], label_ids, self.tokenizer.pad_token_id)
+            fitted = [fit_prompt(c, self.max_context, reserve) for _, c in batch]
+            scores = label_loglikelihoods(model, fitted, label_ids, self.tokenizer.pad_token_id)
             mine += [(i, row) for (i, _), row in zip(batch, scores.tolist())]
         scores = torch.tensor([row for _, row in sorted(gather_object(mine))], dtype=torch.float64)
         if self.cfg.length_normalize:
@@ -303,10 +307,11 @@ class Evaluator:
         data = self.recipe.data
         records = self.records[:self.cfg.generate_samples]
         prompts = [prompt_segments(record, data) for record in records]
-        room = self.max_context - self.cfg.max_new_tokens
+        reserve = self.cfg.max_new_tokens  # the whole budget: a reference answer may be as long
         mine = []
         for batch in self._batches(self._mine(list(enumerate(self._encode(prompts)))), f"{role}: generation"):
-            texts = greedy(model, self.tokenizer, [ids[-room:] for _, ids in batch], self.cfg.max_new_tokens)
+            fitted = [fit_prompt(ids, self.max_context, reserve) for _, ids in batch]
+            texts = greedy(model, self.tokenizer, fitted, self.cfg.max_new_tokens)
             mine += [(i, text) for (i, _), text in zip(batch, texts)]
         outputs = [text for _, text in sorted(gather_object(mine))]
         references = [reference(record, data.format) for record in records]
@@ -322,19 +327,12 @@ def reference(record: dict, fmt: str) -> str:
     return record["response"]
 
 
-@torch.inference_mode()
 def greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded into one batch), cut at the end-of-text token."""
-    width = max(len(ids) for ids in prompts)
-    device = next(model.parameters()).device
-    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(input_ids)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, device=device)
-        mask[i, width - len(ids):] = 1
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    """Greedy continuations of token-id prompts (decoded together), cut at the end-of-text token."""
+    engine = Engine(model, {tokenizer.eos_token_id}, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    requests = [Request(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)) for ids in prompts]
+    engine.run(requests)
+    return [request.text for request in requests]
 
 
 def file_tokens(path: str, tokenizer) -> list[int]:
