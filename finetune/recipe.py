@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import yaml
 
@@ -448,8 +448,35 @@ def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}{hint}")
 
 
-# key -> (lowest, highest, whether the lowest is allowed); null is allowed wherever the field is optional.
-BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+class Bound(NamedTuple):
+    """The numbers a key allows: from `low` (itself allowed when `low_ok`) to `high` (allowed when `high_ok`; None:
+    no limit)."""
+    low: float
+    high: float | None = None
+    low_ok: bool = True
+    high_ok: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value >= self.low if self.low_ok else value > self.low
+        return above and (self.high is None or (value <= self.high if self.high_ok else value < self.high))
+
+    def allowed(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high_ok:
+            return f"in {'[' if self.low_ok else '('}{low}, {high}]"
+        if self.high is not None:
+            return f"between {low} and {high}"
+        return f"at least {low}" if self.low_ok else f"above {low}"
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# key -> (lowest, highest, whether the lowest is allowed[, whether the highest is: no unless given]), as a Bound;
+# null is allowed wherever the field is optional. The generate.* bounds (OpenAI's ranges) are also those of the
+# sampling options of `generate` and `chat` and of the HTTP API.
+BOUNDS: dict[str, tuple] = {
     "data.block_size": (8, None, True), "data.shard_tokens": (1, None, True), "data.num_proc": (1, None, True),
     "data.validation_fraction": (0, 1, False), "data.max_records": (1, None, True),
     "tokenizer.train.vocab_size": (257, None, True), "tokenizer.train.min_frequency": (1, None, True),
@@ -465,7 +492,11 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
     "eval.harness.num_fewshot": (0, None, True), "eval.harness.limit": (0, None, False),
     "serve.port": (1, 65536, True), "serve.max_batch_size": (1, None, True), "serve.max_new_tokens_cap": (1, None, True),
+    "generate.max_new_tokens": (1, None, True), "generate.temperature": (0, 2, True, True),
+    "generate.top_p": (0, 1, False, True), "generate.top_k": (0, None, True),
+    "generate.repetition_penalty": (0, 10, False, True), "generate.seed": (-(2**63), 2**64 - 1, True, True),
 }
+MAX_STOPS, MAX_STOP_LENGTH = 16, 256  # generate.stop, --stop and the HTTP `stop`: up to 16 strings of 1-256 characters
 
 
 def _check_bounds(recipe: Recipe, where: str) -> None:
@@ -476,18 +507,28 @@ def _check_bounds(recipe: Recipe, where: str) -> None:
         check_bound(key, value, f"{where}: '{key}'")
 
 
+def bound(key: str) -> Bound:
+    return Bound(*BOUNDS[key])
+
+
 def check_bound(key: str, value: Any, name: str) -> None:
     """Raise a UserError naming `name` when `value` is outside BOUNDS[key] (None passes: the key is unset)."""
     if value is None:
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value!r}")
-    low, high, low_ok = BOUNDS[key]
-    too_low = value < low if low_ok else value <= low
-    if too_low or (high is not None and value >= high):
-        allowed = (f"between {low:g} and {high:g}" if high is not None else
-                   f"at least {low:g}" if low_ok else f"above {low:g}")
-        raise UserError(f"{name} must be {allowed}, got {value!r}")
+    limits = bound(key)
+    if not limits.contains(value):
+        raise UserError(f"{name} must be {limits.allowed()}, got {value!r}")
+
+
+def check_stops(stops: list, name: str) -> None:
+    """Stop strings: at most MAX_STOPS, each a non-empty string of at most MAX_STOP_LENGTH characters."""
+    if len(stops) > MAX_STOPS:
+        raise UserError(f"{name} lists {len(stops)} stop strings; at most {MAX_STOPS} are allowed")
+    for stop in stops:
+        if not isinstance(stop, str) or not 1 <= len(stop) <= MAX_STOP_LENGTH:
+            raise UserError(f"{name} must be non-empty strings of at most {MAX_STOP_LENGTH} characters, got {stop!r}")
 
 
 def _check_template(where: str, key: str, template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
@@ -590,6 +631,13 @@ def _check_eval(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: 'eval.stride' must be between 1 and data.block_size ({block}), got {stride}")
 
 
+def _check_generate_and_serve(recipe: Recipe, where: str) -> None:
+    check_stops(recipe.generate.stop, f"{where}: 'generate.stop'")
+    for extra in recipe.serve.extra_runs:
+        if not isinstance(extra, str):
+            raise UserError(f"{where}: 'serve.extra_runs' lists recipe files; got {extra!r}")
+
+
 def _check_gpt2_config(init: dict, where: str) -> None:
     """`model.init` keys must be GPT-2 config keys (a typo would silently train another model), and the width
     must split into the heads."""
@@ -642,6 +690,7 @@ def _validate(recipe: Recipe, where: str) -> None:
     _check_harness(recipe, where)
     _check_train(recipe, where)
     _check_eval(recipe, where)
+    _check_generate_and_serve(recipe, where)
     if recipe.model.init is not None:
         _check_gpt2_config(recipe.model.init, where)
     if recipe.data.format == "classification" and not recipe.data.classification.labels:

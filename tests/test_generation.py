@@ -199,13 +199,13 @@ def test_generate_command_prompt_file_samples_and_errors(run_paths, tmp_path: Pa
     out = capsys.readouterr().out
     assert out.count("=== ") == 4 and "sample 2/2 (seed 2)" in out
     assert main(["generate", recipe, "--prompt", "x", "--temperature", "-1"]) == 2
-    assert "temperature must be 0 (greedy) or more" in capsys.readouterr().err
+    assert "--temperature must be in [0, 2]" in capsys.readouterr().err
     assert main(["generate", recipe, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     (tmp_path / "binary.txt").write_bytes(b"good\n\xff\xfe\x00")
     assert main(["generate", recipe, "--prompt-file", str(tmp_path / "binary.txt")]) == 2
     assert "binary.txt: not valid UTF-8 at byte offset 5" in capsys.readouterr().err
     assert main(["generate", recipe, "generate.top_p=0", "--prompt", "x"]) == 2
-    assert "generate.top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "'generate.top_p' must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", recipe, "--prompt", "good", "--base", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == " bad great awful\n"  # the base is the trained recital model here
 

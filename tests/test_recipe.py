@@ -1,10 +1,13 @@
+import math
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from finetune.errors import UserError
-from finetune.recipe import load_recipe, recipe_from_dict, save_recipe
+from finetune.recipe import (BOUNDS, Bound, GenerateConfig, Recipe, bound, load_recipe, recipe_from_dict,
+                             save_recipe)
 
 
 def write(path: Path, data: dict) -> Path:
@@ -173,3 +176,89 @@ def test_serve_port_from_the_command_line_shares_the_recipe_bound(tmp_path, caps
     path = write(tmp_path / "r.yaml", BASE)
     assert main(["serve", str(path), "--port", "99999"]) == 2
     assert "--port must be between 1 and 65536, got 99999" in capsys.readouterr().err
+
+
+SERVED_BOUNDS = [key for key in BOUNDS if key.startswith(("generate.", "serve."))]
+
+
+def just_outside(limits: Bound) -> list:
+    """The nearest whole numbers outside the bound (on each side that has a limit)."""
+    values = [limits.low - 1 if limits.low_ok else limits.low]
+    if limits.high is not None:
+        values.append(limits.high + 1 if limits.high_ok else limits.high)
+    return values
+
+
+@pytest.mark.parametrize("key", SERVED_BOUNDS)
+def test_generate_and_serve_bounds_are_checked_at_load_naming_the_key(tmp_path, key):
+    path = write(tmp_path / "r.yaml", BASE)
+    limits = bound(key)
+    for value in just_outside(limits):
+        with pytest.raises(UserError, match=re.escape(f"'{key}' must be {limits.allowed()}, got")):
+            load_recipe(path, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generate.stop=['']", "'generate.stop' must be non-empty strings of at most 256 characters, got ''"),
+    ("generate.stop=[3]", "'generate.stop' must be non-empty strings of at most 256 characters, got 3"),
+    (f"generate.stop=[{'x' * 257}]", "'generate.stop' must be non-empty strings of at most 256 characters"),
+    (f"generate.stop=[{', '.join('abcdefghijklmnopq')}]", "'generate.stop' lists 17 stop strings; at most 16"),
+    ("serve.extra_runs=[other.yaml, 7]", "'serve.extra_runs' lists recipe files; got 7"),
+])
+def test_stop_strings_and_extra_runs_are_checked_at_load(tmp_path, override, message):
+    path = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(path, [override])
+    assert load_recipe(path, [f"generate.stop=[{'x' * 256}, ab]"]).generate.stop == ["x" * 256, "ab"]
+
+
+def test_train_refuses_a_bad_generate_setting_before_any_work(tmp_path, capsys):
+    from finetune.cli import main
+
+    path = write(tmp_path / "r.yaml", {**BASE, "output_dir": str(tmp_path / "run")})
+    assert main(["train", str(path), "generate.temperature=3"]) == 2
+    assert "'generate.temperature' must be in [0, 2], got 3.0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def command_line_accepts(*options: str) -> bool:
+    from finetune.cli import build_parser
+    from finetune.commands.sampling import sampling_params
+
+    try:
+        sampling_params(Recipe(), build_parser().parse_args(["generate", "r.yaml", "--prompt", "x", *options]))
+    except UserError:
+        return False
+    return True
+
+
+def http_accepts(**fields) -> bool:
+    from pydantic import ValidationError
+
+    from finetune.serve.schemas import GenerateBody
+
+    try:
+        GenerateBody.model_validate({"prompt": "x", **fields})
+    except ValidationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"])
+def test_the_command_line_and_the_http_api_allow_what_the_recipe_allows(name):
+    """Around each edge of a generate.* bound, `--option` and the HTTP field accept exactly what the recipe key does."""
+    limits = bound(f"generate.{name}")
+    number = float if isinstance(getattr(GenerateConfig(), name), float) else int
+    edges = [edge for edge in (limits.low, limits.high) if edge is not None]
+    values = [number(edge + step) for edge in edges for step in (-1, 0, 1)]
+    if number is float:
+        values += [math.nextafter(edge, direction) for edge in edges for direction in (-math.inf, math.inf)]
+    for value in values:
+        command_line = command_line_accepts(f"--{name.replace('_', '-')}={value!r}")
+        assert command_line == http_accepts(**{name: value}) == limits.contains(value), (name, value)
+
+
+@pytest.mark.parametrize("stops, allowed", [([""], False), (["x" * 256], True), (["x" * 257], False),
+                                            (list("abcdefghijklmnop"), True), (list("abcdefghijklmnopq"), False)])
+def test_the_command_line_and_the_http_api_allow_the_same_stop_strings(stops, allowed):
+    assert command_line_accepts(*(f"--stop={stop}" for stop in stops)) == http_accepts(stop=stops) == allowed

@@ -7,9 +7,8 @@ import secrets
 import sys
 from dataclasses import replace
 
-from finetune.errors import UserError
 from finetune.generation.params import SamplingParams
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, check_bound, check_stops
 
 OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
@@ -27,16 +26,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(recipe: Recipe, args: argparse.Namespace) -> SamplingParams:
-    """The recipe's `generate` settings with the command-line options over them and --stop strings added; an unset
-    seed is drawn and printed."""
-    defaults = SamplingParams.from_config(recipe.generate)
-    problem = defaults.problem()
-    if problem:
-        raise UserError(f"{recipe.source}: generate.{problem}")
-    params = defaults.merged({name: getattr(args, name) for name in OPTIONS}, args.stop)
-    problem = params.problem()
-    if problem:
-        raise UserError(f"{problem} (from the command-line options)")
+    """The recipe's `generate` settings with the command-line options over them (each checked against the bound
+    of its recipe key) and --stop strings added; an unset seed is drawn and printed."""
+    given = {name: getattr(args, name) for name in OPTIONS}
+    for name, value in given.items():
+        check_bound(f"generate.{name}", value, f"--{name.replace('_', '-')}")
+    check_stops(args.stop, "--stop")
+    params = SamplingParams.from_config(recipe.generate).merged(given, args.stop)
     if params.seed is None:
         params = replace(params, seed=secrets.randbits(63))
         print(f"seed: {params.seed}", file=sys.stderr)

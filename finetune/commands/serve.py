@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from finetune.commands import Command
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, check_bound
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> None:
+    check_bound("serve.port", args.port, "--port")
     from finetune.serve import serve
 
     serve(recipe, host=args.host, port=args.port, api_key=args.api_key, base=args.base)

@@ -22,7 +22,7 @@ import uvicorn
 from finetune.errors import UserError
 from finetune.generation.loading import load_generator
 from finetune.generation.params import SamplingParams
-from finetune.recipe import Recipe, check_bound, load_recipe
+from finetune.recipe import Recipe, load_recipe
 from finetune.serve.app import create_app
 from finetune.serve.worker import ModelWorker
 
@@ -31,16 +31,11 @@ def load_workers(recipe: Recipe, base: bool = False) -> list[ModelWorker]:
     """The recipe's model, then those of the recipes listed in `serve.extra_runs` (paths relative to the recipe)."""
     recipes = [recipe]
     folder = Path(recipe.source).resolve().parent if recipe.source else Path.cwd()
-    for extra in recipe.serve.extra_runs:
-        if not isinstance(extra, str):
-            raise UserError(f"{recipe.source}: 'serve.extra_runs' lists recipe files; got {extra!r}")
-        recipes.append(load_recipe(folder / extra))
+    recipes += [load_recipe(folder / extra) for extra in recipe.serve.extra_runs]
     workers = []
     for r in recipes:
-        defaults = SamplingParams.from_config(r.generate)
-        if defaults.problem():
-            raise UserError(f"{r.source}: generate.{defaults.problem()}")
-        worker = ModelWorker(load_generator(r, base=base), defaults, recipe.serve.max_batch_size)
+        worker = ModelWorker(load_generator(r, base=base), SamplingParams.from_config(r.generate),
+                             recipe.serve.max_batch_size)
         if any(w.name == worker.name for w in workers):
             raise UserError(f"{recipe.source}: two served runs are both named {worker.name!r}")
         workers.append(worker)
@@ -62,7 +57,6 @@ def serve(recipe: Recipe, host: str | None = None, port: int | None = None, api_
     `serve` section (the API key from the variable it names)."""
     cfg = recipe.serve
     host, port = host or cfg.host, cfg.port if port is None else port
-    check_bound("serve.port", port, "--port")
     api_key = api_key or os.environ.get(cfg.api_key_env) or None
     check_port(host, port)
     workers = load_workers(recipe, base=base)

@@ -1,5 +1,5 @@
 """The request bodies of the HTTP API (pydantic): strict types, unknown fields refused, sampling fields optional
-(unset ones come from the recipe's `generate` section)."""
+(unset ones come from the recipe's `generate` section) and bounded as the recipe's `generate` keys are."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from finetune.generation.generator import Message
+from finetune.recipe import MAX_STOP_LENGTH, MAX_STOPS, bound
 
 MAX_CHOICES = 16
 MAX_PROMPTS = 32
-MAX_STOPS = 16
 
 
 def _encodable(text: str) -> str:
@@ -24,14 +24,24 @@ def _encodable(text: str) -> str:
     return text
 
 
+def bounded(key: str) -> Any:
+    """The recipe's bound of `key` as a pydantic constraint: recipe, command line and HTTP API share one set."""
+    limits = bound(key)
+    constraints = {"ge" if limits.low_ok else "gt": limits.low}
+    if limits.high is not None:
+        constraints["le" if limits.high_ok else "lt"] = limits.high
+    return Field(**constraints)
+
+
 Text = Annotated[str, AfterValidator(_encodable)]
-Temperature = Annotated[float, Field(ge=0, le=2)]
-TopP = Annotated[float, Field(gt=0, le=1)]
-Penalty = Annotated[float, Field(gt=0, le=10)]
-Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
-StopText = Annotated[Text, Field(min_length=1, max_length=256)]
+Temperature = Annotated[float, bounded("generate.temperature")]
+TopP = Annotated[float, bounded("generate.top_p")]
+TopK = Annotated[int, bounded("generate.top_k")]
+Penalty = Annotated[float, bounded("generate.repetition_penalty")]
+Seed = Annotated[int, bounded("generate.seed")]
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)]
-Count = Annotated[int, Field(ge=1)]
+Count = Annotated[int, bounded("generate.max_new_tokens")]
 
 # fields whose type is a union: pydantic reports one error per member, so a bad value is described as a whole
 UNION_FIELDS = {"prompt": f"a string or a list of 1 to {MAX_PROMPTS} strings",
@@ -46,7 +56,7 @@ class Body(BaseModel):
     model: str | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: TopK | None = None
     repetition_penalty: Penalty | None = None
     stop: Stop | None = None
     seed: Seed | None = None
