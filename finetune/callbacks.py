@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import ProgressCallback, TrainerCallback
 
+from finetune.distributed import is_main_process
 from finetune.plots import read_metrics
 
 
@@ -63,7 +64,7 @@ class MetricsFile(TrainerCallback):
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        if not is_main_process():
             return
         kept = []
         if state.global_step > 0 and self.path.is_file():
@@ -72,7 +73,7 @@ class MetricsFile(TrainerCallback):
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not is_main_process() or not logs:
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:

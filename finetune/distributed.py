@@ -37,9 +37,14 @@ def process_group(timeout_s: int = DEFAULT_DDP_TIMEOUT_S) -> Iterator[PartialSta
         state.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Whether this is the launch's main process: the one that writes the run folder's shared files."""
+    return PartialState().is_main_process
+
+
 def main_print(message: str) -> None:
     """Print once per launch, from the main process (inside `process_group`)."""
-    if PartialState().is_main_process:
+    if is_main_process():
         print(message)
 
 

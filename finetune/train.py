@@ -29,8 +29,8 @@ from transformers.trainer_utils import EvalLoopOutput
 from finetune.callbacks import MetricsFile, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
-from finetune.distributed import (allow_fsdp_on_cpu, main_print, process_group, same_on_every_rank,
-                                  same_prepared_data, use_cpu)
+from finetune.distributed import (allow_fsdp_on_cpu, is_main_process, main_print, process_group,
+                                  same_on_every_rank, same_prepared_data, use_cpu)
 from finetune.errors import UserError
 from finetune.loss import chunked_nll_sum
 from finetune.modeling import (apply_lora, base_config, context_length, load_base_model, parameter_counts,
@@ -50,7 +50,7 @@ def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
     Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
     with process_group(recipe.train.extra.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)) as state, tracking_environment(recipe), \
-            run_lock(recipe, "train") if state.is_main_process else nullcontext():
+            run_lock(recipe, "train") if is_main_process() else nullcontext():
         return _train(recipe, state)
 
 
@@ -74,7 +74,7 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
                    f"{state.backend}")
     if start_over:
         clear_checkpoints(trainer, recipe.run, identity)
-    if resume is not None and trainer.is_world_process_zero():
+    if resume is not None and is_main_process():
         print(f"train: resuming from {resume} (train.resume=never starts over)")
     trainer.train(resume_from_checkpoint=resume)
     save_final(recipe, trainer, tokenizer)
@@ -179,7 +179,7 @@ def resume_checkpoint(recipe: Recipe, identity: dict) -> str | None:
 def clear_checkpoints(trainer: Trainer, run: RunFolder, identity: dict) -> None:
     """A fresh run must not leave an older run's checkpoints for `auto` to pick up; it records what it trains
     from, so that `auto` resumes only the same run."""
-    if trainer.is_world_process_zero():
+    if is_main_process():
         if newest_checkpoint(run.checkpoints) is not None:
             print(f"train: starting over: removing the old checkpoints in {run.checkpoints}")
         shutil.rmtree(run.checkpoints, ignore_errors=True)
@@ -196,7 +196,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.
         trainable, total = parameter_counts(model)
         main_print(f"train: full fine-tuning, {trainable:,} trainable parameters")
         return prepare_for_training(model)
-    if recipe.model.init is not None and PartialState().is_main_process:
+    if recipe.model.init is not None and is_main_process():
         save_initialized_base(model, tokenizer, base_dir(recipe))
     model, matched = apply_lora(model, recipe.lora)
     model.peft_config["default"].base_model_name_or_path = recipe.model.base or str(base_dir(recipe))
@@ -359,7 +359,7 @@ def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerB
     its config has `use_cache` back on so generation uses a KV cache."""
     final = recipe.run.final
     staging = final.with_name("final.tmp")
-    main = trainer.is_world_process_zero()
+    main = is_main_process()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.model.config.use_cache = True
