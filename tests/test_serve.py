@@ -275,6 +275,23 @@ def test_a_failed_generation_is_reported_and_the_worker_goes_on(workers: list[Mo
     assert reply.json()["text"] == " bad great awful"
 
 
+def test_a_failed_generation_is_a_500_json_error_or_an_error_event(models: dict[str, Generator]) -> None:
+    generator = models["tiny-full"]
+    broken = Generator(generator.model, generator.tokenizer, generator.data, name="broken")
+
+    def fail(**_) -> None:
+        raise RuntimeError("out of memory")
+
+    broken.engine.model = fail
+    with TestClient(create_app([ModelWorker(broken, SamplingParams())])) as http:  # starts the worker
+        reply = http.post("/v1/completions", json={"prompt": "good"})
+        assert reply.status_code == 500
+        assert reply.json()["error"] == {"message": "generation failed: RuntimeError: out of memory",
+                                         "type": "server_error", "param": None, "code": None}
+        stream = http.post("/v1/completions", json={"prompt": "good", "stream": True})
+        assert stream.status_code == 200 and '"type": "server_error"' in stream.text and "[DONE]" not in stream.text
+
+
 @pytest.fixture(scope="module")
 def api_schema(url: str):
     import schemathesis
