@@ -4,7 +4,7 @@ Rows are right-padded to the longest in the batch; padded labels are -100 (by le
 EOS stays a target even though it doubles as the pad token). No attention mask is sent: with `position_ids`
 restarting at each example and no KV cache, transformers builds a block-diagonal causal mask from the
 position ids, so packed examples cannot attend to each other. Models must run with `use_cache=False` for
-that (see `modeling.prepare_for_training`); tests/test_collate.py proves the equivalence.
+that (see `modeling.without_kv_cache`); tests/test_collate.py proves the equivalence.
 """
 
 from __future__ import annotations

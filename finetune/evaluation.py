@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 from finetune import harness, report
 from finetune.collate import PackedCollator
 from finetune.data import check_utf8
-from finetune.distributed import process_group, same_prepared_data, use_cpu
+from finetune.distributed import is_main_process, process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError
 from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
 from finetune.generation.engine import Engine, Request
@@ -35,7 +35,7 @@ from finetune.generation.params import SamplingParams
 from finetune.generation.window import fit_prompt
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
                               token_byte_lengths)
-from finetune.modeling import DTYPES, context_length, load_base_model, load_final, prepare_for_training
+from finetune.modeling import DTYPES, context_length, load_base_model, load_final, without_kv_cache
 from finetune.packing import IGNORE, best_fit_decreasing
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
@@ -61,7 +61,7 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
 
         def figures(model: torch.nn.Module, baseline: bool) -> dict:
             out = evaluator.evaluate(model, baseline)
-            if tasks is not None and accelerator.is_main_process:  # the harness runs its model in one process
+            if tasks is not None and is_main_process():  # the harness runs its model in one process
                 out["harness"] = harness.evaluate(model, tokenizer, recipe.eval.harness, tasks,
                                                   recipe.eval.batch_size)
             accelerator.wait_for_everyone()
@@ -73,7 +73,7 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
                 results["baseline"] = {"model": description, **figures(base, baseline=True)}
         results["processes"] = accelerator.num_processes
         results["wall_seconds"] = round(time.perf_counter() - started, 3)
-        if accelerator.is_main_process:
+        if is_main_process():
             recipe.run.root.mkdir(parents=True, exist_ok=True)
             recipe.run.eval_results.write_text(json.dumps(results, indent=2))
             report.write_report(recipe.run.report, recipe, results)
@@ -99,7 +99,7 @@ def load_model(folder: Path, recipe: Recipe, tokenizer, device: torch.device, pr
             raise UserError(f"{folder}: its tokenizer differs from the prepared data's "
                             f"({recipe.run.prepared}/tokenizer): the data or tokenizer settings changed after "
                             "training; restore them or train again")
-    return prepare_for_training(model).to(device).eval()
+    return without_kv_cache(model).to(device).eval()
 
 
 @contextmanager
@@ -109,7 +109,7 @@ def baseline_model(tuned: torch.nn.Module, recipe: Recipe, tokenizer, device: to
         with tuned.disable_adapter():
             yield tuned, f"{tuned.peft_config['default'].base_model_name_or_path} (adapter disabled)"
         return
-    base = prepare_for_training(load_base_model(recipe, tokenizer)).to(device).eval()
+    base = without_kv_cache(load_base_model(recipe, tokenizer)).to(device).eval()
     if recipe.model.init is not None:
         yield base, f"untrained initialisation (model.init, seed {recipe.train.seed})"
     else:

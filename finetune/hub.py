@@ -1,65 +1,30 @@
-"""`finetune merge` (a LoRA adapter folded into its base: a plain transformers model) and `finetune push` (an
-upload folder with the model, tokenizer, recipe, eval results and a model card, loaded back and checked against
-the run's model before it is sent to the Hugging Face Hub)."""
+"""`finetune push`: an upload folder with the model, tokenizer, recipe, eval results and a model card, loaded back
+and checked against the run's model before it is sent to the Hugging Face Hub."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.chat_template import save_tokenizer
 from finetune.errors import UserError
 from finetune.modeling import is_adapter, load_final, quiet_peft, trained_recipe
-from finetune.recipe import HubSource, Recipe
-from finetune.run_folder import RECIPE_FILE
+from finetune.merge import merge
+from finetune.model_card import model_card
+from finetune.recipe import Recipe
+from finetune.shareable import without_local_paths, write_shareable_recipe
 from finetune.tokenizer import load_tokenizer
 
 MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "*.safetensors",
                "model.safetensors.index.json")
-METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 PROBE = "The quick brown fox jumps over the lazy dog. 0123456789"
-EXAMPLES = {"text": "Once upon a time", "instruction": "Explain what a language model is in one sentence.",
-            "chat": "Hello! What can you do?", "classification": "A wonderful, moving film."}
-
-
-def merge(recipe: Recipe) -> Path:
-    """Write `<run>/merged/`: the adapter merged into its base, in safetensors, with the tokenizer and recipe."""
-    final = recipe.run.final
-    if final.is_dir() and not is_adapter(final):
-        raise UserError(f"{final} is already a full model (the run had no LoRA adapter): nothing to merge; "
-                        "load final/ directly")
-    model = load_final(final).merge_and_unload()
-    model.config.use_cache = True
-    out = recipe.run.merged
-    staging = out.with_name("merged.tmp")  # renamed into place when complete: `push --merged` trusts merged/
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, staging)
-    write_shareable_recipe(final, staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    print(f"merged model written to {out}")
-    return out
-
-
-def write_shareable_recipe(final: Path, folder: Path, hub_base: str | None = None) -> None:
-    """final/'s recipe in `folder`, without this machine's paths (a merged model or an upload is for others);
-    `hub_base` names the Hub model the base folder is a copy of."""
-    if not (final / RECIPE_FILE).is_file():
-        return
-    shared = without_local_paths(yaml.safe_load((final / RECIPE_FILE).read_text()))
-    if hub_base and shared["model"].get("base"):
-        shared["model"]["base"] = hub_base
-    (folder / RECIPE_FILE).write_text(yaml.safe_dump(shared, sort_keys=False, allow_unicode=True))
 
 
 def _recorded_base(recipe: Recipe, final: Path) -> str | None:
@@ -89,76 +54,6 @@ def _copy_model(source: Path, folder: Path, hub_base: str | None) -> None:
         adapter_config.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def usage_snippet(repo: str, adapter: bool, recipe: Recipe) -> str:
-    """Python that loads the pushed model from the Hub and generates: prompted formats through the tokenizer's chat
-    template (the recipe's prompt format, see finetune/chat_template.py), plain text as is."""
-    cfg = recipe.generate
-    sampling = (f"do_sample=True, temperature={cfg.temperature}, top_p={cfg.top_p}" if cfg.temperature > 0
-                else "do_sample=False")
-    loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
-    imports = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer"] if adapter \
-        else ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
-    example = EXAMPLES[recipe.data.format]
-    encode = [f"inputs = tokenizer({example!r}, return_tensors=\"pt\")"] if recipe.data.format == "text" else [
-        f"messages = [{{\"role\": \"user\", \"content\": {example!r}}}]",
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,",
-        "                                       return_tensors=\"pt\")"]
-    return "\n".join([
-        *imports, "",
-        f"model = {loader}.from_pretrained({repo!r})",
-        f"tokenizer = AutoTokenizer.from_pretrained({repo!r})",
-        *encode,
-        f"output = model.generate(**inputs, max_new_tokens={cfg.max_new_tokens}, {sampling},",
-        "                        pad_token_id=tokenizer.eos_token_id)",
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-    ]) + "\n"
-
-
-def _data_sources(recipe: Recipe) -> tuple[list[str], list[str]]:
-    """(Hub data set ids, descriptions of every source) of the recipe's data."""
-    hub, described = [], []
-    for source in (recipe.data.train, recipe.data.validation):
-        if isinstance(source, HubSource):
-            hub.append(source.hub)
-            described.append(f"[{source.hub}](https://huggingface.co/datasets/{source.hub})"
-                             + (f" ({source.config})" if source.config else ""))
-        elif source:
-            described.append(f"a local file `{Path(source).name}`")
-    return list(dict.fromkeys(hub)), described
-
-
-def model_card(recipe: Recipe, repo: str, adapter: bool, hub_base: str | None, evaluation: dict | None
-               ) -> ModelCard:
-    hub_data, described = _data_sources(recipe)
-    metrics = [m for m in METRICS if evaluation and isinstance(evaluation.get(m), (int, float))]
-    tags = ["gpt2-finetune", "text-generation", recipe.data.format] + (["lora", "peft"] if adapter else [])
-    data = ModelCardData(base_model=hub_base, library_name="peft" if adapter else "transformers",
-                         pipeline_tag="text-generation", tags=tags, datasets=hub_data or None,
-                         metrics=metrics or None)
-    base = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else (
-        "a GPT-2 trained from scratch" if recipe.model.init is not None else "a local base model")
-    kind = (f"A LoRA adapter (r={recipe.lora.r}, alpha={recipe.lora.alpha}, targets {recipe.lora.targets}) for "
-            if adapter else ("A merged LoRA fine-tune of " if recipe.lora else "A full fine-tune of "))
-    lines = [f"# {repo.split('/')[-1]}", "",
-             f"{kind}{base}, trained with gpt2-finetune (recipe `{recipe.name}`) on {' and '.join(described)} "
-             f"in the `{recipe.data.format}` format.", ""]
-    if metrics:
-        baseline = evaluation.get("baseline") or {}
-        lines += ["## Evaluation", "", "| metric | fine-tuned | base |", "|---|---|---|"]
-        lines += [f"| {m} | {evaluation[m]:.4g} | {baseline[m]:.4g} |" if isinstance(baseline.get(m), (int, float))
-                  else f"| {m} | {evaluation[m]:.4g} | |" for m in metrics]
-        lines.append("")
-    length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps > 0 else f"{recipe.train.epochs} epochs")
-    lines += ["## Usage", "", "```python", usage_snippet(repo, adapter, recipe).rstrip(), "```", "",
-              "Prompts follow the template the model was trained with (the tokenizer's `chat_template`; see `recipe.yaml`, "
-              "section `data`).", "",
-              "## Training", "",
-              f"- block size {recipe.data.block_size}, learning rate {recipe.train.lr}, {length}, "
-              f"seed {recipe.train.seed}",
-              "- the full resolved recipe is `recipe.yaml`; evaluation figures are in `eval.json`", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-
-
 def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model.eval()(input_ids=torch.tensor([ids]), use_cache=False).logits.float()
@@ -184,18 +79,6 @@ def check_loads(folder: Path, final: Path, adapter: bool, base: str | None) -> N
     gap = (_logits(model, ids) - _logits(load_final(final), ids)).abs().max().item()
     if gap > 1e-3:
         raise UserError(f"the model in {folder} does not reproduce {final} (logits differ by up to {gap:.3g})")
-
-
-def without_local_paths(value: Any) -> Any:
-    """A copy fit to publish: absolute paths of this machine (data files, run and base folders) reduced to their
-    last component, and `output_dir` dropped; dictionary keys (eval.files names) alike."""
-    if isinstance(value, dict):
-        return {without_local_paths(k): without_local_paths(v) for k, v in value.items() if k != "output_dir"}
-    if isinstance(value, list):
-        return [without_local_paths(v) for v in value]
-    if isinstance(value, str) and os.path.isabs(value):
-        return Path(value).name
-    return value
 
 
 def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) -> tuple[Path, bool]:

@@ -173,7 +173,7 @@ def trained_recipe(recipe: Recipe, folder: Path) -> Recipe:
         return recipe
 
 
-def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
+def without_kv_cache(model: torch.nn.Module) -> torch.nn.Module:
     """No KV cache in training or scoring: transformers then derives the packed (block-diagonal) mask from
     position ids. A cache would silently fall back to one causal mask over the whole packed row."""
     model.config.use_cache = False

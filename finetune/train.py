@@ -34,7 +34,7 @@ from finetune.distributed import (allow_fsdp_on_cpu, is_main_process, main_print
 from finetune.errors import UserError
 from finetune.loss import chunked_nll_sum
 from finetune.modeling import (apply_lora, base_config, context_length, load_base_model, parameter_counts,
-                               prepare_for_training)
+                               without_kv_cache)
 from finetune.packing import IGNORE
 from finetune.plots import plot_loss
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
@@ -195,7 +195,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.
     if recipe.lora is None:
         trainable, total = parameter_counts(model)
         main_print(f"train: full fine-tuning, {trainable:,} trainable parameters")
-        return prepare_for_training(model)
+        return without_kv_cache(model)
     if recipe.model.init is not None and is_main_process():
         save_initialized_base(model, tokenizer, base_dir(recipe))
     model, matched = apply_lora(model, recipe.lora)
@@ -204,7 +204,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.
     main_print(f"train: LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g} on {len(matched)} modules: "
                + ", ".join(group_module_names(matched)))
     main_print(f"train: {trainable:,} trainable parameters of {total:,} ({trainable / total:.3%})")
-    return prepare_for_training(model)
+    return without_kv_cache(model)
 
 
 def base_dir(recipe: Recipe) -> Path:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from finetune.collate import PackedCollator
-from finetune.modeling import prepare_for_training
+from finetune.modeling import without_kv_cache
 from finetune.packing import IGNORE
 from finetune.store import ShardData, TokenStore, finish_split, write_shard
 
@@ -27,7 +27,7 @@ def tiny_model(attn_implementation: str) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97)
     config._attn_implementation = attn_implementation
-    return prepare_for_training(GPT2LMHeadModel(config)).eval()
+    return without_kv_cache(GPT2LMHeadModel(config)).eval()
 
 
 def examples() -> list[tuple[list[int], list[int]]]:

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from finetune.collate import PackedCollator
 from finetune.loss import chunked_nll_sum
-from finetune.modeling import apply_lora, prepare_for_training
+from finetune.modeling import apply_lora, without_kv_cache
 from finetune.packing import IGNORE
 from finetune.recipe import LoraConfig
 
@@ -42,7 +42,7 @@ def model(lora: bool) -> torch.nn.Module:
         for name, param in net.named_parameters():
             if "lora_B" in name:
                 param.data.normal_(0, 0.1)
-    return prepare_for_training(net).train()
+    return without_kv_cache(net).train()
 
 
 def gradients(net: torch.nn.Module) -> dict[str, torch.Tensor]:

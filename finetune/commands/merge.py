@@ -9,7 +9,7 @@ from finetune.recipe import Recipe
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> None:
-    from finetune.hub import merge
+    from finetune.merge import merge
 
     merge(recipe)
 

@@ -1,0 +1,33 @@
+"""`finetune merge`: the LoRA adapter folded into its base, a plain transformers model in the run's merged/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from finetune.chat_template import save_tokenizer
+from finetune.errors import UserError
+from finetune.modeling import is_adapter, load_final, trained_recipe
+from finetune.recipe import Recipe
+from finetune.shareable import write_shareable_recipe
+from finetune.tokenizer import load_tokenizer
+
+
+def merge(recipe: Recipe) -> Path:
+    """Write `<run>/merged/`: the adapter merged into its base, in safetensors, with the tokenizer and recipe."""
+    final = recipe.run.final
+    if final.is_dir() and not is_adapter(final):
+        raise UserError(f"{final} is already a full model (the run had no LoRA adapter): nothing to merge; "
+                        "load final/ directly")
+    model = load_final(final).merge_and_unload()
+    model.config.use_cache = True
+    out = recipe.run.merged
+    staging = out.with_name("merged.tmp")  # renamed into place when complete: `push --merged` trusts merged/
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, staging)
+    write_shareable_recipe(final, staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    print(f"merged model written to {out}")
+    return out

@@ -1,0 +1,83 @@
+"""The model card of a pushed model: what it is, its evaluation figures, and a usage snippet that runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from finetune.recipe import HubSource, Recipe
+
+METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
+EXAMPLES = {"text": "Once upon a time", "instruction": "Explain what a language model is in one sentence.",
+            "chat": "Hello! What can you do?", "classification": "A wonderful, moving film."}
+
+
+def usage_snippet(repo: str, adapter: bool, recipe: Recipe) -> str:
+    """Python that loads the pushed model from the Hub and generates: prompted formats through the tokenizer's chat
+    template (the recipe's prompt format, see finetune/chat_template.py), plain text as is."""
+    cfg = recipe.generate
+    sampling = (f"do_sample=True, temperature={cfg.temperature}, top_p={cfg.top_p}" if cfg.temperature > 0
+                else "do_sample=False")
+    loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+    imports = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer"] if adapter \
+        else ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    example = EXAMPLES[recipe.data.format]
+    encode = [f"inputs = tokenizer({example!r}, return_tensors=\"pt\")"] if recipe.data.format == "text" else [
+        f"messages = [{{\"role\": \"user\", \"content\": {example!r}}}]",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,",
+        "                                       return_tensors=\"pt\")"]
+    return "\n".join([
+        *imports, "",
+        f"model = {loader}.from_pretrained({repo!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({repo!r})",
+        *encode,
+        f"output = model.generate(**inputs, max_new_tokens={cfg.max_new_tokens}, {sampling},",
+        "                        pad_token_id=tokenizer.eos_token_id)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ]) + "\n"
+
+
+def _data_sources(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(Hub data set ids, descriptions of every source) of the recipe's data."""
+    hub, described = [], []
+    for source in (recipe.data.train, recipe.data.validation):
+        if isinstance(source, HubSource):
+            hub.append(source.hub)
+            described.append(f"[{source.hub}](https://huggingface.co/datasets/{source.hub})"
+                             + (f" ({source.config})" if source.config else ""))
+        elif source:
+            described.append(f"a local file `{Path(source).name}`")
+    return list(dict.fromkeys(hub)), described
+
+
+def model_card(recipe: Recipe, repo: str, adapter: bool, hub_base: str | None, evaluation: dict | None
+               ) -> ModelCard:
+    hub_data, described = _data_sources(recipe)
+    metrics = [m for m in METRICS if evaluation and isinstance(evaluation.get(m), (int, float))]
+    tags = ["gpt2-finetune", "text-generation", recipe.data.format] + (["lora", "peft"] if adapter else [])
+    data = ModelCardData(base_model=hub_base, library_name="peft" if adapter else "transformers",
+                         pipeline_tag="text-generation", tags=tags, datasets=hub_data or None,
+                         metrics=metrics or None)
+    base = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else (
+        "a GPT-2 trained from scratch" if recipe.model.init is not None else "a local base model")
+    kind = (f"A LoRA adapter (r={recipe.lora.r}, alpha={recipe.lora.alpha}, targets {recipe.lora.targets}) for "
+            if adapter else ("A merged LoRA fine-tune of " if recipe.lora else "A full fine-tune of "))
+    lines = [f"# {repo.split('/')[-1]}", "",
+             f"{kind}{base}, trained with gpt2-finetune (recipe `{recipe.name}`) on {' and '.join(described)} "
+             f"in the `{recipe.data.format}` format.", ""]
+    if metrics:
+        baseline = evaluation.get("baseline") or {}
+        lines += ["## Evaluation", "", "| metric | fine-tuned | base |", "|---|---|---|"]
+        lines += [f"| {m} | {evaluation[m]:.4g} | {baseline[m]:.4g} |" if isinstance(baseline.get(m), (int, float))
+                  else f"| {m} | {evaluation[m]:.4g} | |" for m in metrics]
+        lines.append("")
+    length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps > 0 else f"{recipe.train.epochs} epochs")
+    lines += ["## Usage", "", "```python", usage_snippet(repo, adapter, recipe).rstrip(), "```", "",
+              "Prompts follow the template the model was trained with (the tokenizer's `chat_template`; see `recipe.yaml`, "
+              "section `data`).", "",
+              "## Training", "",
+              f"- block size {recipe.data.block_size}, learning rate {recipe.train.lr}, {length}, "
+              f"seed {recipe.train.seed}",
+              "- the full resolved recipe is `recipe.yaml`; evaluation figures are in `eval.json`", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
