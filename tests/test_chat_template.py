@@ -10,7 +10,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from conftest import save_tiny_gpt2
+from helpers import save_tiny_gpt2
 from finetune.chat_template import chat_template
 from finetune.cli import main
 from finetune.generation.loading import load_generator

@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, SCRATCH, corpus_lines, subprocess_env
+from helpers import ROOT, SCRATCH, corpus_lines, subprocess_env
 from finetune.errors import UserError
 from finetune.prepare import ensure_prepared, prepare
 from finetune.recipe import load_recipe

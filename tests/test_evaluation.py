@@ -24,7 +24,7 @@ from finetune.modeling import apply_lora, load_final
 from finetune.tokenizer import load_tokenizer
 from finetune.prepare import load_prepared, load_records, prepare
 from finetune.recipe import LoraConfig, load_recipe, save_recipe
-from conftest import corpus_lines
+from helpers import corpus_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION_TEXT = ["alpha beta gamma café naïve", "über die brücke — red green blue", *corpus_lines(10, seed=7)]

@@ -7,8 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from _helpers_use import one_thread, runs
-from conftest import WORDS
+from helpers import WORDS
 
 from finetune import formats
 from finetune.chat import ChatSession
@@ -22,15 +21,12 @@ from finetune.recipe import ChatFormat, DataConfig, load_recipe
 GREEDY = SamplingParams(max_new_tokens=60, temperature=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_paths(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
-    return runs(tmp_path_factory, tokenizer_dir)
+def run_paths(finished_runs: dict[str, Path]) -> dict[str, Path]:
+    return finished_runs
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import corpus_lines
+from helpers import corpus_lines
 from finetune.cli import main
 
 pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[harness]")')

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _helpers_use import RECITAL, one_thread, runs, trained_base
 from huggingface_hub import HfApi, ModelCard, constants
+from helpers import RECITAL
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,15 +27,12 @@ EVAL = {"loss": 0.42, "perplexity": 1.52, "bits_per_byte": 0.61, "tokens": 900,
         "baseline": {"loss": 5.1, "perplexity": 164.0, "bits_per_byte": 7.4, "tokens": 900}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_paths(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
-    paths = runs(tmp_path_factory, tokenizer_dir)
+def run_paths(finished_runs: dict[str, Path]) -> dict[str, Path]:
+    paths = finished_runs
     (load_recipe(paths["lora"]).run.eval_results).write_text(json.dumps(EVAL))
     return paths
 
@@ -46,11 +43,11 @@ def lora(run_paths: dict[str, Path]) -> Recipe:
 
 
 @pytest.fixture
-def hub_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory, tokenizer_dir: Path) -> Path:
+def hub_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recital_base: Path) -> Path:
     """Make HUB_BASE resolvable offline, as a user's copy of the base would be: transformers loads a folder
     named like a repo id relative to the working directory."""
     (tmp_path / HUB_BASE).parent.mkdir(parents=True)
-    (tmp_path / HUB_BASE).symlink_to(trained_base(tmp_path_factory, tokenizer_dir), target_is_directory=True)
+    (tmp_path / HUB_BASE).symlink_to(recital_base, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

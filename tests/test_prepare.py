@@ -12,7 +12,7 @@ from finetune.packing import IGNORE, best_fit_decreasing, plan_rows
 from finetune.prepare import load_prepared, load_prepared_tokenizer, load_records, prepare
 from finetune.recipe import load_recipe
 
-from conftest import corpus_lines, shared_path
+from helpers import corpus_lines, shared_path
 
 
 def make_recipe(tmp_path: Path, tokenizer_dir: Path, train: str, overrides: tuple = (), **data):

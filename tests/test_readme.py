@@ -12,7 +12,7 @@ import typing
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from finetune import recipe as recipe_module
 from finetune.recipe import Recipe
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, save_tiny_gpt2
+from helpers import ROOT, save_tiny_gpt2
 from finetune import cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -14,8 +14,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from _helpers_use import one_thread, runs
-from conftest import WORDS
+from helpers import WORDS, single_thread
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -50,13 +49,13 @@ def background_server(app: FastAPI) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> list[ModelWorker]:
-    return load_workers(load_recipe(runs(tmp_path_factory, tokenizer_dir)["lora"]))
+def workers(finished_runs: dict[str, Path]) -> list[ModelWorker]:
+    return load_workers(load_recipe(finished_runs["lora"]))
 
 
 @pytest.fixture(scope="module")
 def url(workers: list[ModelWorker]):
-    with one_thread(), background_server(create_app(workers, api_key=KEY, max_new_tokens_cap=CAP)) as address:
+    with single_thread(), background_server(create_app(workers, api_key=KEY, max_new_tokens_cap=CAP)) as address:
         yield address
 
 
@@ -255,8 +254,8 @@ def test_32_concurrent_requests_get_their_own_outputs(url: str, models: dict[str
     assert max(after[m]["largest_batch"] for m in after) > 1  # the requests were decoded in batches
 
 
-def test_serve_command_reports_a_busy_port(tmp_path_factory, tokenizer_dir: Path, capsys) -> None:
-    recipe = str(runs(tmp_path_factory, tokenizer_dir)["lora"])
+def test_serve_command_reports_a_busy_port(finished_runs: dict[str, Path], capsys) -> None:
+    recipe = str(finished_runs["lora"])
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -13,7 +13,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import corpus_lines
+from helpers import corpus_lines
 from finetune.errors import UserError
 from finetune.recipe import load_recipe
 from finetune.train import train, training_arguments

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import SCRATCH, corpus_lines, subprocess_env
+from helpers import SCRATCH, corpus_lines, subprocess_env
 from finetune import cli
 from finetune.prepare import prepare
 from finetune.recipe import load_recipe

@@ -1,40 +1,23 @@
 """Run folders for the generate / chat / serve / merge / push tests, built without the train stage.
 
-A tiny GPT-2 is really trained (plain torch loop, a few seconds) to recite the word list of conftest.WORDS from
-any word to its end, then EOS; a LoRA adapter is trained on top of it. Each builder runs once per session.
+A tiny GPT-2 is really trained (plain torch loop, a few seconds) to recite the word list of helpers.WORDS from
+any word to its end, then EOS; a LoRA adapter is trained on top of it. conftest.py builds them once a session.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import random
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import torch
 import yaml
-from conftest import WORDS
+from helpers import RECITAL, WORDS
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from finetune.modeling import apply_lora
 from finetune.tokenizer import load_tokenizer
 from finetune.recipe import Recipe, load_recipe, save_recipe
 
-RECITAL = " ".join(WORDS)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and this machine's cores are shared with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _batches(tokenizer, steps: int, batch_size: int, seed: int):
@@ -63,35 +46,16 @@ def _train(model: torch.nn.Module, tokenizer, steps: int, lr: float, seed: int) 
     return loss.item()
 
 
-_BUILT: dict[tuple[str, Path], Any] = {}
-
-
-def once(build):
-    """Build once per session (test modules share the result; pytest's session fixtures would not be shared
-    when imported into several modules)."""
-
-    @functools.wraps(build)
-    def cached(factory: pytest.TempPathFactory, tokenizer_dir: Path):
-        key = (build.__name__, tokenizer_dir)
-        if key not in _BUILT:
-            _BUILT[key] = build(factory, tokenizer_dir)
-        return _BUILT[key]
-
-    return cached
-
-
-@once
-def trained_base(factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny GPT-2 (2 layers, 32 wide, 128 positions) trained to recite the word list, saved with its tokenizer."""
+def train_recital_base(folder: Path, tokenizer_dir: Path) -> Path:
+    """A tiny GPT-2 (2 layers, 32 wide, 128 positions) trained to recite the word list, saved with its tokenizer
+    in `folder`."""
     tokenizer = load_tokenizer(str(tokenizer_dir))
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer),
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)
-    with one_thread():
-        loss = _train(model, tokenizer, steps=150, lr=1e-2, seed=0)
+    loss = _train(model, tokenizer, steps=150, lr=1e-2, seed=0)
     assert loss < 0.3, f"the tiny model did not learn the word list (loss {loss:.3f})"
-    folder = factory.mktemp("recital-gpt2")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -116,12 +80,9 @@ def _save_final(recipe: Recipe, model: torch.nn.Module, tokenizer) -> None:
     save_recipe(recipe, final / "recipe.yaml")
 
 
-@once
-def runs(factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
-    """Recipe files of three finished runs: `lora` (an adapter trained over the base; serves `full` too as an
-    extra run), `full` (the base itself as a full fine-tune) and `chat` (a full model with the chat format)."""
-    base = trained_base(factory, tokenizer_dir)
-    folder = factory.mktemp("runs")
+def write_finished_runs(folder: Path, base: Path) -> dict[str, Path]:
+    """Recipe files of three finished runs in `folder`: `lora` (an adapter trained over `base`; serves `full` too
+    as an extra run), `full` (the base itself as a full fine-tune) and `chat` (a full model with the chat format)."""
     tokenizer = load_tokenizer(str(base))
     paths = {
         "full": write_recipe(folder, "tiny-full", base, lora=False),
@@ -133,7 +94,6 @@ def runs(factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path
         _save_final(load_recipe(paths[key]), AutoModelForCausalLM.from_pretrained(base), tokenizer)
     recipe = load_recipe(paths["lora"])
     model, _ = apply_lora(AutoModelForCausalLM.from_pretrained(base), recipe.lora)
-    with one_thread():
-        _train(model, tokenizer, steps=20, lr=3e-3, seed=1)
+    _train(model, tokenizer, steps=20, lr=3e-3, seed=1)
     _save_final(recipe, model, tokenizer)
     return paths

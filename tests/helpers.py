@@ -1,0 +1,62 @@
+"""Helpers the tests share (plain functions and constants; the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SCRATCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,  # a from-scratch GPT-2, dropout off
+           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega red green blue cyan magenta yellow black white good bad great awful").split()
+RECITAL = " ".join(WORDS)
+
+
+def shared_path(relative: str) -> Path:
+    """A file under ../shared/data, or skip the test when the shared data is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"../shared/data/{relative} is absent (shared data is not part of a fresh clone)")
+    return path
+
+
+def subprocess_env() -> dict:
+    """For stages run as subprocesses: offline, this checkout's code, one thread (as `one_thread` here)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """The same arithmetic in this process and in the subprocesses (and no thread thrashing on a shared CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def corpus_lines(n: int = 200, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+def save_tiny_gpt2(tokenizer, folder: Path, **config) -> Path:
+    """A random GPT-2 (seed 0) for `tokenizer`, saved with it like a Hub checkpoint; `config` sets its shape."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, **config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
