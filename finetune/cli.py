@@ -15,7 +15,8 @@ from finetune.recipe import load_recipe
 
 COMMANDS = {command.name: command for command in (prepare.COMMAND, train.COMMAND, evaluate.COMMAND, generate.COMMAND,
                                                    chat.COMMAND, serve.COMMAND, merge.COMMAND, push.COMMAND)}
-STORAGE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)  # one line, exit 1
+# one line naming the path, exit 1: a full, read-only or denied disk, or an output path blocked by a file
+STORAGE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EEXIST, errno.ENOTDIR)
 
 
 def build_parser() -> argparse.ArgumentParser:

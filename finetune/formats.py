@@ -52,13 +52,21 @@ def _field(row: dict, name: str, where: Any) -> Any:
     return value
 
 
+def _text(row: dict, name: str, where: Any) -> str:
+    """A text field: a string (a JSON object or number there is a mistake in the data, not text to train on)."""
+    value = _field(row, name, where)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{name}' must be a string, got {type(value).__name__} {str(value)[:60]!r}")
+    return value
+
+
 def normalize(row: dict, cfg: DataConfig, where: Any, labels: dict[str, int] | None = None
               ) -> tuple[dict | None, str | None]:
     """One raw row -> (record, None), or (None, reason) when the row is dropped. Raises UserError on bad rows.
     `labels` is `label_lookup(cfg.classification)`, built once by the caller for classification data."""
     fmt = cfg.format
     if fmt == "text":
-        text = str(_field(row, cfg.text_field, where))
+        text = _text(row, cfg.text_field, where)
         return ({"text": text}, None) if text.strip() else (None, "empty")
     if fmt == "instruction":
         return _normalize_instruction(row, cfg.instruction, where)
@@ -68,8 +76,8 @@ def normalize(row: dict, cfg: DataConfig, where: Any, labels: dict[str, int] | N
 
 
 def _normalize_instruction(row: dict, cfg: InstructionFormat, where: Any) -> tuple[dict | None, str | None]:
-    instruction = str(_field(row, cfg.instruction_field, where))
-    response = str(_field(row, cfg.output_field, where))
+    instruction = _text(row, cfg.instruction_field, where)
+    response = _text(row, cfg.output_field, where)
     extra = row.get(cfg.input_field) if cfg.input_field else None
     extra = "" if extra is None else str(extra)
     if not instruction.strip() or not response.strip():
@@ -110,7 +118,7 @@ def _normalize_chat(row: dict, cfg: ChatFormat, where: Any) -> tuple[dict | None
 
 def _normalize_classification(row: dict, cfg: ClassificationFormat, where: Any, labels: dict[str, int]
                               ) -> tuple[dict | None, str | None]:
-    text = str(_field(row, cfg.text_field, where))
+    text = _text(row, cfg.text_field, where)
     raw_label = _field(row, cfg.label_field, where)
     index = labels.get(str(raw_label).strip())
     if index is None:

@@ -29,16 +29,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @contextmanager
-def loading_base(base: str) -> Iterator[None]:
-    """Loading `model.base`: a folder that holds no model, or a model transformers or the Hub cannot give, is a
-    user error naming it."""
-    path = Path(base)
-    if path.exists() and not (path / "config.json").is_file():
-        raise UserError(f"model.base {base!r} is a folder but not a model (no config.json in it)")
+def loading_model(path: str | Path, name: str = "model.base") -> Iterator[None]:
+    """Loading the model at `path` (called `name` in messages): a folder that holds no model, or a model
+    transformers or the Hub cannot give, is a user error naming it."""
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise UserError(f"{name} {str(path)!r} is a folder but not a model (no config.json in it)")
     try:
         yield
     except (OSError, ValueError) as exc:
-        raise UserError(f"could not load model.base {base!r}: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"could not load {name} {str(path)!r}: {type(exc).__name__}: {exc}") from None
 
 
 def base_config(recipe: Recipe) -> PretrainedConfig:
@@ -46,7 +45,7 @@ def base_config(recipe: Recipe) -> PretrainedConfig:
     cfg = recipe.model
     if cfg.base is None:
         return GPT2Config(**cfg.init)  # its keys and values were checked when the recipe loaded
-    with loading_base(cfg.base):
+    with loading_model(cfg.base):
         return AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
 
 
@@ -66,7 +65,7 @@ def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch
         if cfg.dtype not in ("float32", "auto"):
             model = model.to(DTYPES[cfg.dtype])
         return _causal_lm(model)
-    with loading_base(cfg.base):
+    with loading_model(cfg.base):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.base, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
@@ -153,11 +152,12 @@ def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.
         from peft import PeftModel
 
         base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        with loading_base(base_path):
+        with loading_model(base_path, "the adapter's base model"):
             base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
         with quiet_peft():
             return PeftModel.from_pretrained(base, folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    with loading_model(folder, "the model folder"):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
 
 
 def trained_recipe(recipe: Recipe, folder: Path) -> Recipe:

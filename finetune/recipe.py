@@ -677,6 +677,8 @@ def _validate(recipe: Recipe, where: str) -> None:
     _choice(where, "data.overflow", recipe.data.overflow, ("truncate", "drop"))
     _choice(where, "model.dtype", recipe.model.dtype, ("float32", "bfloat16", "float16", "auto"))
     _choice(where, "model.attn_implementation", recipe.model.attn_implementation, ("eager", "sdpa", "flash_attention_2"))
+    if recipe.lora is not None:
+        _choice(where, "lora.bias", recipe.lora.bias, ("none", "all", "lora_only"))
     for split in ("train", "validation"):
         source = getattr(recipe.data, split)
         if isinstance(source, str) and not source.endswith(LOCAL_EXTENSIONS):

@@ -121,6 +121,10 @@ def checkpoint_problem(path: Path) -> str | None:
     central directory (written last)."""
     if not (path / "trainer_state.json").is_file():
         return "no trainer_state.json (the save did not finish)"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json is damaged or truncated"
     for file in sorted(path.iterdir()):
         try:
             if file.suffix == ".safetensors":

@@ -295,6 +295,9 @@ def test_bad_settings_are_user_errors(text_run: tuple[Path, Path], tmp_path: Pat
     recipe_path, _ = text_run
     assert main(["eval", str(recipe_path), "eval.stride=33"]) == 2
     assert "'eval.stride' must be between 1 and data.block_size (32), got 33" in capsys.readouterr().err
+    (tmp_path / "not-a-model").mkdir()
+    assert main(["eval", str(recipe_path), "--model", str(tmp_path / "not-a-model")]) == 2
+    assert "is a folder but not a model (no config.json in it)" in capsys.readouterr().err
     assert main(["eval", str(recipe_path), "eval.files=[missing.txt]"]) == 2
     assert "eval.files: missing.txt not found" in capsys.readouterr().err
     assert main(["eval", str(recipe_path), f"output_dir={tmp_path / 'elsewhere'}"]) == 2

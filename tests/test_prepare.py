@@ -202,6 +202,8 @@ def test_trained_tokenizer_is_saved_with_eos(tmp_path):
     (b'{"text": "a", "label": 0}\n{"text": "b", "label": 7}\n',
      ("data.format=classification", "data.classification.labels=[no, yes]"), r"line 2: label 7 is not in the label set"),
     (b"\n  \n\n", (), "empty after filtering"),
+    (b'{"text": "a"}\n{"text": {"nested": 1}}\n', (), r"line 2: field 'text' must be a string, got dict"),
+    (b'{"text": "a"}\n{"text": 7}\n', (), r"line 2: field 'text' must be a string, got int"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tokenizer_dir, capsys, content, override, message):
     suffix = ".txt" if content is None or content.startswith((b"text", b"\n")) else ".jsonl"
@@ -387,6 +389,16 @@ def test_overrides_may_follow_the_options(tmp_path, tokenizer_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", recipe.source, "--force", "stray"])
     assert exit_info.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_an_output_folder_blocked_by_a_file_is_one_line_naming_the_path(tmp_path, tokenizer_dir, capsys):
+    (tmp_path / "c.txt").write_text("\n".join(corpus_lines(40)) + "\n")
+    recipe = make_recipe(tmp_path, tokenizer_dir, str(tmp_path / "c.txt"))
+    (tmp_path / "afile").write_text("")
+    for output_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        assert main(["prepare", recipe.source, f"output_dir={output_dir}"]) == 1
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'afile'}") and "Traceback" not in err
 
 
 def test_a_full_disk_is_one_line_naming_the_path(tmp_path, tokenizer_dir, capsys, monkeypatch):

@@ -136,6 +136,7 @@ def test_bad_values_templates_and_names_are_rejected_at_load_naming_the_key(tmp_
     (["train.extra.optimm=adamw_torch"], r"'train.extra.optimm' is not a TrainingArguments argument; did you mean"),
     (["train.extra.learning_rate=0.1"], r"set 'train.lr' instead"),
     (["train.extra.output_dir=x"], r"the train stage derives it from the recipe"),
+    (["lora.bias=bogus"], r"'lora.bias' must be one of none, all, lora_only, got 'bogus'"),
     (["eval.stride=0"], r"'eval.stride' must be between 1 and data.block_size \(64\), got 0"),
     (["eval.stride=65"], r"'eval.stride' must be between 1 and data.block_size \(64\), got 65"),
 ])

@@ -288,6 +288,11 @@ def test_resume_falls_back_from_a_checkpoint_whose_weights_are_truncated(tmp_pat
     out = capsys.readouterr().out
     assert "skipping" in out and "model.safetensors is damaged or truncated" in out
     assert "resuming from" in out and "checkpoint-2" in out
+    state = tmp_path / "run" / "checkpoints" / "checkpoint-6" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])
+    assert cli.main(["train", str(path), "train.max_steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer_state.json is damaged or truncated" in out and "checkpoint-4" in out
 
 
 def test_killed_in_the_middle_of_checkpoint_saves_the_run_still_ends_like_an_uninterrupted_one(tmp_path,
