@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,8 @@ def count_rows(source: str | HubSource, cfg: DataConfig) -> int | None:
     if isinstance(source, str) and source.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        rows = pq.ParquetFile(source).metadata.num_rows
+        with parquet_errors(source):
+            rows = pq.ParquetFile(source).metadata.num_rows
         return rows if cfg.max_records is None else min(rows, cfg.max_records)
     return sum(len(batch.rows) for batch in read_batches(source, cfg))
 
@@ -237,18 +239,26 @@ def _csv_batches(path: Path, suffix: str) -> Iterator[Batch]:
         raise UserError(f"{path}: could not be read as {suffix[1:]}: {exc}") from None
 
 
-def _parquet_batches(path: Path) -> Iterator[Batch]:
+@contextmanager
+def parquet_errors(path: str | Path) -> Iterator[None]:
+    """A file that is not valid parquet is a user error naming it."""
     import pyarrow as pa
+
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: could not be read as parquet: {exc}") from None
+
+
+def _parquet_batches(path: Path) -> Iterator[Batch]:
     import pyarrow.parquet as pq
 
     start = 0
-    try:
+    with parquet_errors(path):
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH):
             rows = record_batch.to_pylist()
             yield Batch(start, rows)
             start += len(rows)
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{path}: could not be read as parquet: {exc}") from None
 
 
 def _hub_batches(source: HubSource, cfg: DataConfig) -> Iterator[Batch]:

@@ -204,9 +204,11 @@ def test_trained_tokenizer_is_saved_with_eos(tmp_path):
     (b"\n  \n\n", (), "empty after filtering"),
     (b'{"text": "a"}\n{"text": {"nested": 1}}\n', (), r"line 2: field 'text' must be a string, got dict"),
     (b'{"text": "a"}\n{"text": 7}\n', (), r"line 2: field 'text' must be a string, got int"),
+    (b"PAR1 not really parquet", (), r"data.parquet: could not be read as parquet"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tokenizer_dir, capsys, content, override, message):
-    suffix = ".txt" if content is None or content.startswith((b"text", b"\n")) else ".jsonl"
+    suffix = ".txt" if content is None or content.startswith((b"text", b"\n")) else \
+        ".parquet" if content.startswith(b"PAR1") else ".jsonl"
     data_file = tmp_path / f"data{suffix}"
     if content is not None:
         data_file.write_bytes(content)
