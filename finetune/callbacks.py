@@ -1,4 +1,5 @@
-"""Trainer callbacks for the train stage: tokens/s, `metrics.jsonl`, and a progress bar that shows both."""
+"""Trainer callbacks for the train stage: tokens/s, `metrics.jsonl`, a progress bar that shows both, and a stop for
+resumed runs that have nothing left to train."""
 
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ from transformers import ProgressCallback, TrainerCallback
 
 from finetune.distributed import is_main_process
 from finetune.plots import read_metrics
+
+
+class RunFinished(Exception):
+    """A resumed run whose checkpoint already reached the last step (raised before any step)."""
+
+    def __init__(self, step: int, max_steps: int) -> None:
+        super().__init__(f"step {step} of {max_steps}")
+        self.step, self.max_steps = step, max_steps
+
+
+class StopWhenFinished(TrainerCallback):
+    """Trainer runs one step before it checks for the end, so a run resumed from its last checkpoint would train a
+    step past `max_steps`: stop it before it starts instead."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise RunFinished(state.global_step, state.max_steps)
 
 
 class Throughput(TrainerCallback):

@@ -26,7 +26,7 @@ from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, Progre
                           TrainingArguments, set_seed)
 from transformers.trainer_utils import EvalLoopOutput
 
-from finetune.callbacks import MetricsFile, Throughput, TokenProgress
+from finetune.callbacks import MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
 from finetune.distributed import (allow_fsdp_on_cpu, is_main_process, main_print, process_group,
@@ -76,7 +76,14 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
         clear_checkpoints(trainer, recipe.run, identity)
     if resume is not None and is_main_process():
         print(f"train: resuming from {resume} (train.resume=never starts over)")
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RunFinished as finished:
+        main_print(f"train: {resume} already reached the last step ({finished}): nothing to train, writing final/ "
+                   "from the run's checkpoints. Raise train.max_steps or train.epochs to train on, or set "
+                   "train.resume=never to start over")
+        if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+            trainer._load_best_model()
     save_final(recipe, trainer, tokenizer)
     return trainer
 
@@ -286,7 +293,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
         model=model, args=training_arguments(recipe, evaluate), data_collator=PackedCollator(tokenizer.pad_token_id),
         train_dataset=load_prepared(recipe, "train"),
         eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
-        callbacks=[throughput, MetricsFile(recipe.run.metrics)],
+        callbacks=[StopWhenFinished(), throughput, MetricsFile(recipe.run.metrics)],
     )  # no processing_class: Trainer would copy pad = EOS into the model config (final/ gets the tokenizer)
     if not trainer.args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

@@ -5,6 +5,7 @@ test_distributed.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,6 +238,26 @@ def test_auto_resume_refuses_checkpoints_of_other_data_or_settings(tmp_path, tin
     assert cli.main(["train", str(path), "train.max_steps=6"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert train_losses(tmp_path / "run")[-1] is not None and metrics(tmp_path / "run")[-1]["step"] == 6
+
+
+def test_training_a_finished_run_again_trains_nothing_and_rewrites_the_same_final(tmp_path, tiny_model_dir, capsys):
+    """Trainer takes one step before it checks for the end: a finished run trained again (or killed between its
+    last checkpoint and final/) must not train past train.max_steps; final/ comes from the best checkpoint again."""
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}},
+                        train={"max_steps": 4, "save_steps": 2, "eval_steps": 2, "scheduler": "linear"})
+    train(load_recipe(path))
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text()
+    weights = (run / "final" / "model.safetensors").read_bytes()
+    for final_present in (True, False):
+        if not final_present:
+            shutil.rmtree(run / "final")
+        capsys.readouterr()
+        assert cli.main(["train", str(path)]) == 0
+        assert "already reached the last step (step 4 of 4): nothing to train" in capsys.readouterr().out
+        assert (run / "metrics.jsonl").read_text() == lines
+        assert not (run / "checkpoints" / "checkpoint-5").exists()
+        assert (run / "final" / "model.safetensors").read_bytes() == weights
 
 
 def test_a_metrics_line_torn_by_a_kill_does_not_block_the_resume(tmp_path):
