@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.errors import UserError
+from finetune.errors import UserError, path_problem
 from finetune.recipe import DataConfig, HubSource
 
 HEADER_ROWS = {".csv": 1, ".tsv": 1}
@@ -99,8 +99,8 @@ def parse_row(raw: Any, where: RowRef) -> dict:
 
 def check_sources(cfg: DataConfig) -> None:
     for source in (cfg.train, cfg.validation):
-        if isinstance(source, str) and not Path(source).is_file():
-            raise UserError(f"data file not found: {source}")
+        if isinstance(source, str) and (problem := path_problem(source)):
+            raise UserError(f"data file {source}: {problem}")
 
 
 def read_batches(source: str | HubSource, cfg: DataConfig, skip: int = 0) -> Iterator[Batch]:
@@ -138,8 +138,8 @@ def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[Batch]:
         yield from _hub_batches(source, cfg)
         return
     path = Path(source)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
+    if problem := path_problem(path):
+        raise UserError(f"data file {path}: {problem}")
     suffix = path.suffix.lower()
     size = min(BLOCK_BYTES, cfg.shard_tokens * BYTES_PER_TOKEN)
     if suffix == ".txt":

@@ -28,7 +28,7 @@ from finetune import harness, report
 from finetune.collate import PackedCollator
 from finetune.data import check_utf8
 from finetune.distributed import is_main_process, process_group, same_prepared_data, use_cpu
-from finetune.errors import UserError
+from finetune.errors import UserError, path_problem
 from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
 from finetune.generation.engine import Engine, Request
 from finetune.generation.params import SamplingParams
@@ -338,8 +338,8 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_
 def file_tokens(path: str, tokenizer) -> list[int]:
     """An `eval.files` entry as one token stream (the whole file, as in WikiText perplexity)."""
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"eval.files: {path} not found")
+    if problem := path_problem(file):
+        raise UserError(f"eval.files: {path}: {problem}")
     check_utf8(file)
     ids = tokenizer(file.read_text(encoding="utf-8"), add_special_tokens=False, split_special_tokens=True,
                     verbose=False)["input_ids"]

@@ -15,7 +15,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
-from finetune.errors import UserError
+from finetune.errors import UserError, path_problem
 from finetune.recipe import LoraConfig, Recipe, recipe_from_dict
 from finetune.run_folder import RECIPE_FILE
 
@@ -146,8 +146,9 @@ def is_adapter(folder: Path) -> bool:
 def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A run's `final/` (or `merged/`): a PEFT adapter over its recorded base, or a full model."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} does not exist: train the recipe first (finetune train RECIPE)")
+    if problem := path_problem(folder, folder=True):
+        raise UserError(f"{folder}: {problem}" + (": train the recipe first (finetune train RECIPE)"
+                                                  if not folder.exists() else " (a model folder is needed)"))
     if is_adapter(folder):
         from peft import PeftModel
 

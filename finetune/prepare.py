@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 from finetune import __version__, data, encode, formats, packing, store
 from finetune.data import Batch, RowRef, count_rows, describe, parse_row, read_batches, validation_mask
 from finetune.encode import EncodeContext, encode_batch, encode_in_worker, init_worker
-from finetune.errors import UserError
+from finetune.errors import UserError, writing
 from finetune.formats import encode_texts, label_names, normalize, segments
 from finetune.tokenizer import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
 from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
@@ -142,7 +142,8 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
         if manifest and not force:
             print(f"prepare: {recipe.run.prepared} is up to date (fingerprint {digest[:12]}); nothing to do")
             return manifest
-        return _build(recipe, tokenizer, digest, files, force)
+        with writing(recipe.run.prepared_partial):
+            return _build(recipe, tokenizer, digest, files, force)
 
 
 def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, force: bool) -> dict:
@@ -150,7 +151,7 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
     data.check_sources(recipe.data)
     for leftover in [*out.parent.glob("prepared.old-*"), *out.parent.glob("prepared.tmp-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # from killed swaps, and from versions before the store
-    work = out.with_name("prepared.partial")
+    work = recipe.run.prepared_partial
     marker = work / "fingerprint"
     if force or not marker.is_file() or marker.read_text() != digest:
         shutil.rmtree(work, ignore_errors=True)

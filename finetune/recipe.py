@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Union
 
 import yaml
 
-from finetune.errors import UserError
+from finetune.errors import UserError, path_problem
 from finetune.run_folder import RunFolder
 
 FORMATS = ("text", "instruction", "chat", "classification")
@@ -256,8 +256,8 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+    if problem := path_problem(path):
+        raise UserError(f"recipe file {path}: {problem}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:

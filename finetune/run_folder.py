@@ -20,6 +20,11 @@ class RunFolder:
         return self.root / "prepared"
 
     @property
+    def prepared_partial(self) -> Path:
+        """Where prepare writes until the store is whole; a killed prepare continues from it."""
+        return self.root / "prepared.partial"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

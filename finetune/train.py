@@ -24,14 +24,14 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, ProgressCallback, Trainer,
                           TrainingArguments, set_seed)
-from transformers.trainer_utils import EvalLoopOutput
+from transformers.trainer_utils import EvalLoopOutput, IntervalStrategy, SchedulerType
 
 from finetune.callbacks import MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
 from finetune.distributed import (allow_fsdp_on_cpu, is_main_process, main_print, process_group,
                                   same_on_every_rank, same_prepared_data, use_cpu)
-from finetune.errors import UserError
+from finetune.errors import UserError, writing
 from finetune.loss import chunked_nll_sum
 from finetune.modeling import (apply_lora, base_config, context_length, load_base_model, parameter_counts,
                                without_kv_cache)
@@ -42,8 +42,8 @@ from finetune.recipe import DEFAULT_DDP_TIMEOUT_S, STAGE_ARGUMENTS, TRAINING_ARG
 from finetune.run_folder import RECIPE_FILE, RunFolder
 from finetune.tracking import environment as tracking_environment, guard as guard_trackers
 
-# TrainConfig key -> TrainingArguments argument, for the keys that map one to one.
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+SCHEDULES = [schedule.value for schedule in SchedulerType]
 
 
 def train(recipe: Recipe) -> Trainer:
@@ -65,9 +65,10 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     same_on_every_rank(state, "checkpoint to resume from", str(resume),
                        "keep checkpoints on storage every node reads, or write them on each node with "
                        "train.extra.save_on_each_node=true")
+    args = run_arguments(recipe)
     tokenizer = load_prepared_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
-    trainer = build_trainer(recipe, model, tokenizer)
+    trainer = build_trainer(recipe, model, tokenizer, args)
     check_final_is_loadable(trainer)
     if state.num_processes > 1:
         main_print(f"train: {state.num_processes} processes, {trainer.accelerator.distributed_type.value} over "
@@ -77,14 +78,16 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     if resume is not None and is_main_process():
         print(f"train: resuming from {resume} (train.resume=never starts over)")
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        with writing(recipe.run.checkpoints):
+            trainer.train(resume_from_checkpoint=resume)
     except RunFinished as finished:
         main_print(f"train: {resume} already reached the last step ({finished}): nothing to train, writing final/ "
                    "from the run's checkpoints. Raise train.max_steps or train.epochs to train on, or set "
                    "train.resume=never to start over")
         if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
-    save_final(recipe, trainer, tokenizer)
+    with writing(recipe.run.final):
+        save_final(recipe, trainer, tokenizer)
     return trainer
 
 
@@ -250,6 +253,9 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
     """TrainingArguments from the documented `train.*` core, plus `train.extra` passed through: extra may change
     the defaults below, not what the core or the stage itself decides."""
     cfg = recipe.train
+    if cfg.scheduler not in SCHEDULES:
+        raise UserError(f"{recipe.source}: 'train.scheduler' = {cfg.scheduler!r} is not a learning-rate schedule; "
+                        f"use one of: {', '.join(SCHEDULES)}")
     eval_steps = cfg.save_steps if cfg.eval_steps is None else cfg.eval_steps
     stage = dict(
         output_dir=str(recipe.run.checkpoints),
@@ -280,17 +286,25 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
         raise UserError(f"{recipe.source}: the train section is inconsistent: {exc}") from None
 
 
-def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Trainer:
-    cfg = recipe.train
+def run_arguments(recipe: Recipe) -> TrainingArguments:
+    """The run's TrainingArguments (made before the model loads, so a bad train.* value fails fast): it evaluates
+    when the prepared data has a validation split, unless train.eval_steps is 0."""
     validation = (recipe.run.prepared / "validation").is_dir()
-    evaluate = validation and cfg.eval_steps != 0
-    if cfg.early_stopping_patience and not validation:
+    if recipe.train.early_stopping_patience and not validation:
         raise UserError(f"{recipe.source}: 'train.early_stopping_patience' needs evaluation, but the prepared data "
                         "has no validation split")
+    return training_arguments(recipe, validation and recipe.train.eval_steps != 0)
+
+
+def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  args: TrainingArguments | None = None) -> Trainer:
+    cfg = recipe.train
+    args = args or run_arguments(recipe)
+    evaluate = args.eval_strategy != IntervalStrategy.NO
     throughput = Throughput()
     trainer = PackedTrainer(
         loss_chunk=cfg.loss_chunk,
-        model=model, args=training_arguments(recipe, evaluate), data_collator=PackedCollator(tokenizer.pad_token_id),
+        model=model, args=args, data_collator=PackedCollator(tokenizer.pad_token_id),
         train_dataset=load_prepared(recipe, "train"),
         eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
         callbacks=[StopWhenFinished(), throughput, MetricsFile(recipe.run.metrics)],

@@ -82,7 +82,7 @@ def test_bad_choices_and_missing_keys(tmp_path):
         load_recipe(path, ["model.init={n_layer: 2}"])
     with pytest.raises(UserError, match="must end in one of"):
         load_recipe(path, ["data.train=notes.docx"])
-    with pytest.raises(UserError, match="recipe file not found"):
+    with pytest.raises(UserError, match="recipe file .*missing.yaml: not found"):
         load_recipe(tmp_path / "missing.yaml")
 
 

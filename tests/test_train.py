@@ -211,6 +211,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tiny_mode
     ("train.extra.learning_rate=0.1", "set 'train.lr' instead"),
     ("train.extra.ddp_timeout=0", "'train.extra.ddp_timeout' must be a whole number of seconds above 0"),
     ("train.early_stopping_patience=2 train.eval_steps=0", "needs evaluation"),
+    ("train.scheduler=bogus", "'train.scheduler' = 'bogus' is not a learning-rate schedule; use one of: linear,"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys, override, message):
     (tmp_path / "notmodel").mkdir()
@@ -258,6 +259,31 @@ def test_training_a_finished_run_again_trains_nothing_and_rewrites_the_same_fina
         assert (run / "metrics.jsonl").read_text() == lines
         assert not (run / "checkpoints" / "checkpoint-5").exists()
         assert (run / "final" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(tmp_path, tiny_model_dir, capsys,
+                                                                              monkeypatch):
+    """safetensors reports a full disk as its own error type: it must read as the storage error it is, naming the
+    checkpoints folder, and the rerun (with space again) resumes from the last complete checkpoint."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}, train={"max_steps": 4, "save_steps": 2})
+    save = transformers.modeling_utils.safe_save_file
+
+    def fills_the_disk_at_step_4(tensors, filename, *args, **kwargs):
+        if "checkpoint-4" in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fills_the_disk_at_step_4)
+    assert cli.main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"\nerror: {tmp_path / 'run' / 'checkpoints'}: No space left on device" in err and "Traceback" not in err
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save)
+    assert cli.main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-2" in out and (tmp_path / "run" / "final").is_dir()
 
 
 def test_a_metrics_line_torn_by_a_kill_does_not_block_the_resume(tmp_path):
