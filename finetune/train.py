@@ -4,7 +4,8 @@ loss.png.
 One process or many: `accelerate launch --multi_gpu --num_processes N -m finetune train RECIPE` runs the same
 code on every rank. Prepared data is made once before the launch (`make train` runs `finetune prepare` first);
 ranks only check that it is current. A run resumes from its newest complete checkpoint (`train.resume: auto`),
-with optimizer, scheduler, data order and RNG state, so a killed run ends where an uninterrupted one would.
+with optimizer, scheduler, data order and RNG state, so a killed run ends where an uninterrupted one would; a
+finished run trained again trains nothing.
 """
 
 from __future__ import annotations
