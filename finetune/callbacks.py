@@ -131,3 +131,10 @@ class TokenProgress(ProgressCallback):
         parts = [fmt.format(logs[key]) for key, fmt in fields.items() if isinstance(logs.get(key), (int, float))]
         if parts:
             self.training_bar.write(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts))
+
+    def close(self) -> None:
+        """End the bar of a run that stopped on an error, before the error is printed (otherwise tqdm redraws it
+        below the error when it is garbage-collected)."""
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None

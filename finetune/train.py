@@ -87,6 +87,10 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
                    "train.resume=never to start over")
         if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, TokenProgress):
+                callback.close()
     with writing(recipe.run.final):
         save_final(recipe, trainer, tokenizer)
     return trainer
