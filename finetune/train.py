@@ -56,7 +56,7 @@ def train(recipe: Recipe) -> Trainer:
 
 
 def _train(recipe: Recipe, state: PartialState) -> Trainer:
-    check_model_source(recipe)
+    check_before_any_work(recipe)
     manifest = ensure_prepared(recipe, state.num_processes)
     same_prepared_data(state, manifest["fingerprint"])
     identity = run_identity(recipe, manifest)
@@ -107,8 +107,13 @@ def check_final_is_loadable(trainer: Trainer) -> None:
                         "config (recipes/accelerate/deepspeed-zero3.yaml does), or pass --zero3_save_16bit_model true")
 
 
-def check_model_source(recipe: Recipe) -> None:
-    """Fail before any work on a base that is not a model or a block size the model cannot take."""
+def check_before_any_work(recipe: Recipe) -> None:
+    """Fail before prepare on a learning-rate schedule transformers does not have (checked here, not when the
+    recipe loads: that would import transformers into every load), a base that is not a model, or a block size
+    the model cannot take."""
+    if recipe.train.scheduler not in SCHEDULES:
+        raise UserError(f"{recipe.source}: 'train.scheduler' = {recipe.train.scheduler!r} is not a learning-rate "
+                        f"schedule; use one of: {', '.join(SCHEDULES)}")
     limit = context_length(base_config(recipe))
     if recipe.data.block_size > limit:
         raise UserError(f"{recipe.source}: 'data.block_size' = {recipe.data.block_size} is above the model's "
@@ -258,9 +263,6 @@ def training_arguments(recipe: Recipe, evaluate: bool) -> TrainingArguments:
     """TrainingArguments from the documented `train.*` core, plus `train.extra` passed through: extra may change
     the defaults below, not what the core or the stage itself decides."""
     cfg = recipe.train
-    if cfg.scheduler not in SCHEDULES:
-        raise UserError(f"{recipe.source}: 'train.scheduler' = {cfg.scheduler!r} is not a learning-rate schedule; "
-                        f"use one of: {', '.join(SCHEDULES)}")
     eval_steps = cfg.save_steps if cfg.eval_steps is None else cfg.eval_steps
     stage = dict(
         output_dir=str(recipe.run.checkpoints),

@@ -222,6 +222,8 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "Traceback" not in err
+    if override.startswith(("train.scheduler", "data.block_size")):
+        assert not (tmp_path / "run" / "prepared").exists()  # refused before any work
 
 
 def test_auto_resume_refuses_checkpoints_of_other_data_or_settings(tmp_path, tiny_model_dir, capsys):
