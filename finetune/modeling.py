@@ -32,7 +32,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def loading_model(path: str | Path, name: str = "model.base") -> Iterator[None]:
     """Loading the model at `path` (called `name` in messages): a folder that holds no model, or a model
     transformers or the Hub cannot give, is a user error naming it."""
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+    local = Path(path)
+    if local.is_file():
+        raise UserError(f"{name} {str(path)!r} is a file, not a model folder")
+    if local.is_dir() and not (local / "config.json").is_file():
         raise UserError(f"{name} {str(path)!r} is a folder but not a model (no config.json in it)")
     try:
         yield
@@ -147,8 +150,9 @@ def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.
     """A run's `final/` (or `merged/`): a PEFT adapter over its recorded base, or a full model."""
     folder = Path(folder)
     if problem := path_problem(folder, folder=True):
-        raise UserError(f"{folder}: {problem}" + (": train the recipe first (finetune train RECIPE)"
-                                                  if not folder.exists() else " (a model folder is needed)"))
+        hint = (": train the recipe first (finetune train RECIPE)" if problem == "not found"
+                else " (a model folder is needed)")
+        raise UserError(f"{folder}: {problem}{hint}")
     if is_adapter(folder):
         from peft import PeftModel
 
