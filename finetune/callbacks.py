@@ -1,5 +1,5 @@
-"""Trainer callbacks for the train stage: tokens/s, `metrics.jsonl`, a progress bar that shows both, and a stop for
-resumed runs that have nothing left to train."""
+"""Trainer callbacks for the train stage: tokens/s, `metrics.jsonl`, a progress bar that shows both, and for resumed
+runs, a stop when nothing is left to train and the learning rate of an extended schedule."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import ProgressCallback, TrainerCallback
 
 from finetune.distributed import is_main_process
@@ -28,6 +29,22 @@ class StopWhenFinished(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             raise RunFinished(state.global_step, state.max_steps)
+
+
+class FollowNewSchedule(TrainerCallback):
+    """A resumed run restores the optimizer's learning rate of its last step. When the run was extended (a higher
+    max_steps after it finished), that is the end of the old schedule (0 for cosine and linear), and the first new
+    step would be taken at it: set it from the new schedule, as its scheduler would have (a plain resume is
+    unchanged: the two are the same number)."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step == 0 or not isinstance(lr_scheduler, LambdaLR):
+            return
+        rates = [base * schedule(lr_scheduler.last_epoch)
+                 for base, schedule in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        lr_scheduler._last_lr = rates
 
 
 class Throughput(TrainerCallback):

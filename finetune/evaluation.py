@@ -29,6 +29,7 @@ from finetune.collate import PackedCollator
 from finetune.data import check_utf8
 from finetune.distributed import is_main_process, process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError, path_problem
+from finetune.eval_results import weights_digest, write_eval_results
 from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
 from finetune.generation.engine import Engine, Request
 from finetune.generation.params import SamplingParams
@@ -55,6 +56,8 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
         manifest = ensure_prepared(recipe, state.num_processes)
         same_prepared_data(state, manifest["fingerprint"])
         folder = folder or recipe.run.final
+        if is_main_process():
+            recipe.run.claim(recipe.run.eval_results, recipe.run.report)
         tokenizer = load_prepared_tokenizer(recipe)
         tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
         evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
@@ -67,15 +70,15 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
             accelerator.wait_for_everyone()
             return out
 
-        results = {"model": str(folder), "format": recipe.data.format, **figures(tuned, baseline=False)}
+        results = {"model": str(folder), "weights_digest": weights_digest(folder), "format": recipe.data.format,
+                   **figures(tuned, baseline=False)}
         if recipe.eval.baseline:
             with baseline_model(tuned, recipe, tokenizer, accelerator.device) as (base, description):
                 results["baseline"] = {"model": description, **figures(base, baseline=True)}
         results["processes"] = accelerator.num_processes
         results["wall_seconds"] = round(time.perf_counter() - started, 3)
         if is_main_process():
-            recipe.run.root.mkdir(parents=True, exist_ok=True)
-            recipe.run.eval_results.write_text(json.dumps(results, indent=2))
+            write_eval_results(recipe.run.eval_results, results)
             report.write_report(recipe.run.report, recipe, results)
             print(report.summary_table(results))
             print(f"eval: wrote {recipe.run.eval_results} and {recipe.run.report}")

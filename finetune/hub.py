@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.chat_template import save_tokenizer
 from finetune.errors import UserError
+from finetune.eval_results import check_current, read_eval_results
 from finetune.modeling import is_adapter, load_final, quiet_peft, trained_recipe
 from finetune.merge import merge
 from finetune.model_card import model_card
@@ -86,6 +87,12 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
     final = recipe.run.final
     if not final.is_dir():
         raise UserError(f"{final} does not exist: train the recipe first (finetune train RECIPE)")
+    evaluation = None
+    if recipe.run.eval_results.is_file():
+        evaluation = read_eval_results(recipe.run.eval_results)
+        check_current(recipe.run.eval_results, evaluation, final)
+    else:
+        print(f"note: no {recipe.run.eval_results} (run finetune eval first): the model card has no figures")
     base = _recorded_base(recipe, final)
     adapter = is_adapter(final) and not merged
     source = final
@@ -99,6 +106,7 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
                         "cannot load: pass --base-model USER/NAME naming the Hub model that folder is a copy of, "
                         "or push the full model with --merged")
     folder = recipe.run.hub
+    recipe.run.claim(folder)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -106,12 +114,8 @@ def assemble(recipe: Recipe, repo: str, merged: bool, base_model: str | None) ->
     tokenizer = load_tokenizer(str(final))
     save_tokenizer(tokenizer, trained_recipe(recipe, final).data, folder)
     write_shareable_recipe(final, folder, hub_base)
-    evaluation = None
-    if recipe.run.eval_results.is_file():
-        evaluation = json.loads(recipe.run.eval_results.read_text())
+    if evaluation is not None:
         (folder / "eval.json").write_text(json.dumps(without_local_paths(evaluation), indent=2))
-    else:
-        print(f"note: no {recipe.run.eval_results} (run finetune eval first): the model card has no figures")
     model_card(trained_recipe(recipe, final), repo, adapter, hub_base, evaluation).save(
         folder / "README.md")
     check_loads(folder, final, adapter, base)

@@ -21,13 +21,13 @@ def merge(recipe: Recipe) -> Path:
                         "load final/ directly")
     model = load_final(final).merge_and_unload()
     model.config.use_cache = True
-    out = recipe.run.merged
-    staging = out.with_name("merged.tmp")  # renamed into place when complete: `push --merged` trusts merged/
+    run = recipe.run
+    out, staging = run.merged, run.merged.with_name("merged.tmp")  # `push --merged` trusts a complete merged/
+    run.claim(staging, out)
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, staging)
     write_shareable_recipe(final, staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    run.replace(out, staging)
     print(f"merged model written to {out}")
     return out

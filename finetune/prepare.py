@@ -123,6 +123,7 @@ def run_lock(recipe: Recipe, stage: str, wait: bool = False) -> Iterator[None]:
     """One `stage` at a time per run folder (released by the OS when the process dies): refused while another
     holds it, or with `wait`, after it (then finding its result)."""
     recipe.run.root.mkdir(parents=True, exist_ok=True)
+    recipe.run.claim(recipe.run.lock(stage))
     with recipe.run.lock(stage).open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -149,9 +150,9 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
 def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, force: bool) -> dict:
     out, started = recipe.run.prepared, time.perf_counter()
     data.check_sources(recipe.data)
-    for leftover in [*out.parent.glob("prepared.old-*"), *out.parent.glob("prepared.tmp-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # from killed swaps, and from versions before the store
+    recipe.run.remove_leftovers(out)
     work = recipe.run.prepared_partial
+    recipe.run.claim(work, out)
     marker = work / "fingerprint"
     if force or not marker.is_file() or marker.read_text() != digest:
         shutil.rmtree(work, ignore_errors=True)
@@ -188,7 +189,8 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
     save_recipe(recipe, work / RECIPE_FILE)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     write_atomic(work / "manifest.json", json.dumps(manifest, indent=2).encode())
-    _swap(work, out)
+    _finish_work_folder(work)
+    recipe.run.replace(out, work)
     _print_summary(out, manifest)
     return manifest
 
@@ -437,17 +439,11 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
     }
 
 
-def _swap(work: Path, out: Path) -> None:
-    """Replace `out` by the finished `work` folder, never passing through a state that looks complete but is not:
-    the old store is renamed away (no manifest at `out`), the new one renamed in, then the old one deleted."""
+def _finish_work_folder(work: Path) -> None:
+    """What only a prepare in progress needs goes before the work folder becomes the store."""
     shutil.rmtree(work / "progress")
     shutil.rmtree(work / "trained-tokenizer", ignore_errors=True)
     (work / "fingerprint").unlink()
-    old = out.with_name(f"prepared.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(work, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _label_info(tokenizer: Any, cfg: DataConfig) -> dict:

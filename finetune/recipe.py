@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 import re
 import string
 import types
@@ -219,7 +220,8 @@ class Recipe:
 
     @property
     def run(self) -> RunFolder:
-        return RunFolder(Path(self.output_dir) if self.output_dir else Path("outputs") / self.name)
+        """`output_dir` (made absolute when the recipe loads), or outputs/<name> under the working directory."""
+        return RunFolder(Path(self.output_dir) if self.output_dir else Path.cwd() / "outputs" / self.name)
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what `recipe.yaml` in the run folder holds)."""
@@ -259,7 +261,9 @@ def _read_yaml(path: Path) -> dict:
     if problem := path_problem(path):
         raise UserError(f"recipe file {path}: {problem}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise UserError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})") from None
     except yaml.YAMLError as exc:
@@ -271,13 +275,33 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last one,
+    which silently drops a whole section written twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKey(f"key '{key}' is given twice in one mapping, on line {first_line[key]} and on "
+                                    f"line {line}: merge the two")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_chain(path: Path, seen: list[Path]) -> dict:
     if path in seen:
         chain = " -> ".join(str(p) for p in [*seen, path])
         raise UserError(f"recipe extends itself in a cycle: {chain}")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
-    _resolve_relative_sources(data, path.parent)
+    _resolve_relative_sources(data, path)
     if parent is None:
         return data
     if not isinstance(parent, str):
@@ -286,9 +310,10 @@ def _load_chain(path: Path, seen: list[Path]) -> dict:
     return deep_merge(base, data)
 
 
-def _resolve_relative_sources(data: dict, folder: Path) -> None:
+def _resolve_relative_sources(data: dict, recipe_file: Path) -> None:
     """Paths are relative to the recipe file that names them, so resolve them before merging: data files
     always, model and tokenizer folders when written as ./ or ../ (anything else may be a Hub id)."""
+    folder = recipe_file.parent
     def section(name: str) -> dict:
         return data[name] if isinstance(data.get(name), dict) else {}
 
@@ -298,6 +323,8 @@ def _resolve_relative_sources(data: dict, folder: Path) -> None:
     for split in ("train", "validation"):
         if split in section("data"):
             data["data"][split] = resolved(data["data"][split])
+    if isinstance(data.get("output_dir"), str):
+        data["output_dir"] = resolved(expand_user_path(data["output_dir"], f"{recipe_file}: 'output_dir'"))
     if isinstance(section("eval").get("files"), list):
         data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
     harness = section("eval").get("harness")
@@ -307,6 +334,14 @@ def _resolve_relative_sources(data: dict, folder: Path) -> None:
         value = section(owner).get(key)
         if isinstance(value, str) and value.startswith(("./", "../")):
             data[owner][key] = resolved(value)
+
+
+def expand_user_path(value: str, where: str) -> str:
+    """`~` and environment variables (`$VAR`, `${VAR}`) expanded; an unset variable is an error, not a folder name."""
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    if unset := re.search(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", expanded):
+        raise UserError(f"{where} = {value!r}: environment variable {unset.group(0)} is not set")
+    return expanded
 
 
 def deep_merge(base: dict, child: dict) -> dict:
@@ -335,6 +370,8 @@ def _apply_override(raw: dict, override: str) -> None:
         node = node[key]
     if key_path.startswith("data.") and keys[-1] in ("train", "validation") and isinstance(value, str):
         value = str(Path(value).resolve())
+    if key_path.strip() == "output_dir" and isinstance(value, str):
+        value = str(Path(expand_user_path(value, f"override {override!r}")).resolve())
     node[keys[-1]] = value
 
 
@@ -668,6 +705,11 @@ def _validate(recipe: Recipe, where: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.name):
         raise UserError(f"{where}: 'name' = {recipe.name!r} must be a plain folder name (letters, digits, '.', '_', "
                         "'-'; no '/' or '..'): the run goes to outputs/<name>/; set output_dir to put it elsewhere")
+    root = recipe.run.root.resolve()
+    if root in (Path(root.anchor), Path.home().resolve()):
+        raise UserError(f"{where}: 'output_dir' = {recipe.output_dir!r} is {root}, the "
+                        f"{'filesystem root' if root == Path(root.anchor) else 'home folder'} itself: name a folder "
+                        "for the run, such as ~/runs/NAME")
     if bool(recipe.model.base) == bool(recipe.model.init is not None):
         raise UserError(f"{where}: set exactly one of 'model.base' (Hub id or folder) or 'model.init' (GPT-2 config)")
     if recipe.data.train is None:

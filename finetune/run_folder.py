@@ -3,11 +3,21 @@ wrote through this one object, so a name is spelled in one place. The README's "
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.errors import UserError
+
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, beside the prepared data and in final/, merged/ and hub/
 IDENTITY_FILE = "run.json"  # beside checkpoints: what they were trained from
+OWNED_FILE = ".finetune-owned.json"  # the entries of the run folder that finetune wrote, so may replace or remove
+# What marks a run folder written before OWNED_FILE existed: its entries of the layout are then adopted.
+EARLIER_RUN_MARKS = ("prepared/manifest.json", "checkpoints/run.json", "final/recipe.yaml")
+LAYOUT = ("prepared", "prepared.partial", "checkpoints", "final", "base", "merged", "hub", "metrics.jsonl",
+          "loss.png", "eval.json", "report.md", "tensorboard", ".prepare.lock", ".train.lock")
 
 
 @dataclass(frozen=True)
@@ -75,4 +85,59 @@ class RunFolder:
     def lock(self, stage: str) -> Path:
         """Held while `stage` runs (prepare and train), so two of them never share the folder."""
         return self.root / f".{stage}.lock"
+
+    def claim(self, *paths: Path) -> None:
+        """Call before writing, replacing or removing `paths` (entries of the run folder, or paths inside them).
+        An entry becomes finetune's when it does not exist yet; an existing entry that finetune did not write (in
+        a user's folder given as output_dir) is refused, naming it. Only the main process calls this."""
+        owned = self._owned()
+        new = {self._entry(path) for path in paths} - owned
+        for entry in sorted(new):
+            existing = self.root / entry
+            if existing.exists() or existing.is_symlink():
+                raise UserError(f"{existing} exists and was not written by finetune, which only replaces what it "
+                                "wrote: move it away, or set output_dir to another folder")
+        if new:
+            self._record(owned | new)
+
+    def owns(self, path: Path) -> bool:
+        return self._entry(path) in self._owned()
+
+    def replace(self, dest: Path, staging: Path) -> None:
+        """Put the finished folder `staging` at `dest` in place of the old one (both finetune's). The old one is
+        renamed aside first, so `dest` never holds a mix of the two; what a kill leaves aside is removed later."""
+        aside = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+        self.claim(staging, dest, aside)
+        if dest.exists():
+            os.rename(dest, aside)
+        os.rename(staging, dest)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def remove_leftovers(self, dest: Path) -> None:
+        """Old copies of `dest` that a killed `replace` left aside (only finetune's own)."""
+        for leftover in self.root.glob(f"{dest.name}.old-*"):
+            if self.owns(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _entry(self, path: Path) -> str:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)).parts[0]
+
+    def _owned(self) -> set[str]:
+        ledger = self.root / OWNED_FILE
+        try:
+            return set(json.loads(ledger.read_text()))
+        except FileNotFoundError:
+            if any((self.root / mark).is_file() for mark in EARLIER_RUN_MARKS):
+                return {name for name in LAYOUT if (self.root / name).exists()}
+            return set()
+        except (ValueError, TypeError):
+            raise UserError(f"{ledger} is not the list of entries finetune wrote (a JSON list of names); delete "
+                            "the run folder's entries you no longer need and the file, then run again") from None
+
+    def _record(self, owned: set[str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ledger = self.root / OWNED_FILE
+        tmp = ledger.with_name(f"{OWNED_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(owned), indent=1))
+        os.replace(tmp, ledger)
 

@@ -27,7 +27,8 @@ from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, Progre
                           TrainingArguments, set_seed)
 from transformers.trainer_utils import EvalLoopOutput, IntervalStrategy, SchedulerType
 
-from finetune.callbacks import MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
+from finetune.callbacks import (FollowNewSchedule, MetricsFile, RunFinished, StopWhenFinished, Throughput,
+                                TokenProgress)
 from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
 from finetune.distributed import (allow_fsdp_on_cpu, is_main_process, main_print, process_group,
@@ -57,6 +58,11 @@ def train(recipe: Recipe) -> Trainer:
 
 def _train(recipe: Recipe, state: PartialState) -> Trainer:
     check_before_any_work(recipe)
+    run = recipe.run
+    if is_main_process():
+        from_scratch_adapter = [run.base] if recipe.model.init is not None and recipe.lora is not None else []
+        run.claim(run.checkpoints, run.final, run.final.with_name("final.tmp"), run.metrics, run.loss_plot,
+                  *from_scratch_adapter)
     manifest = ensure_prepared(recipe, state.num_processes)
     same_prepared_data(state, manifest["fingerprint"])
     identity = run_identity(recipe, manifest)
@@ -314,7 +320,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
         model=model, args=args, data_collator=PackedCollator(tokenizer.pad_token_id),
         train_dataset=load_prepared(recipe, "train"),
         eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
-        callbacks=[StopWhenFinished(), throughput, MetricsFile(recipe.run.metrics)],
+        callbacks=[StopWhenFinished(), FollowNewSchedule(), throughput, MetricsFile(recipe.run.metrics)],
     )  # no processing_class: Trainer would copy pad = EOS into the model config (final/ gets the tokenizer)
     if not trainer.args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
@@ -389,8 +395,8 @@ class PackedTrainer(Trainer):
 def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> Path:
     """`final/`: the adapter (PEFT format) or the full model (safetensors), the tokenizer and the resolved recipe;
     its config has `use_cache` back on so generation uses a KV cache."""
-    final = recipe.run.final
-    staging = final.with_name("final.tmp")
+    run = recipe.run
+    final, staging = run.final, run.final.with_name("final.tmp")
     main = is_main_process()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -400,9 +406,8 @@ def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerB
         (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep it
         save_tokenizer(tokenizer, recipe.data, staging)
         save_recipe(recipe, staging / RECIPE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        plot_loss(recipe.run.metrics, recipe.run.loss_plot)
+        run.replace(final, staging)
+        plot_loss(run.metrics, run.loss_plot)
         print(f"train: wrote {final}" + (f" (best checkpoint: {trainer.state.best_model_checkpoint})"
                                          if trainer.state.best_model_checkpoint else ""))
     trainer.accelerator.wait_for_everyone()

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.cli import main
 from finetune.errors import UserError
+from finetune.eval_results import weights_digest
 from finetune.hub import push
 from finetune.modeling import load_final
 from finetune.recipe import Recipe, load_recipe
@@ -33,7 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_paths(finished_runs: dict[str, Path]) -> dict[str, Path]:
     paths = finished_runs
-    (load_recipe(paths["lora"]).run.eval_results).write_text(json.dumps(EVAL))
+    run = load_recipe(paths["lora"]).run
+    run.eval_results.write_text(json.dumps({**EVAL, "weights_digest": weights_digest(run.final)}))
     return paths
 
 

@@ -1,4 +1,7 @@
 import json
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -274,9 +277,6 @@ def big_text_recipe(tmp_path: Path, tokenizer_dir: Path, name: str) -> Path:
 def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_an_uninterrupted_one(
         tmp_path, tokenizer_dir):
     import random
-    import signal
-    import subprocess
-    import sys
     import time
 
     straight = load_recipe(big_text_recipe(tmp_path, tokenizer_dir, "straight"))
@@ -321,6 +321,38 @@ def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_
             assert manifest[split][key] == expected[split][key], (split, key)
         assert store_rows(killed, split) == store_rows(straight, split)
     assert not (killed.run.root / "prepared.partial").exists()
+
+
+def test_sigterm_stops_prepare_like_ctrl_c_with_its_workers_and_the_rerun_finishes(tmp_path, tokenizer_dir):
+    """kill, systemd and Slurm send SIGTERM: prepare says "interrupted", exits 143, its worker processes end with
+    it, and the rerun continues from the complete shards."""
+    import time
+
+    import psutil
+
+    path = big_text_recipe(tmp_path, tokenizer_dir, "run")
+    progress = load_recipe(path).run.root / "prepared.partial" / "progress"
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "prepare", str(path)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not list(progress.glob("*.json")):
+        time.sleep(0.01)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and "interrupted" in err, (process.returncode, err[-2000:])
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"worker processes outlived prepare: {alive}"
+    assert not load_recipe(path).run.prepared.exists()
+    result = subprocess.run([sys.executable, "-m", "finetune", "prepare", str(path)], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "continuing the interrupted prepare" in result.stdout
 
 
 def read_manifest_or_none(recipe):
@@ -435,8 +467,6 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, tokenizer_dir, capsys
 
 def test_a_second_prepare_of_a_run_folder_waits_for_the_first(tmp_path, tokenizer_dir):
     """As when every node of a multi-machine run prepares one run folder on a shared filesystem."""
-    import subprocess
-    import sys
 
     from finetune.prepare import run_lock
 

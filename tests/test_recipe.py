@@ -263,3 +263,33 @@ def test_the_command_line_and_the_http_api_allow_what_the_recipe_allows(name):
                                             (list("abcdefghijklmnop"), True), (list("abcdefghijklmnopq"), False)])
 def test_the_command_line_and_the_http_api_allow_the_same_stop_strings(stops, allowed):
     assert command_line_accepts(*(f"--stop={stop}" for stop in stops)) == http_accepts(stop=stops) == allowed
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: twice\nmodel: {base: gpt2}\ntrain:\n  lr: 0.1\ndata: {train: a.txt}\n"
+                    "train:\n  max_steps: 3\n")
+    with pytest.raises(UserError, match=r"twice\.yaml: key 'train' is given twice in one mapping, on line 3 and on "
+                                        r"line 6"):
+        load_recipe(path)
+    path.write_text("name: nested\nmodel: {base: gpt2}\ndata: {train: a.txt, block_size: 8, block_size: 16}\n")
+    with pytest.raises(UserError, match="key 'block_size' is given twice in one mapping, on line 3 and on line 3"):
+        load_recipe(path)
+
+
+def test_output_dir_expands_home_and_variables_relative_to_the_file_that_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "common" / "base.yaml", {**BASE, "output_dir": "out/base"})
+    child = write(tmp_path / "child.yaml", {"extends": "common/base.yaml"})
+    assert load_recipe(child).run.root == tmp_path / "common" / "out" / "base"  # the parent's folder, not the cwd
+    assert load_recipe(child, ["output_dir=~/runs/x"]).run.root == tmp_path / "home" / "runs" / "x"
+    assert load_recipe(child, ["output_dir=$RUNS/x"]).run.root == tmp_path / "runs" / "x"
+    assert load_recipe(child, ["output_dir=rel"]).run.root == tmp_path / "rel"  # an override: the working directory
+    assert load_recipe(write(tmp_path / "plain.yaml", BASE)).run.root == tmp_path / "outputs" / "base"
+    with pytest.raises(UserError, match=r"environment variable \$NOT_SET_HERE is not set"):
+        load_recipe(child, ["output_dir=$NOT_SET_HERE/x"])
+    for value, what in (("/", "the filesystem root"), ('"~"', "the home folder"), ("$HOME", "the home folder")):
+        with pytest.raises(UserError, match=f"'output_dir' = .* is .*, {what} itself"):
+            load_recipe(child, [f"output_dir={value}"])

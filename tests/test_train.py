@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import SCRATCH, corpus_lines, subprocess_env
+from helpers import SCRATCH, corpus_lines, subprocess_env, write_recipe
 from finetune import cli
 from finetune.prepare import prepare
 from finetune.recipe import load_recipe
@@ -26,22 +26,6 @@ from finetune.train import train
 # peft 0.21 reads a GPT-2 property that transformers 5 deprecated, when loading an adapter.
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
-
-
-def write_recipe(tmp_path: Path, model: dict, name: str = "run", **sections) -> Path:
-    train_file = tmp_path / "train.txt"
-    if not train_file.exists():
-        train_file.write_text("\n".join(corpus_lines(300, seed=1)) + "\n")
-    raw = {"name": name, "output_dir": str(tmp_path / name), **model,
-           "data": {"train": str(train_file), "block_size": 32},
-           "lora": None,
-           "train": {"max_steps": 20, "lr": 3e-3, "batch_size": 8, "logging_steps": 1, "save_steps": 10,
-                     "scheduler": "constant", "seed": 0}}
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def metrics(run: Path) -> list[dict]:
@@ -262,6 +246,23 @@ def test_training_a_finished_run_again_trains_nothing_and_rewrites_the_same_fina
         assert (run / "metrics.jsonl").read_text() == lines
         assert not (run / "checkpoints" / "checkpoint-5").exists()
         assert (run / "final" / "model.safetensors").read_bytes() == weights
+
+
+def test_training_on_past_a_finished_run_follows_the_new_schedule_from_its_first_step(tmp_path, tiny_model_dir):
+    """The resumed optimizer holds the old schedule's last learning rate (0 at the end of a cosine): the first new
+    step must instead take the new schedule's rate, as every later step does."""
+    model = {"model": {"base": str(tiny_model_dir)}}
+    settings = {"save_steps": 2, "eval_steps": 0, "scheduler": "cosine"}
+    extended = write_recipe(tmp_path, model, name="extended", train={**settings, "max_steps": 4})
+    straight = write_recipe(tmp_path, model, name="straight", train={**settings, "max_steps": 8})
+    train(load_recipe(extended))
+    train(load_recipe(extended, ["train.max_steps=8"]))
+    train(load_recipe(straight))
+    rates = {name: {row["step"]: row["lr"] for row in metrics(tmp_path / name) if "lr" in row}
+             for name in ("extended", "straight")}
+    assert rates["extended"][4] < rates["straight"][4] / 2  # the first run's schedule ran down over 4 steps
+    for step in range(5, 9):
+        assert rates["extended"][step] == pytest.approx(rates["straight"][step], rel=1e-9), step
 
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(tmp_path, tiny_model_dir, capsys,
