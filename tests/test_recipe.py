@@ -293,3 +293,27 @@ def test_output_dir_expands_home_and_variables_relative_to_the_file_that_names_i
     for value, what in (("/", "the filesystem root"), ('"~"', "the home folder"), ("$HOME", "the home folder")):
         with pytest.raises(UserError, match=f"'output_dir' = .* is .*, {what} itself"):
             load_recipe(child, [f"output_dir={value}"])
+
+
+LOAD_TIME_REFUSALS = [  # the recipe-value cases of the issue-10 probe, folded in: each refused at load, naming the key
+    "train.lr=0", "train.lr=.nan", "train.lr=.inf", "train.lr=fast", "train.batch_size=-4", "train.batch_size=1.5",
+    "train.max_steps=-5", "train.logging_steps=0", "train.warmup_steps=-1", "train.warmup_ratio=1.5",
+    "train.weight_decay=-0.1", "train.save_total_limit=0", "train.early_stopping_patience=0", "train.eval_steps=-1",
+    "lora.r=-2", "lora.alpha=0", "lora.dropout=-0.1", "model.dtype=float8", "model.attn_implementation=bogus",
+    "data.block_size=0", "data.block_size=4", "data.validation_fraction=0", "data.validation_fraction=1.5",
+    "data.max_records=0", "data.num_proc=0", "data.format=bogus", "data.sample_by=bogus", "data.overflow=bogus",
+    "eval.batch_size=0", "eval.max_examples=0", "eval.max_new_tokens=0", "generate.max_new_tokens=0",
+    "generate.temperature=-1", "generate.top_p=1.5", "generate.top_p=0", "generate.top_k=-1",
+    "generate.repetition_penalty=0", "generate.stop=5", "serve.port=0", "serve.max_new_tokens_cap=0",
+    "serve.max_batch_size=0", "tokenizer.path=null|tokenizer.train.vocab_size=100",
+    "tokenizer.path=null|tokenizer.train.min_frequency=0",
+]
+
+
+@pytest.mark.parametrize("overrides", LOAD_TIME_REFUSALS)
+def test_out_of_range_values_are_refused_at_load_naming_the_key(tmp_path, overrides):
+    path = write(tmp_path / "r.yaml", BASE)
+    overrides = overrides.split("|")
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(UserError, match=re.escape(f"'{key}'")):
+        load_recipe(path, overrides)
