@@ -15,14 +15,11 @@ from finetune.packing import IGNORE
 
 
 class PackedCollator:
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(row["input_ids"]) for row in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
             "labels": torch.full((len(rows), length), IGNORE, dtype=torch.long),

@@ -9,17 +9,18 @@ from typing import Any
 from finetune.recipe import GenerateConfig
 
 SEED_RANGE = 2**64  # seeds are taken modulo this
+DEFAULTS = GenerateConfig()  # the recipe's `generate` defaults are the only ones
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.8  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None  # None = a fresh random seed
+    max_new_tokens: int = DEFAULTS.max_new_tokens
+    temperature: float = DEFAULTS.temperature  # 0 = greedy
+    top_p: float = DEFAULTS.top_p
+    top_k: int = DEFAULTS.top_k  # 0 = off
+    repetition_penalty: float = DEFAULTS.repetition_penalty
+    stop: tuple[str, ...] = tuple(DEFAULTS.stop)
+    seed: int | None = DEFAULTS.seed  # None = a fresh random seed
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig) -> SamplingParams:
