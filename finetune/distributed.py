@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import accelerate.utils.other as accelerate_unwrapping
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, gather_object, is_deepspeed_available
 
 from finetune.errors import UserError
 from finetune.recipe import DEFAULT_DDP_TIMEOUT_S
@@ -88,3 +89,11 @@ def allow_fsdp_on_cpu() -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
             shared.get("distributed_type") == DistributedType.MULTI_CPU:
         shared["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def import_deepspeed_only_if_used(used: bool) -> None:
+    """accelerate imports DeepSpeed, when it is installed, every time it unwraps a model (to recognise a DeepSpeed
+    engine), and DeepSpeed's import logs "Setting accelerator to CPU" on a machine without CUDA. A run that does
+    not use DeepSpeed has no such engine: accelerate's unwrapping is told that DeepSpeed is absent (for the rest
+    of the process, or until a run that uses it)."""
+    accelerate_unwrapping.is_deepspeed_available = is_deepspeed_available if used else lambda: False

@@ -31,8 +31,8 @@ from finetune.callbacks import (FollowNewSchedule, MetricsFile, RunFinished, Sto
                                 TokenProgress)
 from finetune.chat_template import save_tokenizer
 from finetune.collate import PackedCollator
-from finetune.distributed import (allow_fsdp_on_cpu, is_main_process, main_print, process_group,
-                                  same_on_every_rank, same_prepared_data, use_cpu)
+from finetune.distributed import (allow_fsdp_on_cpu, import_deepspeed_only_if_used, is_main_process, main_print,
+                                  process_group, same_on_every_rank, same_prepared_data, use_cpu)
 from finetune.errors import UserError, writing
 from finetune.loss import chunked_nll_sum
 from finetune.modeling import (apply_lora, base_config, context_length, load_base_model, parameter_counts,
@@ -343,6 +343,7 @@ class PackedTrainer(Trainer):
     def create_accelerator_and_postprocess(self) -> None:
         allow_fsdp_on_cpu()
         super().create_accelerator_and_postprocess()
+        import_deepspeed_only_if_used(self.is_deepspeed_enabled)
 
     def _chunked(self) -> bool:
         """The chunked loss reads the output embedding outside the model's forward: not under FSDP or DeepSpeed,

@@ -140,11 +140,11 @@ class Batch:
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         out = e.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
         if not self.rows:
-            self.rows, self.cache, self.mask, self.seen = rows, out.past_key_values, mask, seen
+            self.rows, self.cache, self.mask, self.seen = rows, out.cache, mask, seen
             self.position, self.logits = position[:, -1:], out.logits[:, -1].float()
             return
         old, new = self.mask.shape[1], width
-        for mine, theirs in zip(self.cache.layers, out.past_key_values.layers):
+        for mine, theirs in zip(self.cache.layers, out.cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, new - old, -2), _pad_left(theirs.keys, old - new, -2)])
             mine.values = torch.cat([_pad_left(mine.values, new - old, -2), _pad_left(theirs.values, old - new, -2)])
         self.mask = torch.cat([_pad_left(self.mask, new - old, 1), _pad_left(mask, old - new, 1)])
@@ -174,7 +174,7 @@ class Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.position = self.position + 1
         out = e.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.position,
-                      past_key_values=self.cache, use_cache=True)
+                      cache=self.cache, use_cache=True)
         self.logits = out.logits[:, -1].float()
 
     def _trim(self) -> None:
