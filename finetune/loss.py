@@ -58,21 +58,47 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def chunked_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
                     ) -> tuple[torch.Tensor, int]:
-    """(sum of the NLL of `labels[:, 1:]` predicted from `hidden[:, :-1]` over target positions, target count).
+    """The training loss's numerator, with gradients: (sum of the NLL of `labels[:, 1:]` predicted from
+    `hidden[:, :-1]` over target positions, target count).
 
     `hidden` is the model's final hidden state (batch, time, width), `weight` its output embedding (vocab,
     width); positions whose label is IGNORE are never multiplied out. The sum is float64 (each chunk's terms
     are summed in float32, as in transformers' loss)."""
+    states, targets, _ = _target_positions(hidden, labels)
+    return _LinearCrossEntropy.apply(states, weight, targets, chunk), len(targets)
+
+
+@torch.no_grad()
+def target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scoring (no gradients): per row of a PackedCollator batch, the summed NLL (float64) of its target tokens
+    and their count. The one NLL of eval, of validation during training and of label scoring. With `chunk`,
+    logits exist for that many target positions at a time; without, they come from the model's own forward
+    (as they must when FSDP or DeepSpeed shard the output embedding)."""
+    labels = batch["labels"]
+    counts = labels[:, 1:].ne(IGNORE).sum(1)
+    if chunk is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE,
+                              reduction="none")
+        return nll.double().sum(1), counts
+    hidden = final_hidden(model, batch)
+    weight = output_weight(getattr(model, "module", model))  # under DDP, the wrapped model's
+    states, targets, rows = _target_positions(hidden, labels)
+    sums = torch.zeros(len(hidden), dtype=torch.float64, device=hidden.device)
+    for start in range(0, len(targets), chunk):
+        nll = F.cross_entropy((states[start:start + chunk] @ weight.T).float(), targets[start:start + chunk],
+                              reduction="none")
+        sums.index_add_(0, rows[start:start + chunk], nll.double())
+    return sums, counts
+
+
+def _target_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a target token, the targets, and the row each is in."""
     targets = labels[:, 1:].reshape(-1)
     keep = targets.ne(IGNORE).nonzero().squeeze(1)
     states = hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, keep)
-    targets = targets.index_select(0, keep)
-    if torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(states, weight, targets, chunk), len(targets)
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, len(targets), chunk):
-        total += _chunk_nll(states[start:start + chunk], weight, targets[start:start + chunk])
-    return total, len(targets)
+    return states, targets.index_select(0, keep), keep // (labels.size(1) - 1)
 
 
 def final_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

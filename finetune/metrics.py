@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from tokenizers import decoders
 
 from finetune.collate import PackedCollator
-from finetune.loss import chunked_nll_sum, final_hidden, output_weight
+from finetune.loss import final_hidden, output_weight, target_nll
 from finetune.packing import IGNORE
 
 
@@ -75,25 +74,14 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return lengths
 
 
-def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-position NLL (nats, float32) of `labels[:, 1:]` given the prefix; 0 where the label is IGNORE.
-
-    `batch` comes from PackedCollator: no attention mask, position ids restart per packed example, and the
-    model must run without a KV cache so that the mask is block-diagonal."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    return nll.masked_fill(labels == IGNORE, 0.0)
-
-
 def batch_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor,
                chunk: int | None) -> NllSums:
     """NLL, token and byte sums of a batch's target tokens; logits are computed `chunk` positions at a time
     (None: all target positions at once)."""
-    labels = batch["labels"]
-    nll, count = chunked_nll_sum(final_hidden(model, batch), output_weight(model), labels, chunk or labels.numel())
-    targets = labels[:, 1:][labels[:, 1:] != IGNORE]
-    return NllSums(nll.item(), count, int(byte_lengths[targets].sum()))
+    nll, counts = target_nll(model, batch, chunk)
+    labels = batch["labels"][:, 1:]
+    targets = labels[labels != IGNORE]
+    return NllSums(nll.sum().item(), int(counts.sum()), int(byte_lengths[targets].sum()))
 
 
 def scoring_row(context: list[int], target: list[int]) -> dict[str, list[int]]:
@@ -117,8 +105,8 @@ def label_loglikelihoods(model: torch.nn.Module, contexts: list[list[int]], labe
         logprobs = (states @ output_weight(model).T).float().log_softmax(-1)
         return logprobs[:, [ids[0] for ids in label_ids]].cpu()
     rows = [scoring_row(c, target) for c in contexts for target in label_ids]
-    nll = token_nll(model, {k: v.to(device) for k, v in collate(rows).items()})
-    return -nll.sum(1).view(len(contexts), len(label_ids)).cpu()
+    nll, _ = target_nll(model, {k: v.to(device) for k, v in collate(rows).items()}, chunk=None)
+    return -nll.float().view(len(contexts), len(label_ids)).cpu()
 
 
 def macro_f1(truth: list[int], predicted: list[int]) -> float:

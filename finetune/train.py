@@ -10,41 +10,35 @@ finished run trained again trains nothing.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import zipfile
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
-from accelerate.utils import DistributedType
-from safetensors import safe_open
-from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, ProgressCallback, Trainer,
-                          TrainingArguments, set_seed)
-from transformers.trainer_utils import EvalLoopOutput, IntervalStrategy, SchedulerType
+from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainingArguments,
+                          set_seed)
+from transformers.trainer_utils import IntervalStrategy, SchedulerType
 
-from finetune.callbacks import (FollowNewSchedule, MetricsFile, RunFinished, StopWhenFinished, Throughput,
-                                TokenProgress)
+from finetune.callbacks import FollowNewSchedule, MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
+from finetune.checkpoints import clear_checkpoints, plan_resume, run_identity
 from finetune.collate import PackedCollator
-from finetune.distributed import (allow_fsdp_on_cpu, import_deepspeed_only_if_used, is_main_process, main_print,
-                                  process_group, same_on_every_rank, same_prepared_data, use_cpu)
+from finetune.distributed import (is_main_process, main_print, process_group, same_on_every_rank, same_prepared_data,
+                                  use_cpu)
 from finetune.errors import UserError, writing
-from finetune.loss import chunked_nll_sum
 from finetune.modeling import (apply_lora, base_config, context_length, load_base_model, parameter_counts,
                                without_kv_cache)
-from finetune.packing import IGNORE
 from finetune.plots import plot_loss
 from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
 from finetune.recipe import DEFAULT_DDP_TIMEOUT_S, STAGE_ARGUMENTS, TRAINING_ARGUMENTS, Recipe, save_recipe
-from finetune.run_folder import RECIPE_FILE, RunFolder
-from finetune.tracking import environment as tracking_environment, guard as guard_trackers
+from finetune.run_folder import RECIPE_FILE
+from finetune.tracking import environment as tracking_environment
+from finetune.tracking import guard as guard_trackers
+from finetune.trainer import PackedTrainer
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SCHEDULES = [schedule.value for schedule in SchedulerType]
 
 
@@ -66,9 +60,9 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     manifest = ensure_prepared(recipe, state.num_processes)
     same_prepared_data(state, manifest["fingerprint"])
     identity = run_identity(recipe, manifest)
-    resume = resume_checkpoint(recipe, identity)
     # Decided before the collective below: past it, the main process may be replacing checkpoints/ as others read.
-    start_over = resume is None or newest_checkpoint(recipe.run.checkpoints) is None
+    plan = plan_resume(recipe, identity)
+    resume = plan.checkpoint
     same_on_every_rank(state, "checkpoint to resume from", str(resume),
                        "keep checkpoints on storage every node reads, or write them on each node with "
                        "train.extra.save_on_each_node=true")
@@ -80,8 +74,8 @@ def _train(recipe: Recipe, state: PartialState) -> Trainer:
     if state.num_processes > 1:
         main_print(f"train: {state.num_processes} processes, {trainer.accelerator.distributed_type.value} over "
                    f"{state.backend}")
-    if start_over:
-        clear_checkpoints(trainer, recipe.run, identity)
+    if plan.start_over:
+        clear_checkpoints(trainer, recipe.run, identity, plan.had_checkpoints)
     if resume is not None and is_main_process():
         print(f"train: resuming from {resume} (train.resume=never starts over)")
     try:
@@ -124,98 +118,6 @@ def check_before_any_work(recipe: Recipe) -> None:
     if recipe.data.block_size > limit:
         raise UserError(f"{recipe.source}: 'data.block_size' = {recipe.data.block_size} is above the model's "
                         f"context length (n_positions = {limit}); use at most {limit}")
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The highest-step `checkpoint-N` under `folder` that was completely written: trainer_state.json present
-    (Trainer writes it last) and every weight and state file readable to its end. Newer, incomplete ones (a
-    kill or a full disk during the save) are skipped, saying so."""
-    if not folder.is_dir():
-        return None
-    found = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name))), reverse=True)
-    for _, path in found:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        main_print(f"train: skipping {path}: {problem}")
-    return None
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (None when it can). safetensors files are checked
-    against their header (a truncated one no longer holds the data it declares), torch's zip files for their
-    central directory (written last)."""
-    if not (path / "trainer_state.json").is_file():
-        return "no trainer_state.json (the save did not finish)"
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (ValueError, UnicodeDecodeError):
-        return "trainer_state.json is damaged or truncated"
-    for file in sorted(path.iterdir()):
-        try:
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt"):
-                    pass
-            elif file.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(file).close()
-        except Exception as exc:  # noqa: BLE001 - any failure to read it means the file is damaged
-            return f"{file.name} is damaged or truncated ({type(exc).__name__})"
-    return None
-
-
-# train.* keys a resumed run may change: how long it runs and what it logs and keeps, not what it computes.
-RESUMABLE_KEYS = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                  "early_stopping_patience", "resume", "dataloader_workers", "eval_batch_size", "report_to", "run_name")
-
-
-def run_identity(recipe: Recipe, manifest: dict) -> dict:
-    """What a checkpoint's trajectory depends on: the prepared data and the model, tokenizer, LoRA and train
-    settings (less RESUMABLE_KEYS)."""
-    raw = recipe.to_dict()
-    train_section = {k: v for k, v in raw["train"].items() if k not in RESUMABLE_KEYS}
-    return json.loads(json.dumps({"prepared data": manifest["fingerprint"], "model": raw["model"],
-                                  "tokenizer": raw["tokenizer"], "lora": raw["lora"], "train": train_section},
-                                 default=str))
-
-
-def resume_checkpoint(recipe: Recipe, identity: dict) -> str | None:
-    """`train.resume`: auto (newest checkpoint of this run, if any, and only if it was trained from the same data
-    and settings), never, or a checkpoint (or folder of them), resumed as asked."""
-    mode = recipe.train.resume
-    if mode == "never":
-        return None
-    if mode == "auto":
-        folder = recipe.run.checkpoints
-        found = newest_checkpoint(folder)
-        if found is None:
-            return None
-        record = recipe.run.identity
-        recorded = json.loads(record.read_text()) if record.is_file() else None
-        if recorded != identity:
-            changed = f"unknown (no {record})" if recorded is None else ", ".join(
-                key for key in identity if recorded.get(key) != identity.get(key))
-            raise UserError(f"{recipe.source}: {folder} holds a run of other data or settings (changed: {changed}); "
-                            "set train.resume=never to start over, or train.resume=<checkpoint> to continue it "
-                            "anyway")
-        return str(found)
-    path = Path(mode)
-    found = path if (path / "trainer_state.json").is_file() else newest_checkpoint(path)
-    if found is None:
-        raise UserError(f"{recipe.source}: 'train.resume' = {mode!r} holds no checkpoint (no trainer_state.json in "
-                        "it or in a checkpoint-N folder under it); use auto, never or a checkpoint folder")
-    return str(found)
-
-
-def clear_checkpoints(trainer: Trainer, run: RunFolder, identity: dict) -> None:
-    """A fresh run must not leave an older run's checkpoints for `auto` to pick up; it records what it trains
-    from, so that `auto` resumes only the same run."""
-    if is_main_process():
-        if newest_checkpoint(run.checkpoints) is not None:
-            print(f"train: starting over: removing the old checkpoints in {run.checkpoints}")
-        shutil.rmtree(run.checkpoints, ignore_errors=True)
-        run.checkpoints.mkdir(parents=True)
-        run.identity.write_text(json.dumps(identity, indent=1))
-    trainer.accelerator.wait_for_everyone()
 
 
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
@@ -329,68 +231,6 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     guard_trackers(trainer)
     return trainer
-
-
-class PackedTrainer(Trainer):
-    """Trainer whose training loss never materializes the batch's full logits (`train.loss_chunk`), and whose
-    evaluation loss is the mean over all target tokens of the split, so it does not depend on the evaluation
-    batch size (Trainer's own loop averages per-batch means)."""
-
-    def __init__(self, *args, loss_chunk: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.loss_chunk = loss_chunk
-
-    def create_accelerator_and_postprocess(self) -> None:
-        allow_fsdp_on_cpu()
-        super().create_accelerator_and_postprocess()
-        import_deepspeed_only_if_used(self.is_deepspeed_enabled)
-
-    def _chunked(self) -> bool:
-        """The chunked loss reads the output embedding outside the model's forward: not under FSDP or DeepSpeed,
-        whose parameters are sharded there; not with label smoothing, which Trainer applies to full logits."""
-        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        return self.loss_chunk is not None and not sharded and self.label_smoother is None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self._chunked():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], output_hidden_states=True,
-                        logits_to_keep=1)
-        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-        total, count = chunked_nll_sum(outputs.hidden_states[-1], weight, inputs["labels"], self.loss_chunk)
-        loss = (total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))).float()
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as Trainer does: gradients are averaged over processes
-        return (loss, outputs) if return_outputs else loss
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval") -> EvalLoopOutput:
-        model = self.model_wrapped  # DDP / FSDP / DeepSpeed engine during training, the plain model otherwise
-        model.eval()
-        total = torch.zeros((), dtype=torch.float64)
-        count = rows = 0
-        for batch in dataloader:
-            batch = self._prepare_inputs(batch)
-            labels = batch["labels"]
-            with torch.no_grad(), self.compute_loss_context_manager():
-                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-            targets = labels[:, 1:]
-            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                     reduction="none").view_as(targets)
-            sums, counts = self.accelerator.gather_for_metrics((losses.sum(1), targets.ne(IGNORE).sum(1)))
-            total += sums.double().sum().cpu()
-            count += int(counts.sum())
-            rows += len(sums)
-            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
-        metrics = {f"{metric_key_prefix}_loss": (total / max(count, 1)).item()}
-        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=rows)
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        """Checkpoints store GPT-2's tied lm_head once, as wte: transformers 5.23 reports it as a missing key
-        when loading the best checkpoint, although the tie holds. Report only keys that are really missing."""
-        tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
-        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
-        super()._issue_warnings_after_load(load_result)
 
 
 def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> Path:

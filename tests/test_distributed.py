@@ -29,7 +29,8 @@ from helpers import ROOT, SCRATCH, corpus_lines, subprocess_env
 from finetune.errors import UserError
 from finetune.prepare import ensure_prepared, prepare
 from finetune.recipe import load_recipe
-from finetune.train import newest_checkpoint, train
+from finetune.checkpoints import newest_checkpoint
+from finetune.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from helpers import SCRATCH, corpus_lines, subprocess_env, write_recipe
