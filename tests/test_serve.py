@@ -182,6 +182,19 @@ def test_bad_requests_get_a_4xx_json_error(url: str, path: str, body, status: in
     assert error["message"] and error["type"]
 
 
+def test_stream_options_without_streaming_are_refused(client: openai.OpenAI) -> None:
+    """As OpenAI does: `stream_options` only goes with `"stream": true`; the error names the field."""
+    chat = [{"role": "user", "content": "good"}]
+    for create in (lambda **settings: client.completions.create(prompt="good", **settings),
+                   lambda **settings: client.chat.completions.create(messages=chat, **settings)):
+        with pytest.raises(openai.BadRequestError, match="only allowed when 'stream' is true") as refused:
+            create(model="tiny-lora", max_tokens=2, stream_options={"include_usage": True})
+        assert refused.value.param == "stream_options"
+        with pytest.raises(openai.BadRequestError):
+            create(model="tiny-lora", max_tokens=2, stream=False, stream_options={"include_usage": False})
+        assert len(list(create(model="tiny-lora", max_tokens=2, stream=True, stream_options={"include_usage": True}))) > 1
+
+
 def test_wrong_method_content_type_and_openai_client_errors(url: str, client: openai.OpenAI) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(f"{url}/generate", headers=headers).status_code == 405
