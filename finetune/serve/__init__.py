@@ -60,7 +60,7 @@ def serve(recipe: Recipe, host: str | None = None, port: int | None = None, api_
     api_key = api_key or os.environ.get(cfg.api_key_env) or None
     check_port(host, port)
     workers = load_workers(recipe, base=base)
-    app = create_app(workers, api_key, cfg.max_new_tokens_cap)
+    app = create_app(workers, api_key, cfg)
     names = ", ".join(w.name for w in workers)
     print(f"serving {names} on http://{host}:{port} (OpenAI base_url http://{host}:{port}/v1; "
           f"{'API key required' if api_key else 'no API key'})", file=sys.stderr)
