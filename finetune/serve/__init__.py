@@ -5,9 +5,9 @@ GET /v1/models, POST /v1/completions (the prompt as is) and POST /v1/chat/comple
 template), both streaming as server-sent events with `"stream": true`. The request's `model` picks the run
 (default: the recipe's own). Each model has a worker thread that decodes all waiting requests as one batch.
 
-The parts: schemas (request bodies), worker (batching), app (routes), responses (OpenAI response shapes),
-errors (OpenAI error shapes, domain errors translated), auth (API key); this module loads the models and runs
-the server.
+The parts: schemas (request bodies), worker (batching, tokenizing off the event loop, cancelling on hang-up), app
+(routes), responses (OpenAI response shapes), errors (OpenAI error shapes, domain errors translated), auth (API
+key), body_limit (request body size); this module loads the models and runs the server.
 """
 
 from __future__ import annotations
