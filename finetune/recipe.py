@@ -199,6 +199,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_new_tokens_cap: int = 512
+    max_prompt_chars: int = 100_000
     api_key_env: str = "FINETUNE_API_KEY"
     extra_runs: list = field(default_factory=list)
     max_batch_size: int = 32
@@ -529,6 +530,7 @@ BOUNDS: dict[str, tuple] = {
     "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
     "eval.harness.num_fewshot": (0, None, True), "eval.harness.limit": (0, None, False),
     "serve.port": (1, 65536, True), "serve.max_batch_size": (1, None, True), "serve.max_new_tokens_cap": (1, None, True),
+    "serve.max_prompt_chars": (1, None, True),
     "generate.max_new_tokens": (1, None, True), "generate.temperature": (0, 2, True, True),
     "generate.top_p": (0, 1, False, True), "generate.top_k": (0, None, True),
     "generate.repetition_penalty": (0, 10, False, True), "generate.seed": (-(2**63), 2**64 - 1, True, True),

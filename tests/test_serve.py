@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,11 +21,13 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from finetune.cli import main
+from finetune.generation.engine import Request
 from finetune.generation.generator import Generator
 from finetune.generation.params import SamplingParams
-from finetune.recipe import load_recipe
+from finetune.recipe import ServeConfig, load_recipe
 from finetune.serve import load_workers
 from finetune.serve.app import create_app
+from finetune.serve.body_limit import MAX_BODY_BYTES
 from finetune.serve.worker import GenerationFailed, ModelWorker, Pending
 
 KEY = "test-key-123"
@@ -55,7 +59,8 @@ def workers(finished_runs: dict[str, Path]) -> list[ModelWorker]:
 
 @pytest.fixture(scope="module")
 def url(workers: list[ModelWorker]):
-    with single_thread(), background_server(create_app(workers, api_key=KEY, max_new_tokens_cap=CAP)) as address:
+    app = create_app(workers, api_key=KEY, limits=ServeConfig(max_new_tokens_cap=CAP))
+    with single_thread(), background_server(app) as address:
         yield address
 
 
@@ -100,14 +105,30 @@ def test_chat_completions_plain_and_streaming(client: openai.OpenAI, models: dic
     generator = models["tiny-full"]
     expected = single(generator, generator.chat_ids(messages), max_new_tokens=16, temperature=0.0,
                       stop=generator.chat_stops())
-    assert result.choices[0].message.content == expected.strip()
+    assert result.choices[0].message.content == expected.lstrip()
     assert result.choices[0].message.role == "assistant"
     stream = client.chat.completions.create(model="tiny-full", messages=messages, max_tokens=16, temperature=0,
                                             stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.strip()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.lstrip()
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_chat_reply_ending_in_whitespace_keeps_it_streamed_or_not(client: openai.OpenAI,
+                                                                    models: dict[str, Generator]) -> None:
+    """A reply cut by a stop string right after a space: streamed or not, it is the model's text without the
+    template's leading space and with its trailing space (as OpenAI and vLLM return it)."""
+    messages = [{"role": "user", "content": "good"}]
+    settings = {"model": "tiny-full", "messages": messages, "temperature": 0, "max_tokens": 40, "stop": ["rho"]}
+    plain = client.chat.completions.create(**settings).choices[0].message.content
+    chunks = client.chat.completions.create(**settings, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    generator = models["tiny-full"]
+    text = single(generator, generator.chat_ids(messages), max_new_tokens=40, temperature=0.0,
+                  stop=(*generator.chat_stops(), "rho"))
+    assert text.startswith(" ") and text.endswith(" ") and text.strip()
+    assert plain == streamed == text.lstrip()
 
 
 def test_generate_endpoint_applies_the_template_and_selects_the_model(url: str) -> None:
@@ -182,6 +203,20 @@ def test_bad_requests_get_a_4xx_json_error(url: str, path: str, body, status: in
     assert error["message"] and error["type"]
 
 
+def test_stream_options_without_streaming_are_refused(client: openai.OpenAI) -> None:
+    """As OpenAI does: `stream_options` only goes with `"stream": true`; the error names the field."""
+    chat = [{"role": "user", "content": "good"}]
+    for create in (lambda **settings: client.completions.create(prompt="good", **settings),
+                   lambda **settings: client.chat.completions.create(messages=chat, **settings)):
+        with pytest.raises(openai.BadRequestError, match="only allowed when 'stream' is true") as refused:
+            create(model="tiny-lora", max_tokens=2, stream_options={"include_usage": True})
+        assert refused.value.param == "stream_options"
+        with pytest.raises(openai.BadRequestError):
+            create(model="tiny-lora", max_tokens=2, stream=False, stream_options={"include_usage": False})
+        chunks = list(create(model="tiny-lora", max_tokens=2, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 2
+
+
 def test_wrong_method_content_type_and_openai_client_errors(url: str, client: openai.OpenAI) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(f"{url}/generate", headers=headers).status_code == 405
@@ -227,7 +262,7 @@ def test_32_concurrent_requests_get_their_own_outputs(url: str, models: dict[str
         if kind == "completion":
             return single(g, g.encode([(prompt, False)]), **params)
         if kind == "chat":
-            return single(g, g.chat_ids([{"role": "user", "content": prompt}]), stop=g.chat_stops(), **params).strip()
+            return single(g, g.chat_ids([{"role": "user", "content": prompt}]), stop=g.chat_stops(), **params).lstrip()
         return single(g, g.prompt_ids(prompt), **params)
 
     async def send(http: httpx.AsyncClient, kind: str, model: str, prompt: str, settings: dict) -> str:
@@ -272,6 +307,125 @@ def test_a_failed_generation_is_reported_and_the_worker_goes_on(workers: list[Mo
     reply = httpx.post(f"{url}/generate", headers={"Authorization": f"Bearer {KEY}"},
                        json={"prompt": "good", "temperature": 0})
     assert reply.json()["text"] == " bad great awful"
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Until `condition` holds; the deadline only turns a hang into a failure."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.01)
+
+
+def post_raw(address: str, path: str, body: dict) -> socket.socket:
+    """A POST sent on a socket of its own, whose reply nobody reads; closing the socket hangs up."""
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    conn = socket.create_connection((host, int(port)))
+    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return conn
+
+
+def gated(generator: Generator, name: str) -> tuple[Generator, threading.Event]:
+    """The same model, whose forward passes wait until the returned event is set."""
+    copy = Generator(generator.model, generator.tokenizer, generator.data, name=name)
+    gate = threading.Event()
+
+    def forward(**inputs):
+        gate.wait()
+        return generator.model(**inputs)
+
+    copy.engine.model = forward
+    return copy, gate
+
+
+CHAT = [{"role": "user", "content": "alpha"}]
+HANGUPS = [("/generate", {"prompt": "alpha"}, 1),
+           ("/v1/completions", {"prompt": "alpha", "n": 3}, 3),
+           ("/v1/completions", {"prompt": ["alpha", "beta"], "stream": True}, 2),
+           ("/v1/chat/completions", {"messages": CHAT, "n": 2}, 2),
+           ("/v1/chat/completions", {"messages": CHAT, "stream": True, "n": 2}, 2)]
+
+
+def test_requests_whose_client_hangs_up_leave_the_decoding_thread(models: dict[str, Generator]) -> None:
+    """Requests of every endpoint, streamed or not, n > 1 too, whose clients hang up while they wait for the model
+    (held at a gate until the clients are gone) are cancelled: the decoding thread drops their rows before they
+    yield a token and takes no step for them beyond the one in flight, and the next request is answered."""
+    model, gate = gated(models["tiny-full"], "gated")
+    worker = ModelWorker(model, SamplingParams(max_new_tokens=CAP, temperature=1.0))
+    submitted: list[Request] = []
+    submit = worker.submit
+    worker.submit = lambda requests: (submitted.extend(requests), submit(requests))  # watched, still submitted
+    rows = 4 * sum(count for *_, count in HANGUPS)
+    with background_server(create_app([worker])) as address:
+        try:
+            clients = [post_raw(address, path, body) for path, body, _ in HANGUPS * 4]
+            wait_for(lambda: len(submitted) == rows, "every request to reach the decoding thread")
+            for conn in clients:
+                conn.close()
+            wait_for(lambda: all(r.cancelled for r in submitted), "every hung-up request to be cancelled")
+        finally:
+            gate.set()
+        reply = httpx.post(f"{address}/generate", json={"prompt": "good", "temperature": 0}, timeout=60).json()
+        assert reply["text"] == " bad great awful"
+    assert len(submitted) == rows + 1
+    assert all(r.cancelled and not r.token_ids for r in submitted[:rows])
+    assert worker.stats["steps"] <= 1 + reply["completion_tokens"] + 1  # the gated step, then the answer's steps
+
+
+def test_health_answers_while_prompts_are_tokenized(models: dict[str, Generator]) -> None:
+    """Prompts are tokenized off the event loop: while four large prompts are held mid-tokenization, /health
+    answers; then each gets its own JSON error (too long for the context window)."""
+    generator = models["tiny-full"]
+    slow = Generator(generator.model, generator.tokenizer, generator.data, name="slow")
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(segments):
+        entered.set()
+        gate.wait()
+        return generator.encode(segments)
+
+    slow.encode = held
+    big = {"prompt": "alpha beta " * 9000}  # 99,000 characters: under serve.max_prompt_chars
+    with background_server(create_app([ModelWorker(slow, SamplingParams())])) as address, ThreadPoolExecutor(4) as pool:
+        replies = [pool.submit(httpx.post, f"{address}/v1/completions", json=big, timeout=60) for _ in range(4)]
+        try:
+            assert entered.wait(60)
+            health = httpx.get(f"{address}/health", timeout=10)
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+        finally:
+            gate.set()
+        errors = [reply.result().json()["error"] for reply in replies]
+    assert [e["code"] for e in errors] == ["context_length_exceeded"] * 4
+
+
+def test_too_large_bodies_and_prompts_get_openai_json_errors(url: str) -> None:
+    """A body over the limit, with Content-Length or chunked, is a 413; a prompt over serve.max_prompt_chars is a
+    400 naming the field, before tokenizing (one character less is tokenized, and is too long for the window)."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = json.dumps({"prompt": "a" * MAX_BODY_BYTES}).encode()
+    declared = httpx.post(f"{url}/generate", headers=headers, content=body)
+    chunked = httpx.post(f"{url}/generate", headers=headers,
+                         content=(body[i:i + 65536] for i in range(0, len(body), 65536)))
+    assert "content-length" not in chunked.request.headers
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert error["message"] == f"the request body is over this server's limit of {MAX_BODY_BYTES} bytes"
+    limit = ServeConfig.max_prompt_chars
+    over = "alpha " * (limit // 6) + "x" * (limit % 6 + 1)
+    halves = [{"role": "user", "content": over[:limit // 2]}, {"role": "user", "content": over[limit // 2:]}]
+    for path, request, param in [("/generate", {"prompt": over}, "prompt"),
+                                 ("/v1/completions", {"prompt": ["alpha", over]}, "prompt[1]"),
+                                 ("/v1/chat/completions", {"messages": halves}, "messages")]:
+        response = httpx.post(f"{url}{path}", headers=headers, json=request)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, "string_above_max_length"), error
+        assert error["message"] == f"{param}: {limit + 1} characters is over this server's limit of {limit}"
+    at_limit = httpx.post(f"{url}/generate", headers=headers, json={"prompt": over[:-1]}).json()["error"]
+    assert at_limit["code"] == "context_length_exceeded"
 
 
 def test_a_failed_generation_is_a_500_json_error_or_an_error_event(models: dict[str, Generator]) -> None:

@@ -5,9 +5,9 @@ GET /v1/models, POST /v1/completions (the prompt as is) and POST /v1/chat/comple
 template), both streaming as server-sent events with `"stream": true`. The request's `model` picks the run
 (default: the recipe's own). Each model has a worker thread that decodes all waiting requests as one batch.
 
-The parts: schemas (request bodies), worker (batching), app (routes), responses (OpenAI response shapes),
-errors (OpenAI error shapes, domain errors translated), auth (API key); this module loads the models and runs
-the server.
+The parts: schemas (request bodies), worker (batching, tokenizing off the event loop, cancelling on hang-up), app
+(routes), responses (OpenAI response shapes), errors (OpenAI error shapes, domain errors translated), auth (API
+key), body_limit (request body size); this module loads the models and runs the server.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def serve(recipe: Recipe, host: str | None = None, port: int | None = None, api_
     api_key = api_key or os.environ.get(cfg.api_key_env) or None
     check_port(host, port)
     workers = load_workers(recipe, base=base)
-    app = create_app(workers, api_key, cfg.max_new_tokens_cap)
+    app = create_app(workers, api_key, cfg)
     names = ", ".join(w.name for w in workers)
     print(f"serving {names} on http://{host}:{port} (OpenAI base_url http://{host}:{port}/v1; "
           f"{'API key required' if api_key else 'no API key'})", file=sys.stderr)

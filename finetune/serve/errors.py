@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from finetune.errors import UserError
 from finetune.generation.window import PromptTooLong
 from finetune.serve.schemas import UNION_FIELDS
-from finetune.serve.worker import GenerationFailed
+from finetune.serve.worker import ClientGone, GenerationFailed
 
 
 class ApiError(Exception):
@@ -51,6 +51,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenerationFailed)
     async def _generation_failed(_: Request, exc: GenerationFailed) -> JSONResponse:
         return error_response(500, str(exc), kind="server_error")
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, __: ClientGone) -> JSONResponse:  # nobody reads it: for the access log
+        return error_response(499, "the client closed the connection before the reply", kind="client_closed_request")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -45,7 +45,9 @@ class Reply:
                 "usage": self.usage(results)}
 
     def chat(self, results: list[Request]) -> dict:
-        return {**self.head, "choices": [{"index": i, "message": {"role": "assistant", "content": r.text.strip()},
+        """The reply without the template's space after "Assistant:", but with any whitespace it ends in (as
+        OpenAI and vLLM return it, and as chat_stream sends it)."""
+        return {**self.head, "choices": [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
                                           "finish_reason": r.finish_reason, "logprobs": None}
                                          for i, r in enumerate(results)],
                 "usage": self.usage(results)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from finetune.generation.generator import Message
 from finetune.recipe import MAX_STOP_LENGTH, MAX_STOPS, bound
@@ -87,6 +87,13 @@ class OpenAIBody(Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and info.data.get("stream") is not True:
+            raise ValueError("only allowed when 'stream' is true")
+        return options
 
     @model_validator(mode="after")
     def _neutral_only(self) -> OpenAIBody:

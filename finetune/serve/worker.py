@@ -1,5 +1,6 @@
 """Continuous batching: one thread per model decodes all waiting requests as one batch, and the event loop
-receives each request's text and completion."""
+receives each request's text and completion (or gives up on them when the client hangs up). Prompts are tokenized
+off the event loop too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from finetune.generation.engine import Batch, Request
 from finetune.generation.generator import Generator
@@ -19,6 +20,10 @@ JOIN_AFTER_STEPS = 8  # ...or after this many decode steps
 
 class GenerationFailed(Exception):
     """Decoding a request raised (the server's failure, not the client's)."""
+
+
+class ClientGone(Exception):
+    """The client hung up before its requests finished; they were cancelled."""
 
 
 class ModelWorker:
@@ -34,6 +39,7 @@ class ModelWorker:
         self.stats = {"requests": 0, "steps": 0, "largest_batch": 0, "mean_batch": 0.0}
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._tokenizing = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -49,6 +55,15 @@ class ModelWorker:
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
+
+    async def tokenize(self, build: Callable[[], list[int]]) -> list[int]:
+        """`build()`, a prompt's token ids, made on a worker thread so that the event loop stays free (the Rust
+        tokenizer releases the GIL); one prompt at a time, as encoding switches a setting of the shared tokenizer."""
+        def locked() -> list[int]:
+            with self._tokenizing:
+                return build()
+
+        return await asyncio.to_thread(locked)
 
     def submit(self, requests: list[Request]) -> None:
         for request in requests:
@@ -146,7 +161,23 @@ class Pending:
         finally:
             self.cancel()
 
-    async def results(self) -> list[Request]:
+    async def results(self, hangup: Awaitable[None] | None = None) -> list[Request]:
+        """The finished requests (GenerationFailed when one fails). When `hangup` (the client closing its connection)
+        completes first, the requests are cancelled, so the decoding thread drops them, and ClientGone is raised."""
+        waiting = [asyncio.ensure_future(self._finished())]
+        if hangup is not None:
+            waiting.append(asyncio.ensure_future(hangup))
+        try:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waiting:
+                task.cancel()
+        if waiting[0] not in done:
+            self.cancel()
+            raise ClientGone
+        return waiting[0].result()
+
+    async def _finished(self) -> list[Request]:
         async for _ in self.events_until_done():
             pass
         return self.requests
