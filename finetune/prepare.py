@@ -414,7 +414,7 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
         reasons = ", ".join(f"{n} {r}" for r, n in dropped.items()) or "no rows"
         raise UserError(f"{where}: the {name} split is empty after filtering ({reasons})")
     every_token_target = data_format(cfg).every_token_target
-    info = finish_split(folder, chunks, dtype, cfg.block_size, cfg.format, cfg.packing)
+    info = finish_split(folder, chunks, dtype, cfg.block_size, every_token_target, cfg.packing)
     tokens, rows = info["tokens"], info["rows"]
     targets = tokens - info["pieces"] if every_token_target else sum(s["target_tokens"] for s in stats)
     on_disk = store.store_bytes(folder)
