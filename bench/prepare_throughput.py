@@ -12,7 +12,7 @@ from transformers import GPT2TokenizerFast
 
 from bench.common import record, shared_or_skip
 from finetune.data import RowRef, parse_row, read_batches
-from finetune.formats import label_lookup, normalize, segments
+from finetune.formats import data_format
 from finetune.prepare import prepare
 from finetune.recipe import recipe_from_dict
 
@@ -33,13 +33,13 @@ def raw_tokens_per_second(tokenizer, texts: list[str]) -> tuple[float, int]:
 
 def source_texts(cfg) -> list[str]:
     """The texts prepare tokenizes: every kept record's segments."""
-    labels = label_lookup(cfg.classification) if cfg.format == "classification" else None
+    fmt = data_format(cfg)
     texts = []
     for batch in read_batches(cfg.train, cfg):
         for i, raw in enumerate(batch.rows):
             where = RowRef(cfg.train, batch.start + i)
-            record, _ = normalize(parse_row(raw, where), cfg, where, labels)
-            texts += [text for text, _ in segments(record, cfg) if text] if record else []
+            record, _ = fmt.normalize(parse_row(raw, where), where)
+            texts += [text for text, _ in fmt.segments(record) if text] if record else []
     return texts
 
 

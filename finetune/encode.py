@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from finetune.data import Batch, RowRef, parse_row
-from finetune.formats import encode_texts, label_lookup, normalize, segments
+from finetune.formats import data_format, encode_texts
 from finetune.recipe import DataConfig, HubSource
 
 
@@ -29,14 +30,13 @@ class EncodeContext:
     tokenizer_json: str
     eos_token_id: int
     dtype: str
-    keep_records: tuple[str, ...]  # splits whose normalized records are kept
 
     def __post_init__(self) -> None:
         self._encoder = None
-        self._labels = None
+        self.format = data_format(self.cfg)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_encoder": None, "_labels": None}
+        return {**self.__dict__, "_encoder": None}
 
     @property
     def encoder(self) -> Any:
@@ -45,12 +45,6 @@ class EncodeContext:
 
             self._encoder = _Encoder(Tokenizer.from_str(self.tokenizer_json), self.eos_token_id)
         return self._encoder
-
-    @property
-    def labels(self) -> dict | None:
-        if self._labels is None and self.cfg.format == "classification":
-            self._labels = label_lookup(self.cfg.classification)
-        return self._labels
 
 
 @dataclass
@@ -63,8 +57,8 @@ class _Encoder:
 
 @dataclass
 class SplitPart:
-    """One batch's contribution to one split: per kept example its token ids, and for prompted formats its
-    target runs, (length, is_target) pairs covering the example's tokens."""
+    """One batch's contribution to one split: per kept example its token ids, and unless every token is a target
+    its target runs, (length, is_target) pairs covering the example's tokens."""
 
     ids: list = field(default_factory=list)
     targets: list | None = None
@@ -104,51 +98,55 @@ def encode_in_worker(job: tuple[Batch, np.ndarray]) -> dict[str, dict]:
 def encode_batch(context: EncodeContext, batch: Batch, validation: np.ndarray) -> dict[str, dict]:
     """Normalize, tokenize, truncate or drop one batch's rows; route each to train, or to validation where
     `validation` flags it."""
-    cfg = context.cfg
+    fmt = context.format
     parts: dict[str, SplitPart] = {}
     kept: list[tuple[str, dict]] = []
     for i, raw in enumerate(batch.rows):
         split = "validation" if validation[i] else "train"
-        part = parts.setdefault(split, SplitPart(targets=None if cfg.format == "text" else [],
-                                                 records=[] if split in context.keep_records else None))
+        part = parts.setdefault(split, SplitPart(targets=None if fmt.every_token_target else [],
+                                                 records=[] if split in fmt.record_splits else None))
         part.records_in += 1
         where = RowRef(context.source, batch.start + i, batch.line(i))
-        record, reason = normalize(parse_row(raw, where), cfg, where, context.labels)
+        record, reason = fmt.normalize(parse_row(raw, where), where)
         if record is None:
             part.dropped[reason] += 1
         else:
             kept.append((split, record))
-    if cfg.format == "text":
-        _encode_text(context, kept, parts)
+    if fmt.every_token_target:
+        _encode_documents(context, kept, parts)
     else:
         _encode_examples(context, kept, parts)
     return {split: part.arrays(context.dtype) for split, part in parts.items()}
 
 
-def _encode_text(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
-    """Plain text: each document's tokens then EOS, all of them targets (no mask is stored)."""
-    eos = context.eos_token_id
-    for (split, record), ids in zip(kept, encode_texts(context.encoder, [record["text"] for _, record in kept])):
-        ids.append(eos)
+def _tokenized(context: EncodeContext, kept: list[tuple[str, dict]]
+               ) -> Iterator[tuple[str, dict, list[tuple[list[int], bool]]]]:
+    """Each kept record with its segments as (token ids, is_target), the batch's texts tokenized in one call."""
+    all_segments = [context.format.segments(record) for _, record in kept]
+    pieces = iter(encode_texts(context.encoder, [text for segs in all_segments for text, _ in segs if text is not None]))
+    eos = [context.eos_token_id]
+    for (split, record), segs in zip(kept, all_segments):
+        yield split, record, [(eos if text is None else next(pieces), target) for text, target in segs]
+
+
+def _encode_documents(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
+    """Documents: all their tokens, all of them targets (no mask is stored); packing cuts a long one into rows."""
+    for split, record, pieces in _tokenized(context, kept):
         part = parts[split]
-        part.ids.append(ids)
+        part.ids.append(list(chain.from_iterable(piece for piece, _ in pieces)))
         if part.records is not None:
             part.records.append(record)
 
 
 def _encode_examples(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
-    """Prompted formats: targets only where the format says; examples over the block truncated or dropped.
-    Segment by segment, so no Python work is done per token."""
+    """Examples: targets only where the format says; examples over the block truncated or dropped. Segment by
+    segment, so no Python work is done per token."""
     cfg = context.cfg
     block = cfg.block_size
-    all_segments = [segments(record, cfg) for _, record in kept]
-    pieces = iter(encode_texts(context.encoder, [text for segs in all_segments for text, _ in segs if text is not None]))
-    eos = [context.eos_token_id]
-    for (split, record), segs in zip(kept, all_segments):
+    for split, record, pieces in _tokenized(context, kept):
         part = parts[split]
         ids, runs, total, has_target = [], [], 0, False
-        for text, target in segs:
-            piece = eos if text is None else next(pieces)
+        for piece, target in pieces:
             take = max(min(len(piece), block - total), 0)
             if take:
                 ids += piece[:take]

@@ -30,7 +30,7 @@ from finetune.data import check_utf8
 from finetune.distributed import is_main_process, process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError, path_problem
 from finetune.eval_results import weights_digest, write_eval_results
-from finetune.formats import Segment, encode_segments, label_names, prompt_segments, segments
+from finetune.formats import DataFormat, Segment, data_format, encode_segments
 from finetune.generation.engine import Engine, Request
 from finetune.generation.params import SamplingParams
 from finetune.generation.window import fit_prompt
@@ -177,11 +177,11 @@ def draw_shots(train: list[dict], evaluated: list[dict], k: int, seed: int) -> l
     return demos
 
 
-def demo_segments(demos: list[dict], recipe: Recipe) -> list[Segment]:
+def demo_segments(demos: list[dict], fmt: DataFormat) -> list[Segment]:
     """Demonstrations rendered as in training (prompt + label words), each followed by a blank line."""
     out: list[Segment] = []
     for demo in demos:
-        out += [(text, False) for text, _ in segments(demo, recipe.data)] + [(DEMO_SEPARATOR, False)]
+        out += [(text, False) for text, _ in fmt.segments(demo)] + [(DEMO_SEPARATOR, False)]
     return out
 
 
@@ -191,6 +191,7 @@ class Evaluator:
     def __init__(self, recipe: Recipe, tokenizer, accelerator: Accelerator, max_context: int) -> None:
         self.recipe, self.tokenizer, self.accelerator = recipe, tokenizer, accelerator
         self.cfg = recipe.eval
+        self.format = data_format(recipe.data)
         self.max_context = max_context
         self.block = min(recipe.data.block_size, max_context)
         self._check_settings()
@@ -199,14 +200,14 @@ class Evaluator:
         self.lm_sets = {"validation": self._validation_rows()}
         for path in self.cfg.files:
             self.lm_sets[path] = self._windows([file_tokens(path, tokenizer)], self.cfg.stride or self.block)
-        self.records = self._records() if recipe.data.format != "text" else []
+        self.records = self._records() if "validation" in self.format.record_splits else []
 
     def _check_settings(self) -> None:
         cfg, where = self.cfg, self.recipe.source
         if cfg.stride is not None and cfg.stride > self.block:  # 1..data.block_size was checked at load
             raise UserError(f"{where}: 'eval.stride' ({cfg.stride}) is above the model's {self.max_context}-token "
                             "context")
-        if self.recipe.data.format in ("instruction", "chat") and cfg.generate_samples and \
+        if self.format.has_reference and cfg.generate_samples and \
                 cfg.max_new_tokens >= self.max_context:
             raise UserError(f"{where}: 'eval.max_new_tokens' ({cfg.max_new_tokens}) leaves no room for the prompt "
                             f"in the model's {self.max_context}-token context")
@@ -214,7 +215,7 @@ class Evaluator:
     def _validation_rows(self) -> tuple[Sequence[dict], str]:
         prepared = load_prepared(self.recipe, "validation")
         limit = self.cfg.max_examples
-        if self.recipe.data.format == "text" and self.cfg.stride:
+        if self.format.every_token_target and self.cfg.stride:
             return self._windows([doc.tolist() for doc in islice(prepared.documents(), limit)], self.cfg.stride)
         return RowsView(prepared, min(len(prepared), limit or len(prepared))), "prepared rows (target tokens)"
 
@@ -232,10 +233,9 @@ class Evaluator:
         if self.cfg.files:
             out["files"] = {path: self.lm_figures(model, *self.lm_sets[path], f"{role}: {Path(path).name}")
                             for path in self.cfg.files}
-        fmt = self.recipe.data.format
-        if fmt == "classification":
+        if self.format.label_words():
             out.update(self.classify(model, self.cfg.shots if baseline else 0, self.cfg.calibrate and baseline, role))
-        elif fmt in ("instruction", "chat") and self.cfg.generate_samples:
+        elif self.format.has_reference and self.cfg.generate_samples:
             out.update(self.generate(model, role))
         return out
 
@@ -284,32 +284,28 @@ class Evaluator:
         return scores
 
     def classify(self, model: torch.nn.Module, shots: int, calibrate: bool, role: str) -> dict:
-        data = self.recipe.data
-        names = label_names(data.classification)
-        label_ids = self._encode([[(data.classification.label_prefix + name, True)] for name in names])
+        fmt = self.format
+        label_ids = self._encode([[(word, True)] for word in fmt.label_words()])
         demos = draw_shots(load_records(self.recipe, "train"), self.records, shots, self.cfg.seed) \
             if shots else []
-        prefix = demo_segments(demos, self.recipe)
+        prefix = demo_segments(demos, fmt)
         started = time.perf_counter()
-        contexts = self._encode([prefix + prompt_segments(record, data) for record in self.records])
+        contexts = self._encode([prefix + fmt.prompt_segments(record) for record in self.records])
         scores = self._label_scores(model, contexts, label_ids, f"{role}: label scoring")
         if calibrate:
-            free = [{"text": text, "label": 0, "prompt": data.classification.template.format(text=text)}
-                    for text in CONTENT_FREE_INPUTS]
-            free_scores = self._label_scores(model, self._encode([prefix + prompt_segments(r, data) for r in free]),
-                                             label_ids, f"{role}: calibration")
+            free = [prefix + fmt.user_prompt(text) for text in CONTENT_FREE_INPUTS]
+            free_scores = self._label_scores(model, self._encode(free), label_ids, f"{role}: calibration")
             scores = scores.log_softmax(-1) - free_scores.softmax(-1).mean(0).log()
         predicted = scores.argmax(-1).tolist()
         seconds = time.perf_counter() - started
-        figures = classification_figures([record["label"] for record in self.records], predicted, names)
+        figures = classification_figures([record["label"] for record in self.records], predicted, fmt.label_names())
         return {**figures, "shots": shots, "shot_texts": [demo["text"] for demo in demos], "calibrated": calibrate,
                 "length_normalized": self.cfg.length_normalize,
                 "examples_per_second": round(len(self.records) / seconds, 1)}
 
     def generate(self, model: torch.nn.Module, role: str) -> dict:
-        data = self.recipe.data
         records = self.records[:self.cfg.generate_samples]
-        prompts = [prompt_segments(record, data) for record in records]
+        prompts = [self.format.prompt_segments(record) for record in records]
         reserve = self.cfg.max_new_tokens  # the whole budget: a reference answer may be as long
         mine = []
         for batch in self._batches(self._mine(list(enumerate(self._encode(prompts)))), f"{role}: generation"):
@@ -317,17 +313,11 @@ class Evaluator:
             texts = greedy(model, self.tokenizer, fitted, self.cfg.max_new_tokens)
             mine += [(i, text) for (i, _), text in zip(batch, texts)]
         outputs = [text for _, text in sorted(gather_object(mine))]
-        references = [reference(record, data.format) for record in records]
+        references = [self.format.reference(record) for record in records]
         eos = self.tokenizer.eos_token
         samples = [{"prompt": "".join(eos if text is None else text for text, _ in segs), "reference": ref,
                     "output": out} for segs, ref, out in zip(prompts, references, outputs)]
         return {**generation_figures(outputs, references), "generations": samples}
-
-
-def reference(record: dict, fmt: str) -> str:
-    if fmt == "chat":
-        return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
-    return record["response"]
 
 
 def greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:

@@ -6,11 +6,10 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from finetune.formats import data_format
 from finetune.recipe import HubSource, Recipe
 
 METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
-EXAMPLES = {"text": "Once upon a time", "instruction": "Explain what a language model is in one sentence.",
-            "chat": "Hello! What can you do?", "classification": "A wonderful, moving film."}
 
 
 def usage_snippet(repo: str, adapter: bool, recipe: Recipe) -> str:
@@ -22,8 +21,9 @@ def usage_snippet(repo: str, adapter: bool, recipe: Recipe) -> str:
     loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
     imports = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer"] if adapter \
         else ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
-    example = EXAMPLES[recipe.data.format]
-    encode = [f"inputs = tokenizer({example!r}, return_tensors=\"pt\")"] if recipe.data.format == "text" else [
+    fmt = data_format(recipe.data)
+    example = fmt.card_example
+    encode = [f"inputs = tokenizer({example!r}, return_tensors=\"pt\")"] if fmt.chat_template() is None else [
         f"messages = [{{\"role\": \"user\", \"content\": {example!r}}}]",
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,",
         "                                       return_tensors=\"pt\")"]

@@ -37,16 +37,16 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, fmt: str, packing: bool
+def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, stream: bool, packing: bool
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The packing plan, shard by shard: for each shard's document lengths, its pieces as (start, length) pairs
     into the split's token stream and the (split-wide) indices of the pieces that begin a row.
 
-    text + packing: the stream cut every `block_size` tokens (a document crossing a cut continues in the next
-    row as a new piece); text without packing: each document cut into pieces of at most `block_size`, one per
-    row; other formats: whole examples, one per row, or bin-packed best-fit-decreasing over the whole split
-    (the one case that holds all lengths at once: example data sets are small)."""
-    if fmt != "text" and packing:
+    `stream` (documents, every token a target) + packing: the stream cut every `block_size` tokens (a document
+    crossing a cut continues in the next row as a new piece); `stream` without packing: each document cut into
+    pieces of at most `block_size`, one per row; examples: whole, one per row, or bin-packed best-fit-decreasing
+    over the whole split (the one case that holds all lengths at once: example data sets are small)."""
+    if not stream and packing:
         lengths = np.concatenate([np.zeros(0, np.int64), *[np.asarray(x, np.int64) for x in shard_lengths]])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         bins = best_fit_decreasing(lengths.tolist(), block_size)
@@ -61,14 +61,14 @@ def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, fmt: str, 
             continue
         starts = base + np.concatenate([[0], np.cumsum(lengths)[:-1]])
         end = base + int(lengths.sum())
-        if fmt == "text" and packing:
+        if stream and packing:
             bounds = np.union1d(starts, np.arange(-(-base // block_size) * block_size, end, block_size))
             pieces = np.stack([bounds, np.diff(np.append(bounds, end))], axis=1)
             rows = bounds // block_size
             firsts = np.flatnonzero(np.diff(np.concatenate([[last_row], rows])))
             last_row = int(rows[-1])
         else:
-            if fmt == "text":
+            if stream:
                 count = -(-lengths // block_size)  # pieces per document
                 within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
                 begin = np.repeat(starts, count) + within * block_size
@@ -81,8 +81,8 @@ def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, fmt: str, 
         base = end
 
 
-def plan_rows(doc_lengths: np.ndarray, block_size: int, fmt: str, packing: bool) -> tuple[np.ndarray, np.ndarray]:
+def plan_rows(doc_lengths: np.ndarray, block_size: int, stream: bool, packing: bool) -> tuple[np.ndarray, np.ndarray]:
     """The whole plan at once: (pieces, row offsets into the pieces); row i is pieces[rows[i]:rows[i + 1]]."""
-    parts = list(plan_pieces([doc_lengths], block_size, fmt, packing))
+    parts = list(plan_pieces([doc_lengths], block_size, stream, packing))
     pieces = np.concatenate([np.zeros((0, 2), np.int64)] + [p for p, _ in parts])
     return pieces, np.concatenate([np.zeros(0, np.int64)] + [f for _, f in parts] + [[len(pieces)]]).astype(np.int64)

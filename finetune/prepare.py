@@ -36,14 +36,15 @@ from finetune import __version__, data, encode, formats, packing, store
 from finetune.data import Batch, RowRef, count_rows, describe, parse_row, read_batches, validation_mask
 from finetune.encode import EncodeContext, encode_batch, encode_in_worker, init_worker
 from finetune.errors import UserError, writing
-from finetune.formats import encode_texts, label_names, normalize, segments
+from finetune.formats import DataFormat, data_format, encode_texts
 from finetune.tokenizer import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
 from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
 from finetune.run_folder import RECIPE_FILE
 from finetune.store import ShardData, TokenStore, check_shard, finish_split, split_problem, token_dtype, write_atomic
 
 SPLITS = ("train", "validation")
-PREPARE_CODE = [Path(module.__file__) for module in (data, encode, formats, packing, store)] + [Path(__file__)]
+PREPARE_CODE = [Path(module.__file__) for module in (data, encode, packing, store)] + [Path(__file__)]
+PREPARE_CODE += sorted(Path(formats.__file__).parent.glob("*.py"))  # the package: every format's module
 POOL_MIN_BYTES = 64 << 20  # below this, in-process tokenizing (on every core) beats starting worker processes
 
 
@@ -173,13 +174,12 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
                 "tokenizer": {"source": tokenizer_source(recipe) or "trained", "vocab_size": len(tokenizer),
                               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
                 "token_dtype": dtype.name}
-    if cfg.format == "classification":
-        manifest["labels"] = _label_info(tokenizer, cfg)
-    keep = tuple(split for split in SPLITS if keeps_records(cfg.format, split))
+    fmt = data_format(cfg)
+    if fmt.label_words():
+        manifest["labels"] = _label_info(tokenizer, fmt)
     chunks: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for name, (source, _) in passes.items():
-        context = EncodeContext(cfg, source, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, dtype.name,
-                                keep)
+        context = EncodeContext(cfg, source, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, dtype.name)
         for chunk in _run_pass(work, name, source, routers[name], context, _workers(cfg, source)):
             for split, entry in chunk["splits"].items():
                 chunks[split].append(entry)
@@ -193,12 +193,6 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
     recipe.run.replace(out, work)
     _print_summary(out, manifest)
     return manifest
-
-
-def keeps_records(fmt: str, split: str) -> bool:
-    """Normalized records are kept where eval needs them: validation examples of prompted formats (label
-    scoring, generations) and classification train examples (k-shot demonstrations)."""
-    return fmt != "text" and (split == "validation" or fmt == "classification")
 
 
 def _workers(cfg: DataConfig, source: str | HubSource) -> int:
@@ -256,7 +250,7 @@ def _trained_tokenizer(work: Path, recipe: Recipe, source: str | HubSource, rout
     if (folder / "tokenizer.json").is_file():
         return with_pad_token(AutoTokenizer.from_pretrained(str(folder)))
     cfg = recipe.data
-    labels = formats.label_lookup(cfg.classification) if cfg.format == "classification" else None
+    fmt = data_format(cfg)
 
     def texts() -> Iterator[str]:
         for batch in read_batches(source, cfg):
@@ -265,9 +259,9 @@ def _trained_tokenizer(work: Path, recipe: Recipe, source: str | HubSource, rout
                 if flags[i]:
                     continue
                 where = RowRef(source, batch.start + i, batch.line(i))
-                record, _ = normalize(parse_row(raw, where), cfg, where, labels)
+                record, _ = fmt.normalize(parse_row(raw, where), where)
                 if record is not None:
-                    yield from (text for text, _ in segments(record, cfg) if text)
+                    yield from (text for text, _ in fmt.segments(record) if text)
 
     print(f"prepare: training a byte-level BPE tokenizer (vocab {recipe.tokenizer.train.vocab_size}) on the train split")
     tokenizer = train_tokenizer(texts(), recipe.tokenizer.train)
@@ -361,17 +355,18 @@ class ChunkBuffer:
         chunk = {"rows_end": self.rows_end, "splits": {}}
         for split in splits:
             parts = [results[split] for results in self.results if split in results]
-            text = self.context.cfg.format == "text"
+            fmt = self.context.format
             shard = ShardData(tokens=[p["tokens"] for p in parts], docs=[p["docs"] for p in parts],
-                              targets=None if text else [p["targets"] for p in parts],
-                              records=[p["records"] for p in parts] if split in self.context.keep_records else None)
+                              targets=None if fmt.every_token_target else [p["targets"] for p in parts],
+                              records=[p["records"] for p in parts] if split in fmt.record_splits else None)
             entry = store.write_shard(self.work / split, name, shard)
             dropped = Counter()
             for p in parts:
                 dropped.update(p["dropped"])
             entry["stats"] = {"records_in": sum(p["records_in"] for p in parts), "records_kept": entry["docs"],
                               "dropped": dict(dropped), "truncated": sum(p["truncated"] for p in parts),
-                              "target_tokens": None if text else sum(int(p["targets"].sum()) for p in parts)}
+                              "target_tokens": None if fmt.every_token_target else
+                              sum(int(p["targets"].sum()) for p in parts)}
             chunk["splits"][split] = entry
         write_atomic(self.work / "progress" / f"{name}.json", json.dumps(chunk).encode())
         return chunk
@@ -420,9 +415,10 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
     if kept == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in dropped.items()) or "no rows"
         raise UserError(f"{where}: the {name} split is empty after filtering ({reasons})")
-    info = finish_split(folder, chunks, dtype, cfg.block_size, cfg.format, cfg.packing)
+    every_token_target = data_format(cfg).every_token_target
+    info = finish_split(folder, chunks, dtype, cfg.block_size, every_token_target, cfg.packing)
     tokens, rows = info["tokens"], info["rows"]
-    targets = tokens - info["pieces"] if cfg.format == "text" else sum(s["target_tokens"] for s in stats)
+    targets = tokens - info["pieces"] if every_token_target else sum(s["target_tokens"] for s in stats)
     on_disk = store.store_bytes(folder)
     return {
         "records_in": sum(s["records_in"] for s in stats),
@@ -446,11 +442,9 @@ def _finish_work_folder(work: Path) -> None:
     (work / "fingerprint").unlink()
 
 
-def _label_info(tokenizer: Any, cfg: DataConfig) -> dict:
-    names = label_names(cfg.classification)
-    words = [cfg.classification.label_prefix + name for name in names]
-    ids = encode_texts(tokenizer, words)
-    return {"names": names, "words": words, "token_ids": ids}
+def _label_info(tokenizer: Any, fmt: DataFormat) -> dict:
+    words = fmt.label_words()
+    return {"names": fmt.label_names(), "words": words, "token_ids": encode_texts(tokenizer, words)}
 
 
 def _print_summary(out: Path, manifest: dict) -> None:

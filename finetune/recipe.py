@@ -9,7 +9,6 @@ import importlib.util
 import math
 import os
 import re
-import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +18,12 @@ from typing import Any, NamedTuple, Union
 import yaml
 
 from finetune.errors import UserError, path_problem
+from finetune.formats import FORMATS, data_format
+from finetune.formats.chat import ChatFormat
+from finetune.formats.classification import ClassificationFormat
+from finetune.formats.instruction import InstructionFormat
 from finetune.run_folder import RunFolder
 
-FORMATS = ("text", "instruction", "chat", "classification")
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
@@ -53,47 +55,6 @@ class HubSource:
     config: str | None = None
     split: str = "train"
     revision: str | None = None
-
-
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_TEMPLATE_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-@dataclass
-class InstructionFormat:
-    template: str = ALPACA_TEMPLATE
-    template_no_input: str = ALPACA_TEMPLATE_NO_INPUT
-    instruction_field: str = "instruction"
-    input_field: str | None = "input"
-    output_field: str = "output"
-
-
-@dataclass
-class ChatFormat:
-    messages_field: str | None = None
-    system: str = "System: {content}\n\n"
-    user: str = "User: {content}\n\n"
-    assistant: str = "Assistant:"
-    assistant_content: str = " {content}"
-    after_assistant: str = "\n\n"
-    system_prompt: str | None = None
-
-
-@dataclass
-class ClassificationFormat:
-    text_field: str = "text"
-    label_field: str = "label"
-    labels: dict | list | None = None
-    template: str = "{text}\nLabel:"
-    label_prefix: str = " "
 
 
 @dataclass
@@ -570,37 +531,10 @@ def check_stops(stops: list, name: str) -> None:
             raise UserError(f"{name} must be non-empty strings of at most {MAX_STOP_LENGTH} characters, got {stop!r}")
 
 
-def _check_template(where: str, key: str, template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
-    """A prompt template may use only its placeholders, must use the required ones (or the record's text would be
-    silently left out), and has no stray braces ('{{' and '}}' stand for literal braces)."""
-    try:
-        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
-    except ValueError as exc:
-        raise UserError(f"{where}: '{key}' is not a valid template ({exc}); write '{{{{' and '}}}}' for literal "
-                        "braces") from None
-    if any(spec or conversion for _, spec, conversion in parsed):
-        raise UserError(f"{where}: '{key}' may use plain placeholders only ({{{allowed[0]}}}), without a format "
-                        "spec or conversion such as ':>10' or '!r'")
-    fields = {name for name, _, _ in parsed}
-    unknown = sorted(fields - set(allowed))
-    if unknown:
-        raise UserError(f"{where}: '{key}' uses unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}; "
-                        f"it may use {', '.join('{' + a + '}' for a in allowed)}")
-    missing = [f for f in required if f not in fields]
-    if missing:
-        raise UserError(f"{where}: '{key}' must contain {', '.join('{' + f + '}' for f in missing)}")
-
-
 def _check_templates(recipe: Recipe, where: str) -> None:
     data = recipe.data
-    _check_template(where, "data.instruction.template", data.instruction.template, ("instruction", "input"),
-                    ("instruction",))
-    _check_template(where, "data.instruction.template_no_input", data.instruction.template_no_input,
-                    ("instruction", "input"), ("instruction",))
-    _check_template(where, "data.classification.template", data.classification.template, ("text",), ("text",))
-    for role in ("system", "user", "assistant_content"):  # `assistant`, `after_assistant` are used as written
-        _check_template(where, f"data.chat.{role}", getattr(data.chat, role), ("content",), ("content",))
+    for section in (data.instruction, data.classification, data.chat):
+        section.check(where)
 
 
 def _check_harness(recipe: Recipe, where: str) -> None:
@@ -716,7 +650,7 @@ def _validate(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: set exactly one of 'model.base' (Hub id or folder) or 'model.init' (GPT-2 config)")
     if recipe.data.train is None:
         raise UserError(f"{where}: 'data.train' is required (a local file or a Hub spec {{hub: name}})")
-    _choice(where, "data.format", recipe.data.format, FORMATS)
+    _choice(where, "data.format", recipe.data.format, tuple(FORMATS))
     _choice(where, "data.sample_by", recipe.data.sample_by, ("line", "paragraph", "document"))
     _choice(where, "data.overflow", recipe.data.overflow, ("truncate", "drop"))
     _choice(where, "model.dtype", recipe.model.dtype, ("float32", "bfloat16", "float16", "auto"))
@@ -739,9 +673,7 @@ def _validate(recipe: Recipe, where: str) -> None:
     _check_generate_and_serve(recipe, where)
     if recipe.model.init is not None:
         _check_gpt2_config(recipe.model.init, where)
-    if recipe.data.format == "classification" and not recipe.data.classification.labels:
-        raise UserError(f"{where}: 'data.classification.labels' is required for the classification format "
-                        "(label value -> words, e.g. {0: negative, 1: positive})")
+    data_format(recipe.data).check(where)
     if recipe.model.init is not None and recipe.tokenizer.path is None and recipe.tokenizer.train is None:
         raise UserError(f"{where}: a from-scratch model ('model.init') needs 'tokenizer.path' or 'tokenizer.train'")
     if recipe.tokenizer.path is not None and recipe.tokenizer.train is not None:

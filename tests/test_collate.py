@@ -47,7 +47,7 @@ def packed_rows(items: list[tuple[list[int], list[int]]], folder) -> list[dict]:
                       docs=[np.array([len(ids) for ids, _ in items], dtype=np.uint32)],
                       targets=[np.array([label != IGNORE for label in labels], dtype=np.uint8) for _, labels in items])
     entry = write_shard(folder, "shard-00000", shard)
-    finish_split(folder, [entry], np.dtype(np.uint16), 24, "instruction", True)
+    finish_split(folder, [entry], np.dtype(np.uint16), 24, stream=False, packing=True)
     return list(TokenStore(folder))
 
 

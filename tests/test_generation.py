@@ -10,6 +10,7 @@ import pytest
 from helpers import WORDS
 
 from finetune import formats
+from finetune.formats.chat import chat_segments
 from finetune.chat import ChatSession
 from finetune.cli import main
 from finetune.generation.engine import Batch, Request
@@ -124,7 +125,7 @@ def test_prompts_are_built_with_the_training_template(generator: Generator) -> N
     assert instruction.prompt_ids("alpha", raw=True) == generator.tokenizer("alpha")["input_ids"]
     chat = Generator(generator.model, generator.tokenizer, DataConfig(format="chat"))
     messages = [{"role": "user", "content": "alpha"}]
-    segments = formats.chat_segments(messages, chat.data.chat, add_generation_prompt=True)
+    segments = chat_segments(messages, chat.data.chat, add_generation_prompt=True)
     assert chat.prompt_ids("alpha") == formats.encode_segments(generator.tokenizer, [segments])[0][0]
     assert generator.prompt_ids("") == [generator.tokenizer.eos_token_id]
 

@@ -11,6 +11,7 @@ import yaml
 
 from finetune.cli import main
 from finetune.data import validation_mask
+from finetune.formats import FORMATS
 from finetune.packing import IGNORE, best_fit_decreasing, plan_rows
 from finetune.prepare import load_prepared, load_prepared_tokenizer, load_records, prepare
 from finetune.recipe import load_recipe
@@ -120,7 +121,7 @@ def test_text_stream_keeps_every_target_and_restarts_positions(tmp_path, tokeniz
 
 def rows_of(ids: list[int], lengths: list[int], block: int, fmt: str, packing: bool) -> list[list[list[int]]]:
     """Each row of the plan as its pieces' token ids."""
-    pieces, rows = plan_rows(np.array(lengths), block, fmt, packing)
+    pieces, rows = plan_rows(np.array(lengths), block, FORMATS[fmt].every_token_target, packing)
     return [[ids[a:a + n] for a, n in pieces[rows[r]:rows[r + 1]].tolist()] for r in range(len(rows) - 1)]
 
 

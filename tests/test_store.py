@@ -23,7 +23,7 @@ def test_rows_cross_shards_with_uint32_ids_and_restart_at_each_piece(tmp_path):
     entries = [write_shard(tmp_path, f"shard-{i}", ShardData(tokens=[np.array(d, dtype=np.uint32) for d in part],
                                                              docs=[np.array([len(d) for d in part], np.uint32)]))
                for i, part in enumerate((docs[:2], docs[2:]))]
-    finish_split(tmp_path, entries, np.dtype(np.uint32), 4, "text", True)
+    finish_split(tmp_path, entries, np.dtype(np.uint32), 4, stream=True, packing=True)
     store = TokenStore(tmp_path)
     rows = [{k: v.tolist() for k, v in row.items()} for row in store]
     assert [r["input_ids"] for r in rows] == [[70000, 70001, 70002, 70003], [70004, 70005, 70006, 70007], [70008]]

@@ -7,27 +7,11 @@ from collections.abc import Callable
 
 import torch
 
-from finetune import formats
-from finetune.errors import UserError
+from finetune.formats import Message, Segment, data_format, encode_segments
 from finetune.generation.engine import Engine, Request
 from finetune.generation.params import SamplingParams
 from finetune.generation.window import PromptTooLong, fit_prompt, reply_reserve
 from finetune.recipe import DataConfig
-
-Message = dict[str, str]
-
-
-def user_prompt_segments(text: str, data: DataConfig) -> list[formats.Segment]:
-    """The generation prompt for one user text, with the recipe's template, as segments (see formats.py)."""
-    if data.format == "text":
-        return [(text, False)]
-    if data.format == "chat":
-        return formats.chat_segments([{"role": "user", "content": text}], data.chat, add_generation_prompt=True)
-    if data.format == "instruction":
-        record = {"prompt": data.instruction.template_no_input.format(instruction=text, input=""), "response": ""}
-    else:
-        record = {"text": text, "label": 0, "prompt": data.classification.template.format(text=text)}
-    return formats.prompt_segments(record, data)
 
 
 class Generator:
@@ -37,34 +21,25 @@ class Generator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.data = data
+        self.format = data_format(data)
         self.name = name
         self.engine = Engine(self.model, {tokenizer.eos_token_id}, self.decode)
         self.context = self.engine.context
 
-    def encode(self, segments: list[formats.Segment]) -> list[int]:
-        ids = formats.encode_segments(self.tokenizer, [segments])[0][0]
+    def encode(self, segments: list[Segment]) -> list[int]:
+        ids = encode_segments(self.tokenizer, [segments])[0][0]
         return ids or [self.tokenizer.eos_token_id]  # GPT-2 convention: an empty prompt starts after <|endoftext|>
 
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:
         """Prompt ids for one user text: the recipe's template applied (unless `raw`), tokenized as in training."""
-        return self.encode([(text, False)] if raw else user_prompt_segments(text, self.data))
+        return self.encode([(text, False)] if raw else self.format.user_prompt(text))
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
-        """Prompt ids for a conversation. Instruction and classification models are single-turn: the last user
-        message goes through their template; other formats use the recipe's chat template."""
-        if self.data.format in ("instruction", "classification"):
-            last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
-            if last is None:
-                raise UserError("the conversation has no user message")
-            return self.prompt_ids(last)
-        return self.encode(formats.chat_segments(messages, self.data.chat, add_generation_prompt=True))
+        """Prompt ids for a conversation, as the format prompts one (single-turn formats: the last user message)."""
+        return self.encode(self.format.chat_prompt(messages))
 
     def chat_stops(self) -> tuple[str, ...]:
-        """Stop where the model starts writing the user's next turn (for models that never learned EOS)."""
-        if self.data.format in ("instruction", "classification"):
-            return ()
-        prefix = self.data.chat.user.split("{content}")[0].strip()
-        return (prefix,) if prefix else ()
+        return self.format.chat_stops()
 
     def fit(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Keep the end of a prompt that would not leave room for the reply."""
