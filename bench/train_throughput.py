@@ -28,7 +28,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from bench.common import record, shared_or_skip
 from finetune.modeling import parameter_counts
-from finetune.prepare import load_prepared, load_prepared_tokenizer, prepare
+from finetune.prepare import prepare
+from finetune.prepared import load_prepared, load_prepared_tokenizer
 from finetune.recipe import recipe_from_dict
 from finetune.train import build_model, build_trainer, ensure_prepared
 

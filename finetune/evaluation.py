@@ -38,7 +38,8 @@ from finetune.metrics import (NllSums, batch_sums, classification_figures, gener
                               token_byte_lengths)
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final, without_kv_cache
 from finetune.packing import IGNORE, best_fit_decreasing
-from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, load_records
+from finetune.prepare import ensure_prepared
+from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
 from finetune.run_folder import IDENTITY_FILE
 

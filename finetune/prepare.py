@@ -13,8 +13,6 @@ The result is cached under a content fingerprint: re-running with nothing change
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -32,124 +30,35 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from finetune import __version__, data, encode, formats, packing, store
+from finetune import __version__, data, store
 from finetune.data import Batch, RowRef, count_rows, describe, parse_row, read_batches, validation_mask
 from finetune.encode import EncodeContext, encode_batch, encode_in_worker, init_worker
 from finetune.errors import UserError, writing
 from finetune.formats import DataFormat, data_format, encode_texts
-from finetune.tokenizer import load_tokenizer, tokenizer_source, train_tokenizer, with_pad_token
+from finetune.tokenizer import tokenizer_source, train_tokenizer, with_pad_token
 from finetune.recipe import DataConfig, HubSource, Recipe, save_recipe
+from finetune.prepared import SPLITS, CacheState, cache_state, read_manifest
 from finetune.run_folder import RECIPE_FILE
-from finetune.store import ShardData, TokenStore, check_shard, finish_split, split_problem, token_dtype, write_atomic
+from finetune.store import ShardData, check_shard, finish_split, token_dtype, write_atomic
 
-SPLITS = ("train", "validation")
-PREPARE_CODE = [Path(module.__file__) for module in (data, encode, packing, store)] + [Path(__file__)]
-PREPARE_CODE += sorted(Path(formats.__file__).parent.glob("*.py"))  # the package: every format's module
 POOL_MIN_BYTES = 64 << 20  # below this, in-process tokenizing (on every core) beats starting worker processes
-
-
-def fingerprint(recipe: Recipe, tokenizer: Any | None, file_digests: dict[str, str]) -> str:
-    """A digest of everything the prepared data depends on; `file_digests` holds the source files' contents."""
-    digest = hashlib.sha256()
-    data_section = {k: v for k, v in recipe.to_dict()["data"].items() if k not in ("num_proc", "streaming")}
-    digest.update(json.dumps({"data": data_section, "tokenizer": recipe.to_dict()["tokenizer"],
-                              "tokenizer_source": tokenizer_source(recipe)}, sort_keys=True, default=str).encode())
-    for source in (recipe.data.train, recipe.data.validation):
-        if isinstance(source, str) and source in file_digests:
-            digest.update(file_digests[source].encode())
-        elif isinstance(source, HubSource):
-            digest.update(repr(source).encode())
-    if tokenizer is not None:
-        digest.update(tokenizer.backend_tokenizer.to_str().encode())
-        digest.update(repr((tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
-    for path in PREPARE_CODE:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def source_digests(recipe: Recipe, manifest: dict | None) -> dict[str, dict]:
-    """Content digests of the local source files. A file whose size and modification time are those recorded in
-    the manifest keeps its recorded digest (as git's index does), so checking the cache costs no pass over a
-    large corpus; any other file is read and hashed."""
-    known = (manifest or {}).get("source_files", {})
-    out = {}
-    for source in (recipe.data.train, recipe.data.validation):
-        if not isinstance(source, str) or not Path(source).is_file():
-            continue
-        stat = Path(source).stat()
-        entry = known.get(source, {})
-        if entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-            out[source] = entry
-        else:
-            out[source] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                           "digest": store.file_checksum(Path(source))}
-    return out
-
-
-def read_manifest(recipe: Recipe) -> dict | None:
-    path = recipe.run.prepared / "manifest.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return None
-
-
-def store_problem(folder: Path, checksums: bool) -> str | None:
-    """Why `folder` is not a complete prepared store (None when it is)."""
-    for name in ("manifest.json", RECIPE_FILE, "tokenizer/tokenizer.json"):
-        if not (folder / name).is_file():
-            return f"{folder / name} is missing"
-    for split in SPLITS:
-        problem = split_problem(folder / split, checksums)
-        if problem:
-            return problem
-    return None
-
-
-def _cache_state(recipe: Recipe, checksums: bool) -> tuple[Any | None, str, dict, dict | None]:
-    """(the recipe's tokenizer, or None when it is trained; the fingerprint now; the source files' digests; the
-    manifest if the store is current and complete: present at its written sizes, and with `checksums` reread)."""
-    source = tokenizer_source(recipe)
-    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, recipe.model.revision) if source else None
-    manifest = read_manifest(recipe)
-    files = source_digests(recipe, manifest)
-    digest = fingerprint(recipe, tokenizer, {path: entry["digest"] for path, entry in files.items()})
-    current = manifest is not None and manifest.get("fingerprint") == digest and \
-        store_problem(recipe.run.prepared, checksums) is None
-    return tokenizer, digest, files, manifest if current else None
-
-
-@contextmanager
-def run_lock(recipe: Recipe, stage: str, wait: bool = False) -> Iterator[None]:
-    """One `stage` at a time per run folder (released by the OS when the process dies): refused while another
-    holds it, or with `wait`, after it (then finding its result)."""
-    recipe.run.root.mkdir(parents=True, exist_ok=True)
-    recipe.run.claim(recipe.run.lock(stage))
-    with recipe.run.lock(stage).open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                raise UserError(f"another {stage} is running in {recipe.run.root}; wait for it to finish") from None
-            print(f"{stage}: waiting for another {stage} in {recipe.run.root} to finish", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def prepare(recipe: Recipe, force: bool = False) -> dict:
     """Run the stage (or find it cached, or continue a killed run) and return the manifest. Concurrent prepares of
     one run folder (every node of a multi-machine run on a shared filesystem) run one after the other."""
-    with run_lock(recipe, "prepare", wait=True):
-        tokenizer, digest, files, manifest = _cache_state(recipe, checksums=True)
-        if manifest and not force:
-            print(f"prepare: {recipe.run.prepared} is up to date (fingerprint {digest[:12]}); nothing to do")
-            return manifest
+    with recipe.run.locked("prepare", wait=True):
+        state = cache_state(recipe, checksums=True)
+        if state.manifest and not force:
+            print(f"prepare: {recipe.run.prepared} is up to date (fingerprint {state.fingerprint[:12]}); nothing to do")
+            return state.manifest
         with writing(recipe.run.prepared_partial):
-            return _build(recipe, tokenizer, digest, files, force)
+            return _build(recipe, state, force)
 
 
-def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, force: bool) -> dict:
+def _build(recipe: Recipe, state: CacheState, force: bool) -> dict:
     out, started = recipe.run.prepared, time.perf_counter()
+    tokenizer, digest = state.tokenizer, state.fingerprint
     data.check_sources(recipe.data)
     recipe.run.remove_leftovers(out)
     work = recipe.run.prepared_partial
@@ -170,7 +79,7 @@ def _build(recipe: Recipe, tokenizer: Any | None, digest: str, files: dict, forc
     manifest = {"fingerprint": digest, "finetune_version": __version__, "format": cfg.format,
                 "block_size": cfg.block_size, "packing": cfg.packing,
                 "sources": {s: describe(getattr(cfg, s)) for s in SPLITS if getattr(cfg, s)},
-                "source_files": files,
+                "source_files": state.source_files,
                 "tokenizer": {"source": tokenizer_source(recipe) or "trained", "vocab_size": len(tokenizer),
                               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
                 "token_dtype": dtype.name}
@@ -462,7 +371,7 @@ def ensure_prepared(recipe: Recipe, processes: int = 1) -> dict:
     so that train and eval start as fast on a 1 GB store as on a small one (`finetune prepare` rereads them).
     Ranks of a multi-process launch never prepare: a rank tokenizing while the others wait can outlast the
     collective timeout."""
-    manifest = _cache_state(recipe, checksums=False)[3]
+    manifest = cache_state(recipe, checksums=False).manifest
     if manifest is not None:
         return manifest
     if processes == 1:
@@ -471,18 +380,3 @@ def ensure_prepared(recipe: Recipe, processes: int = 1) -> dict:
     raise UserError(f"{recipe.run.prepared} is {state}, and ranks of a {processes}-process launch do not "
                     f"prepare: run 'finetune prepare {recipe.source}' before 'accelerate launch' "
                     "(make train / make eval with NPROC=n do)")
-
-
-def load_prepared(recipe: Recipe, split: str) -> TokenStore:
-    path = recipe.run.prepared / split
-    if not path.is_dir():
-        raise UserError(f"{path} not found: run 'finetune prepare {recipe.source}' first")
-    return TokenStore(path)
-
-
-def load_records(recipe: Recipe, split: str) -> list[dict]:
-    return load_prepared(recipe, split).records()
-
-
-def load_prepared_tokenizer(recipe: Recipe) -> Any:
-    return with_pad_token(AutoTokenizer.from_pretrained(str(recipe.run.prepared / "tokenizer")))

@@ -3,9 +3,12 @@ wrote through this one object, so a name is spelled in one place. The README's "
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,9 +85,24 @@ class RunFolder:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
-    def lock(self, stage: str) -> Path:
-        """Held while `stage` runs (prepare and train), so two of them never share the folder."""
+    def lock_file(self, stage: str) -> Path:
         return self.root / f".{stage}.lock"
+
+    @contextmanager
+    def locked(self, stage: str, wait: bool = False) -> Iterator[None]:
+        """One `stage` at a time per run folder (prepare and train; released by the OS when the process dies):
+        refused while another holds it, or with `wait`, after it (then finding its result)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.claim(self.lock_file(stage))
+        with self.lock_file(stage).open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise UserError(f"another {stage} is running in {self.root}; wait for it to finish") from None
+                print(f"{stage}: waiting for another {stage} in {self.root} to finish", flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def claim(self, *paths: Path) -> None:
         """Call before writing, replacing or removing `paths` (entries of the run folder, or paths inside them).

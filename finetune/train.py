@@ -32,7 +32,8 @@ from finetune.errors import UserError, writing
 from finetune.modeling import (apply_lora, base_config, context_length, load_base_model, parameter_counts,
                                without_kv_cache)
 from finetune.plots import plot_loss
-from finetune.prepare import ensure_prepared, load_prepared, load_prepared_tokenizer, run_lock
+from finetune.prepare import ensure_prepared
+from finetune.prepared import load_prepared, load_prepared_tokenizer
 from finetune.recipe import DEFAULT_DDP_TIMEOUT_S, STAGE_ARGUMENTS, TRAINING_ARGUMENTS, Recipe, save_recipe
 from finetune.run_folder import RECIPE_FILE
 from finetune.tracking import environment as tracking_environment
@@ -46,7 +47,7 @@ def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
     Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
     with process_group(recipe.train.extra.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)) as state, tracking_environment(recipe), \
-            run_lock(recipe, "train") if is_main_process() else nullcontext():
+            recipe.run.locked("train") if is_main_process() else nullcontext():
         return _train(recipe, state)
 
 

@@ -14,7 +14,7 @@ from helpers import save_tiny_gpt2
 from finetune.chat_template import chat_template
 from finetune.cli import main
 from finetune.generation.loading import load_generator
-from finetune.prepare import load_prepared
+from finetune.prepared import load_prepared
 from finetune.recipe import DataConfig, load_recipe
 from finetune.train import train
 

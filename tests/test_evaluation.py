@@ -22,7 +22,8 @@ from finetune.evaluation import draw_shots, greedy, sliding_windows
 from finetune.metrics import classification_figures, generation_figures, label_loglikelihoods, macro_f1
 from finetune.modeling import apply_lora, load_final
 from finetune.tokenizer import load_tokenizer
-from finetune.prepare import load_prepared, load_records, prepare
+from finetune.prepare import prepare
+from finetune.prepared import load_prepared, load_records
 from finetune.recipe import LoraConfig, load_recipe, save_recipe
 from helpers import corpus_lines
 

@@ -13,7 +13,8 @@ from finetune.cli import main
 from finetune.data import validation_mask
 from finetune.formats import FORMATS
 from finetune.packing import IGNORE, best_fit_decreasing, plan_rows
-from finetune.prepare import load_prepared, load_prepared_tokenizer, load_records, prepare
+from finetune.prepare import prepare
+from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import load_recipe
 
 from helpers import corpus_lines, shared_path
@@ -357,13 +358,13 @@ def test_sigterm_stops_prepare_like_ctrl_c_with_its_workers_and_the_rerun_finish
 
 
 def read_manifest_or_none(recipe):
-    from finetune.prepare import read_manifest
+    from finetune.prepared import read_manifest
 
     return read_manifest(recipe)
 
 
 def store_problem(folder, checksums):
-    from finetune.prepare import store_problem as problem
+    from finetune.prepared import store_problem as problem
 
     return problem(folder, checksums)
 
@@ -469,13 +470,12 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, tokenizer_dir, capsys
 def test_a_second_prepare_of_a_run_folder_waits_for_the_first(tmp_path, tokenizer_dir):
     """As when every node of a multi-machine run prepares one run folder on a shared filesystem."""
 
-    from finetune.prepare import run_lock
 
     train = tmp_path / "train.txt"
     train.write_text("\n".join(corpus_lines(50)) + "\n")
     recipe = make_recipe(tmp_path, tokenizer_dir, str(train))
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with run_lock(recipe, "prepare"):  # stands for the first prepare, still running
+    with recipe.run.locked("prepare"):  # stands for the first prepare, still running
         second = subprocess.Popen([sys.executable, "-m", "finetune", "prepare", str(tmp_path / "recipe.yaml")],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert second.stdout.readline().startswith("prepare: waiting for another prepare in")

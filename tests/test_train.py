@@ -384,10 +384,9 @@ def test_killed_in_the_middle_of_checkpoint_saves_the_run_still_ends_like_an_uni
 
 
 def test_a_second_train_of_the_same_run_is_refused_while_one_runs(tmp_path, tiny_model_dir, capsys):
-    from finetune.prepare import run_lock
 
     path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}, train={"max_steps": 2})
-    with run_lock(load_recipe(path), "train"):  # stands for a train process still running
+    with load_recipe(path).run.locked("train"):  # stands for a train process still running
         assert cli.main(["train", str(path)]) == 2
     assert "another train is running in" in capsys.readouterr().err
     assert cli.main(["train", str(path)]) == 0

@@ -21,7 +21,7 @@ def load_generator(recipe: Recipe, base: bool = False) -> Generator:
                             "('model.init'), so its base model is random weights")
         source = tokenizer_source(recipe)
         if source is None:
-            from finetune.prepare import load_prepared_tokenizer
+            from finetune.prepared import load_prepared_tokenizer
 
             tokenizer = load_prepared_tokenizer(recipe)
         else:
