@@ -1,11 +1,17 @@
-"""Recipes: YAML files with `extends:` chains and dotted overrides, validated into typed objects."""
+"""Recipes: YAML files with `extends:` chains and dotted overrides, validated into typed objects.
+
+Each key's rule lives on its field: its type, its choices (a `Literal`), its range (`ranged(...)`, in the field's
+metadata); one generic pass enforces them while the recipe is built, and the checks that relate keys follow in
+`_validate`. Loading imports transformers only when a recipe sets a key whose rule is one of transformers' own
+tables: `model.init` (GPT2Config), `train.extra` (TrainingArguments) and a `train.scheduler` other than the
+default (its schedules).
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
-import importlib.util
 import math
 import os
 import re
@@ -13,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import yaml
 
@@ -23,14 +29,47 @@ from finetune.formats.chat import ChatFormat
 from finetune.formats.classification import ClassificationFormat
 from finetune.formats.instruction import InstructionFormat
 from finetune.run_folder import RunFolder
+from finetune.trackers import REPORTERS, check_installed
 
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FormatName = Literal[tuple(FORMATS)]  # every registered data format
+
+
+class Bound(NamedTuple):
+    """The numbers a key allows: from `low` (itself allowed when `low_ok`) to `high` (allowed when `high_ok`; None:
+    no limit)."""
+    low: float
+    high: float | None = None
+    low_ok: bool = True
+    high_ok: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value >= self.low if self.low_ok else value > self.low
+        return above and (self.high is None or (value <= self.high if self.high_ok else value < self.high))
+
+    def allowed(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high_ok:
+            return f"in {'[' if self.low_ok else '('}{low}, {high}]"
+        if self.high is not None:
+            return f"between {low} and {high}"
+        return f"at least {low}" if self.low_ok else f"above {low}"
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def ranged(default: Any, low: float, high: float | None = None, *, low_ok: bool = True, high_ok: bool = False) -> Any:
+    """A numeric field and the numbers it allows, checked when the recipe loads (null passes where the field is
+    optional). The generate.* and serve.* ranges are also those of the command-line options and the HTTP API."""
+    return field(default=default, metadata={"bound": Bound(low, high, low_ok, high_ok)})
 
 
 @dataclass
 class TokenizerTrainConfig:
-    vocab_size: int = 8192
-    min_frequency: int = 2
+    vocab_size: int = ranged(8192, 257)
+    min_frequency: int = ranged(2, 1)
 
 
 @dataclass
@@ -43,8 +82,8 @@ class TokenizerConfig:
 class ModelConfig:
     base: str | None = None
     init: dict | None = None
-    dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     revision: str | None = None
 
@@ -61,18 +100,18 @@ class HubSource:
 class DataConfig:
     train: Union[str, HubSource, None] = None
     validation: Union[str, HubSource, None] = None
-    format: str = "text"
+    format: FormatName = "text"
     text_field: str = "text"
-    sample_by: str = "line"
-    block_size: int = 256
+    sample_by: Literal["line", "paragraph", "document"] = "line"
+    block_size: int = ranged(256, 8)
     packing: bool = True
-    overflow: str = "truncate"
-    max_records: int | None = None
-    validation_fraction: float = 0.05
+    overflow: Literal["truncate", "drop"] = "truncate"
+    max_records: int | None = ranged(None, 1)
+    validation_fraction: float = ranged(0.05, 0, 1, low_ok=False)
     seed: int = 42
-    num_proc: int | None = None  # prepare worker processes; default: every core
+    num_proc: int | None = ranged(None, 1)  # prepare worker processes; default: every core
     streaming: bool = False  # Hub data sets: read as a stream instead of downloading them whole first
-    shard_tokens: int = 1 << 24  # tokens per store shard: the unit a killed prepare resumes from
+    shard_tokens: int = ranged(1 << 24, 1)  # tokens per store shard: the unit a killed prepare resumes from
     instruction: InstructionFormat = field(default_factory=InstructionFormat)
     chat: ChatFormat = field(default_factory=ChatFormat)
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
@@ -80,40 +119,40 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
+    r: int = ranged(8, 1)
+    alpha: float = ranged(16, 0, low_ok=False)
+    dropout: float = ranged(0.05, 0, 1)
     targets: Union[str, list] = "attn"
     modules_to_save: list | None = None
-    bias: str = "none"
+    bias: Literal["none", "all", "lora_only"] = "none"
 
 
 @dataclass
 class TrainConfig:
     """The Trainer's settings (finetune/train.py maps them onto TrainingArguments)."""
-    epochs: float = 1.0  # ignored when max_steps > 0
-    max_steps: int = -1
-    lr: float = 2e-4
+    epochs: float = ranged(1.0, 0)  # ignored when max_steps > 0
+    max_steps: int = ranged(-1, -1)
+    lr: float = ranged(2e-4, 0, low_ok=False)
     scheduler: str = "cosine"  # any transformers lr_scheduler_type: linear, cosine, constant, ...
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # share of all steps; set this or warmup_steps
-    batch_size: int = 8  # per process; global batch = batch_size x grad_accum x processes
-    eval_batch_size: int | None = None  # default: batch_size
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    logging_steps: int = 10
-    eval_steps: int | None = None  # None = at every save (the best checkpoint is kept and used); 0 = never
-    save_steps: int = 500  # must be a multiple of eval_steps
-    save_total_limit: int | None = 2  # the best checkpoint is kept on top
+    warmup_steps: int = ranged(0, 0)
+    warmup_ratio: float = ranged(0.0, 0, 1)  # share of all steps; set this or warmup_steps
+    batch_size: int = ranged(8, 1)  # per process; global batch = batch_size x grad_accum x processes
+    eval_batch_size: int | None = ranged(None, 1)  # default: batch_size
+    grad_accum: int = ranged(1, 1)
+    weight_decay: float = ranged(0.0, 0)
+    max_grad_norm: float = ranged(1.0, 0)  # 0 = no clipping
+    logging_steps: int = ranged(10, 1)
+    eval_steps: int | None = ranged(None, 0)  # None = at every save (the best checkpoint is kept and used); 0 = never
+    save_steps: int = ranged(500, 1)  # must be a multiple of eval_steps
+    save_total_limit: int | None = ranged(2, 1)  # the best checkpoint is kept on top
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
-    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    early_stopping_patience: int | None = ranged(None, 1)  # evaluations without improvement before stopping
     resume: str = "auto"  # auto (newest checkpoint of the run), never (start over), or a checkpoint path
-    dataloader_workers: int = 0
-    loss_chunk: int | None = 1024  # positions per chunk of the chunked loss (finetune/loss.py); null = transformers' loss
+    dataloader_workers: int = ranged(0, 0)
+    loss_chunk: int | None = ranged(1024, 1)  # positions per chunk of the chunked loss (finetune/loss.py); null = transformers' loss
     report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
     run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
@@ -123,8 +162,8 @@ class TrainConfig:
 class HarnessConfig:
     """lm-evaluation-harness tasks run by `finetune eval` (finetune/harness.py)."""
     tasks: list = field(default_factory=list)
-    num_fewshot: int | None = None  # None: each task's own setting
-    limit: Union[int, float, None] = None  # examples per task (a number below 1: a share of them)
+    num_fewshot: int | None = ranged(None, 0)  # None: each task's own setting
+    limit: Union[int, float, None] = ranged(None, 0, low_ok=False)  # examples per task (a number below 1: a share of them)
     include_path: str | None = None  # a folder of local task YAML files, relative to the recipe
 
 
@@ -132,38 +171,38 @@ class HarnessConfig:
 class EvalConfig:
     files: list = field(default_factory=list)
     stride: int | None = None
-    batch_size: int = 8
-    max_examples: int | None = None
+    batch_size: int = ranged(8, 1)
+    max_examples: int | None = ranged(None, 1)
     baseline: bool = True
-    shots: int = 0
+    shots: int = ranged(0, 0)
     calibrate: bool = False
     length_normalize: bool = False
-    generate_samples: int = 16
-    max_new_tokens: int = 128
+    generate_samples: int = ranged(16, 0)
+    max_new_tokens: int = ranged(128, 1)
     seed: int = 42
     harness: HarnessConfig | None = None
 
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = ranged(128, 1)
+    temperature: float = ranged(0.8, 0, 2, high_ok=True)
+    top_p: float = ranged(0.95, 0, 1, low_ok=False, high_ok=True)
+    top_k: int = ranged(0, 0)
+    repetition_penalty: float = ranged(1.0, 0, 10, low_ok=False, high_ok=True)
     stop: list = field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = ranged(None, -(2**63), 2**64 - 1, high_ok=True)
 
 
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_new_tokens_cap: int = 512
-    max_prompt_chars: int = 100_000
+    port: int = ranged(8000, 1, 65536)
+    max_new_tokens_cap: int = ranged(512, 1)
+    max_prompt_chars: int = ranged(100_000, 1)
     api_key_env: str = "FINETUNE_API_KEY"
     extra_runs: list = field(default_factory=list)
-    max_batch_size: int = 32
+    max_batch_size: int = ranged(32, 1)
 
 
 @dataclass
@@ -200,17 +239,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _apply_override(raw, override)
     recipe = _build(Recipe, raw, str(path))
     recipe.source = str(path)
-    _resolve_paths(recipe, path.resolve().parent)
     _validate(recipe, str(path))
-    check_reporters_installed(recipe, str(path))
+    check_installed(recipe.train.report_to, str(path))
     return recipe
 
 
 def recipe_from_dict(raw: dict, base_dir: str | Path = ".", where: str = "<recipe>") -> Recipe:
     """Build a recipe from already-merged data (as written to a run folder's `recipe.yaml`)."""
-    recipe = _build(Recipe, copy.deepcopy(raw), where)
+    raw = copy.deepcopy(raw)
+    _resolve_paths(raw, Path(base_dir).resolve(), where)
+    recipe = _build(Recipe, raw, where)
     recipe.source = where
-    _resolve_paths(recipe, Path(base_dir).resolve())
     _validate(recipe, where)
     return recipe
 
@@ -263,7 +302,7 @@ def _load_chain(path: Path, seen: list[Path]) -> dict:
         raise UserError(f"recipe extends itself in a cycle: {chain}")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
-    _resolve_relative_sources(data, path)
+    _resolve_paths(data, path.parent, str(path))
     if parent is None:
         return data
     if not isinstance(parent, str):
@@ -272,12 +311,16 @@ def _load_chain(path: Path, seen: list[Path]) -> dict:
     return deep_merge(base, data)
 
 
-def _resolve_relative_sources(data: dict, recipe_file: Path) -> None:
-    """Paths are relative to the recipe file that names them, so resolve them before merging: data files
-    always, model and tokenizer folders when written as ./ or ../ (anything else may be a Hub id)."""
-    folder = recipe_file.parent
-    def section(name: str) -> dict:
-        return data[name] if isinstance(data.get(name), dict) else {}
+def _resolve_paths(data: dict, folder: Path, where: str) -> None:
+    """The one path rule: a path is relative to the recipe file that names it (`folder`; the working directory for
+    command-line overrides), so paths are resolved in each file's data before merging. Data files, output_dir
+    (after expanding ~ and $VAR), eval files and the harness's include_path always; model and tokenizer folders
+    when written as ./ or ../ (anything else may be a Hub id)."""
+    def section(*keys: str) -> dict:
+        node: Any = data
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
 
     def resolved(value: object) -> object:
         return str((folder / value).resolve()) if isinstance(value, str) and not Path(value).is_absolute() else value
@@ -286,11 +329,11 @@ def _resolve_relative_sources(data: dict, recipe_file: Path) -> None:
         if split in section("data"):
             data["data"][split] = resolved(data["data"][split])
     if isinstance(data.get("output_dir"), str):
-        data["output_dir"] = resolved(expand_user_path(data["output_dir"], f"{recipe_file}: 'output_dir'"))
+        data["output_dir"] = resolved(expand_user_path(data["output_dir"], f"{where}: 'output_dir'"))
     if isinstance(section("eval").get("files"), list):
         data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
-    harness = section("eval").get("harness")
-    if isinstance(harness, dict) and harness.get("include_path") is not None:
+    if section("eval", "harness").get("include_path") is not None:
+        harness = section("eval", "harness")
         harness["include_path"] = resolved(harness["include_path"])
     for owner, key in (("model", "base"), ("tokenizer", "path")):
         value = section(owner).get(key)
@@ -325,16 +368,22 @@ def _apply_override(raw: dict, override: str) -> None:
     except yaml.YAMLError as exc:
         raise UserError(f"override {override!r}: value is not valid YAML: {exc}") from None
     keys = key_path.strip().split(".")
+    given: dict = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        given = {key: given}
+    _resolve_paths(given, Path.cwd(), f"override {override!r}")
     node = raw
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):
             node[key] = {}
         node = node[key]
-    if key_path.startswith("data.") and keys[-1] in ("train", "validation") and isinstance(value, str):
-        value = str(Path(value).resolve())
-    if key_path.strip() == "output_dir" and isinstance(value, str):
-        value = str(Path(expand_user_path(value, f"override {override!r}")).resolve())
-    node[keys[-1]] = value
+    node[keys[-1]] = _leaf(given, keys)
+
+
+def _leaf(data: dict, keys: list[str]) -> Any:
+    for key in keys:
+        data = data[key]
+    return data
 
 
 def _type_name(tp: Any) -> str:
@@ -347,8 +396,21 @@ def _type_name(tp: Any) -> str:
     return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
 
 
+def did_you_mean(value: Any, choices: Any, prefix: str = "", cutoff: float = 0.6) -> str:
+    """"; did you mean 'PREFIX<closest choice>'?" when one is close to `value`, else ""."""
+    close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1, cutoff=cutoff)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
+    """`value` (parsed YAML) as type `tp`, every field checked against its rule (type, choices, range)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"{where}: '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}"
+                            f"{did_you_mean(value, choices)}")
+        return value
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -370,15 +432,16 @@ def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{where}: '{key or 'recipe'}' must be a mapping, got {value!r}")
         hints = typing.get_type_hints(tp)
-        known = [f.name for f in dataclasses.fields(tp) if not f.metadata.get("internal")]
+        known = {f.name: f for f in dataclasses.fields(tp) if not f.metadata.get("internal")}
         kwargs = {}
         for name, item in value.items():
             full = f"{key}.{name}" if key else str(name)
             if name not in known:
-                close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
-                hint = f"; did you mean '{(key + '.') if key else ''}{close[0]}'?" if close else ""
-                raise UserError(f"{where}: unknown key '{full}'{hint}")
+                raise UserError(f"{where}: unknown key '{full}'"
+                                f"{did_you_mean(name, known, f'{key}.' if key else '', cutoff=0.5)}")
             kwargs[name] = _build(hints[name], item, where, full)
+            if "bound" in known[name].metadata:
+                check_range(known[name].metadata["bound"], kwargs[name], f"{where}: '{full}'")
         try:
             return tp(**kwargs)
         except TypeError as exc:
@@ -398,26 +461,6 @@ def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
     return value
 
 
-def _resolve_paths(recipe: Recipe, folder: Path) -> None:
-    for split in ("train", "validation"):
-        value = getattr(recipe.data, split)
-        if isinstance(value, str) and not Path(value).is_absolute():
-            setattr(recipe.data, split, str((folder / value).resolve()))
-
-
-# train.report_to value -> (module it needs, pip package); "none" turns tracking off.
-REPORTERS: dict[str, tuple[str, str] | None] = {
-    "none": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio"),
-}
-
-
-def reporters(report_to: str | list) -> list[str]:
-    """`train.report_to` as a list of tracker names, without "none"."""
-    names = [report_to] if isinstance(report_to, str) else report_to
-    return [name for name in names if name != "none"]
-
-
 def _check_report_to(recipe: Recipe, where: str) -> None:
     value = recipe.train.report_to
     names = [value] if isinstance(value, str) else value
@@ -426,98 +469,46 @@ def _check_report_to(recipe: Recipe, where: str) -> None:
     for name in names:
         if not isinstance(name, str):
             raise UserError(f"{where}: 'train.report_to' entries must be strings, got {name!r}")
-        _choice(where, "train.report_to", name, tuple(REPORTERS))
+        if name not in REPORTERS:
+            raise UserError(f"{where}: 'train.report_to' must be one of {', '.join(REPORTERS)}, got {name!r}"
+                            f"{did_you_mean(name, REPORTERS)}")
     if "none" in names and len(names) > 1:
         raise UserError(f"{where}: 'train.report_to' lists none together with trackers: {names}")
 
 
-def check_reporters_installed(recipe: Recipe, where: str) -> None:
-    """Each tracker in `train.report_to` must be importable (Trainer would fail only once training starts)."""
-    for name in reporters(recipe.train.report_to):
-        module, package = REPORTERS[name]
-        if importlib.util.find_spec(module) is None:
-            raise UserError(f"{where}: 'train.report_to' = {name} needs the {package} package, which is not "
-                            f"installed: pip install {package} (or set train.report_to=none)")
-
-
-def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}{hint}")
-
-
-class Bound(NamedTuple):
-    """The numbers a key allows: from `low` (itself allowed when `low_ok`) to `high` (allowed when `high_ok`; None:
-    no limit)."""
-    low: float
-    high: float | None = None
-    low_ok: bool = True
-    high_ok: bool = False
-
-    def contains(self, value: float) -> bool:
-        above = value >= self.low if self.low_ok else value > self.low
-        return above and (self.high is None or (value <= self.high if self.high_ok else value < self.high))
-
-    def allowed(self) -> str:
-        low, high = _number(self.low), _number(self.high)
-        if self.high_ok:
-            return f"in {'[' if self.low_ok else '('}{low}, {high}]"
-        if self.high is not None:
-            return f"between {low} and {high}"
-        return f"at least {low}" if self.low_ok else f"above {low}"
-
-
-def _number(value: float | None) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-# key -> (lowest, highest, whether the lowest is allowed[, whether the highest is: no unless given]), as a Bound;
-# null is allowed wherever the field is optional. The generate.* bounds (OpenAI's ranges) are also those of the
-# sampling options of `generate` and `chat` and of the HTTP API.
-BOUNDS: dict[str, tuple] = {
-    "data.block_size": (8, None, True), "data.shard_tokens": (1, None, True), "data.num_proc": (1, None, True),
-    "data.validation_fraction": (0, 1, False), "data.max_records": (1, None, True),
-    "tokenizer.train.vocab_size": (257, None, True), "tokenizer.train.min_frequency": (1, None, True),
-    "lora.r": (1, None, True), "lora.alpha": (0, None, False), "lora.dropout": (0, 1, True),
-    "train.lr": (0, None, False), "train.batch_size": (1, None, True), "train.eval_batch_size": (1, None, True),
-    "train.grad_accum": (1, None, True), "train.save_steps": (1, None, True), "train.logging_steps": (1, None, True),
-    "train.eval_steps": (0, None, True), "train.save_total_limit": (1, None, True),
-    "train.warmup_steps": (0, None, True), "train.warmup_ratio": (0, 1, True), "train.weight_decay": (0, None, True),
-    "train.max_grad_norm": (0, None, True), "train.dataloader_workers": (0, None, True),
-    "train.early_stopping_patience": (1, None, True), "train.loss_chunk": (1, None, True),
-    "train.epochs": (0, None, True), "train.max_steps": (-1, None, True),
-    "eval.batch_size": (1, None, True), "eval.max_examples": (1, None, True), "eval.shots": (0, None, True),
-    "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
-    "eval.harness.num_fewshot": (0, None, True), "eval.harness.limit": (0, None, False),
-    "serve.port": (1, 65536, True), "serve.max_batch_size": (1, None, True), "serve.max_new_tokens_cap": (1, None, True),
-    "serve.max_prompt_chars": (1, None, True),
-    "generate.max_new_tokens": (1, None, True), "generate.temperature": (0, 2, True, True),
-    "generate.top_p": (0, 1, False, True), "generate.top_k": (0, None, True),
-    "generate.repetition_penalty": (0, 10, False, True), "generate.seed": (-(2**63), 2**64 - 1, True, True),
-}
 MAX_STOPS, MAX_STOP_LENGTH = 16, 256  # generate.stop, --stop and the HTTP `stop`: up to 16 strings of 1-256 characters
 
 
-def _check_bounds(recipe: Recipe, where: str) -> None:
-    for key in BOUNDS:
-        value: Any = recipe
-        for part in key.split("."):
-            value = getattr(value, part, None) if value is not None else None
-        check_bound(key, value, f"{where}: '{key}'")
+def _field_bounds(tp: type, prefix: str = "") -> dict[str, Bound]:
+    out = {}
+    hints = typing.get_type_hints(tp)
+    for item in dataclasses.fields(tp):
+        key = f"{prefix}{item.name}"
+        if "bound" in item.metadata:
+            out[key] = item.metadata["bound"]
+        for section in (typing.get_args(hints[item.name]) or (hints[item.name],)):
+            if dataclasses.is_dataclass(section):
+                out.update(_field_bounds(section, f"{key}."))
+    return out
+
+
+BOUNDS: dict[str, Bound] = _field_bounds(Recipe)  # dotted key -> the numbers it allows (from the fields)
 
 
 def bound(key: str) -> Bound:
-    return Bound(*BOUNDS[key])
+    return BOUNDS[key]
 
 
 def check_bound(key: str, value: Any, name: str) -> None:
-    """Raise a UserError naming `name` when `value` is outside BOUNDS[key] (None passes: the key is unset)."""
+    """Raise a UserError naming `name` when `value` is outside the range of recipe key `key` (None passes)."""
+    check_range(bound(key), value, name)
+
+
+def check_range(limits: Bound, value: Any, name: str) -> None:
     if value is None:
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value!r}")
-    limits = bound(key)
     if not limits.contains(value):
         raise UserError(f"{name} must be {limits.allowed()}, got {value!r}")
 
@@ -581,6 +572,13 @@ def _check_train(recipe: Recipe, where: str) -> None:
                         f"{timeout!r}")
     if cfg.extra:
         _check_train_extra(cfg.extra, where)
+    if cfg.scheduler != TrainConfig.scheduler:
+        from transformers.trainer_utils import SchedulerType
+
+        schedules = [schedule.value for schedule in SchedulerType]
+        if cfg.scheduler not in schedules:
+            raise UserError(f"{where}: 'train.scheduler' = {cfg.scheduler!r} is not a learning-rate schedule; use "
+                            f"one of: {', '.join(schedules)}{did_you_mean(cfg.scheduler, schedules)}")
 
 
 def _check_train_extra(extra: dict, where: str) -> None:
@@ -590,9 +588,8 @@ def _check_train_extra(extra: dict, where: str) -> None:
     for key in extra:
         owner = next((k for k, argument in TRAINING_ARGUMENTS.items() if argument == key), None)
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{where}: 'train.extra.{key}' is not a TrainingArguments argument{hint}")
+            raise UserError(f"{where}: 'train.extra.{key}' is not a TrainingArguments argument"
+                            f"{did_you_mean(key, known)}")
         if owner or key in STAGE_ARGUMENTS:
             hint = f"set 'train.{owner}' instead" if owner else "the train stage derives it from the recipe"
             raise UserError(f"{where}: 'train.extra.{key}' cannot be passed through: {hint}")
@@ -620,9 +617,8 @@ def _check_gpt2_config(init: dict, where: str) -> None:
     known = set(GPT2Config().to_dict())
     for key in init:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean 'model.init.{close[0]}'?" if close else ""
-            raise UserError(f"{where}: 'model.init.{key}' is not a GPT-2 config key{hint}")
+            raise UserError(f"{where}: 'model.init.{key}' is not a GPT-2 config key"
+                            f"{did_you_mean(key, known, 'model.init.')}")
     try:
         config = GPT2Config(**init)
     except (TypeError, ValueError, StrictDataclassError) as exc:
@@ -650,13 +646,6 @@ def _validate(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: set exactly one of 'model.base' (Hub id or folder) or 'model.init' (GPT-2 config)")
     if recipe.data.train is None:
         raise UserError(f"{where}: 'data.train' is required (a local file or a Hub spec {{hub: name}})")
-    _choice(where, "data.format", recipe.data.format, tuple(FORMATS))
-    _choice(where, "data.sample_by", recipe.data.sample_by, ("line", "paragraph", "document"))
-    _choice(where, "data.overflow", recipe.data.overflow, ("truncate", "drop"))
-    _choice(where, "model.dtype", recipe.model.dtype, ("float32", "bfloat16", "float16", "auto"))
-    _choice(where, "model.attn_implementation", recipe.model.attn_implementation, ("eager", "sdpa", "flash_attention_2"))
-    if recipe.lora is not None:
-        _choice(where, "lora.bias", recipe.lora.bias, ("none", "all", "lora_only"))
     for split in ("train", "validation"):
         source = getattr(recipe.data, split)
         if isinstance(source, str) and not source.endswith(LOCAL_EXTENSIONS):
@@ -664,7 +653,6 @@ def _validate(recipe: Recipe, where: str) -> None:
                 f"{where}: 'data.{split}' = {source!r}: a local file must end in one of "
                 f"{', '.join(LOCAL_EXTENSIONS)}; for a Hub data set write {{hub: name, config: ..., split: ...}}"
             )
-    _check_bounds(recipe, where)
     _check_templates(recipe, where)
     _check_report_to(recipe, where)
     _check_harness(recipe, where)

@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 from transformers import Trainer, TrainerCallback
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-from finetune.recipe import Recipe, reporters
+from finetune.recipe import Recipe
+from finetune.trackers import reporters
 from finetune.run_folder import RunFolder
 
 PROBE_SECONDS = 3.0

@@ -20,7 +20,7 @@ import torch
 from accelerate import PartialState
 from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainingArguments,
                           set_seed)
-from transformers.trainer_utils import IntervalStrategy, SchedulerType
+from transformers.trainer_utils import IntervalStrategy
 
 from finetune.callbacks import FollowNewSchedule, MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
@@ -40,7 +40,6 @@ from finetune.tracking import environment as tracking_environment
 from finetune.tracking import guard as guard_trackers
 from finetune.trainer import PackedTrainer
 
-SCHEDULES = [schedule.value for schedule in SchedulerType]
 
 
 def train(recipe: Recipe) -> Trainer:
@@ -109,12 +108,7 @@ def check_final_is_loadable(trainer: Trainer) -> None:
 
 
 def check_before_any_work(recipe: Recipe) -> None:
-    """Fail before prepare on a learning-rate schedule transformers does not have (checked here, not when the
-    recipe loads: that would import transformers into every load), a base that is not a model, or a block size
-    the model cannot take."""
-    if recipe.train.scheduler not in SCHEDULES:
-        raise UserError(f"{recipe.source}: 'train.scheduler' = {recipe.train.scheduler!r} is not a learning-rate "
-                        f"schedule; use one of: {', '.join(SCHEDULES)}")
+    """Fail before prepare on a base that is not a model, or a block size the model cannot take."""
     limit = context_length(base_config(recipe))
     if recipe.data.block_size > limit:
         raise UserError(f"{recipe.source}: 'data.block_size' = {recipe.data.block_size} is above the model's "
