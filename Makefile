@@ -6,6 +6,16 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/demo-tune.yaml
 ARGS ?=
 OFFLINE := HF_HUB_OFFLINE=1
+PROMPT ?=
+REPO ?=
+ACCELERATE_CONFIG ?=
+
+# Text a user types (a recipe path, a prompt, a repo id) reaches the commands through the environment, as typed:
+# $(value X) stops make expanding it and "$$MAKE_X" stops the shell parsing it. ARGS alone is split into words.
+export MAKE_RECIPE := $(value RECIPE)
+export MAKE_PROMPT := $(value PROMPT)
+export MAKE_REPO := $(value REPO)
+export MAKE_ACCELERATE_CONFIG := $(value ACCELERATE_CONFIG)
 
 .PHONY: setup test prepare train eval demo bench generate chat serve merge push
 NPROC ?= 1
@@ -23,59 +33,56 @@ test: setup
 	$(OFFLINE) $(PY) -m pytest tests $(ARGS)
 
 prepare: setup
-	$(PY) -m finetune prepare $(RECIPE) $(ARGS)
+	$(PY) -m finetune prepare "$$MAKE_RECIPE" $(ARGS)
 
 # NPROC>1 or NNODES>1: prepare here, then `accelerate launch` NPROC processes on this machine (ranks only check
 # that the prepared data is current and the same on every rank). Several machines: run the same command on each,
 # with NNODES=n NODE_RANK=i (0 on the machine at MASTER_ADDR) MASTER_ADDR=host MASTER_PORT=port.
 # ACCELERATE_CONFIG=recipes/accelerate/{ddp,fsdp,deepspeed-zero2,deepspeed-zero3}.yaml picks the setup; without
 # it, --multi_gpu (DDP; on a machine without CUDA the ranks run as gloo CPU processes).
-ACCELERATE_CONFIG ?=
 NNODES ?= 1
 NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
-LAUNCH = $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
+LAUNCH = $(VENV)/bin/accelerate launch $(if $(MAKE_ACCELERATE_CONFIG),--config_file "$$MAKE_ACCELERATE_CONFIG",--multi_gpu) \
 	--num_processes $$(( $(NPROC) * $(NNODES) )) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
 	--main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT)
 ONE_PROCESS = $(filter 11,$(NPROC)$(NNODES))
 
 train: setup
 ifneq ($(ONE_PROCESS),)
-	$(PY) -m finetune train $(RECIPE) $(ARGS)
+	$(PY) -m finetune train "$$MAKE_RECIPE" $(ARGS)
 else
-	$(PY) -m finetune prepare $(RECIPE) $(ARGS)
-	$(LAUNCH) -m finetune train $(RECIPE) $(ARGS)
+	$(PY) -m finetune prepare "$$MAKE_RECIPE" $(ARGS)
+	$(LAUNCH) -m finetune train "$$MAKE_RECIPE" $(ARGS)
 endif
 
 # eval: ARGS takes recipe overrides and --model FOLDER (default: the run's final/); NPROC, NNODES as for train.
 eval: setup
 ifneq ($(ONE_PROCESS),)
-	$(PY) -m finetune eval $(RECIPE) $(ARGS)
+	$(PY) -m finetune eval "$$MAKE_RECIPE" $(ARGS)
 else
-	$(PY) -m finetune prepare $(RECIPE) $(filter-out --%,$(foreach a,$(ARGS),$(if $(findstring =,$(a)),$(a))))
-	$(LAUNCH) -m finetune eval $(RECIPE) $(ARGS)
+	$(PY) -m finetune prepare "$$MAKE_RECIPE" $(filter-out --%,$(foreach a,$(ARGS),$(if $(findstring =,$(a)),$(a))))
+	$(LAUNCH) -m finetune eval "$$MAKE_RECIPE" $(ARGS)
 endif
 
 # Use the tuned model: PROMPT="..." for generate (empty: an unconditional sample); REPO=user/name for push
 # (ARGS="--dry-run", "--merged", "--private", "--base-model user/base"); serve takes ARGS="--port 8000 --api-key ...".
-PROMPT ?=
-REPO ?=
 generate: setup
-	$(PY) -m finetune generate $(RECIPE) --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m finetune generate "$$MAKE_RECIPE" --prompt "$$MAKE_PROMPT" $(ARGS)
 
 chat: setup
-	$(PY) -m finetune chat $(RECIPE) $(ARGS)
+	$(PY) -m finetune chat "$$MAKE_RECIPE" $(ARGS)
 
 serve: setup
-	$(PY) -m finetune serve $(RECIPE) $(ARGS)
+	$(PY) -m finetune serve "$$MAKE_RECIPE" $(ARGS)
 
 merge: setup
-	$(PY) -m finetune merge $(RECIPE) $(ARGS)
+	$(PY) -m finetune merge "$$MAKE_RECIPE" $(ARGS)
 
 push: setup
-	$(if $(REPO),,$(error push needs REPO=user/name))
-	$(PY) -m finetune push $(RECIPE) --repo "$(REPO)" $(ARGS)
+	$(if $(MAKE_REPO),,$(error push needs REPO=user/name))
+	$(PY) -m finetune push "$$MAKE_RECIPE" --repo "$$MAKE_REPO" $(ARGS)
 
 # The offline demo: pretrain a tiny GPT-2 on generated reviews, LoRA-tune it to label them, evaluate, generate.
 demo: setup

@@ -2,13 +2,15 @@
 
 Local .txt and .jsonl files (the formats of large corpora) are read in blocks of bytes; a JSONL line is parsed
 where it is processed (in a prepare worker), so reading costs the main process little more than finding line
-ends. CSV/TSV stream through pandas in chunks, Parquet by record batches, a .json array is loaded whole, and
-Hub data sets come through `datasets` (`data.streaming: true` iterates without downloading the whole set).
+ends. CSV/TSV stream row by row (cells stay strings), Parquet by record batches, a .json array is loaded whole,
+and Hub data sets come through `datasets` (`data.streaming: true` iterates without downloading the whole set).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +22,10 @@ import numpy as np
 from finetune.errors import UserError, path_problem
 from finetune.recipe import DataConfig, HubSource
 
-HEADER_ROWS = {".csv": 1, ".tsv": 1}
 BLOCK_BYTES = 1 << 20  # text handed to a worker at a time (less when shards are small: a batch never spans two)
 BYTES_PER_TOKEN = 4  # about, for English text and GPT-2's BPE
 ROWS_PER_BATCH = 4096  # for row-based readers (CSV, Parquet, JSON arrays, the Hub)
+BOM = "\ufeff"  # a UTF-8 byte order mark starting a file is no part of its text
 
 
 @dataclass
@@ -47,6 +49,12 @@ class Batch:
 def check_utf8(path: Path) -> None:
     for offset, block in _blocks(path, BLOCK_BYTES):
         _decode(block, path, offset)
+
+
+def read_utf8(path: Path) -> str:
+    """A user's whole text file: checked to be UTF-8 (the error names the byte offset), without a leading BOM."""
+    check_utf8(path)
+    return path.read_text(encoding="utf-8-sig")
 
 
 def _decode(block: bytes, path: Any, offset: int) -> str:
@@ -74,11 +82,9 @@ class RowRef:
         if isinstance(self.source, HubSource):
             return f"{describe(self.source)} row {self.index + 1}"
         path = Path(self.source)
-        suffix = path.suffix.lower()
-        if self.line is not None or suffix in (".jsonl", ".txt"):
+        if self.line is not None or path.suffix.lower() in (".jsonl", ".txt"):
             return f"{path} line {self.line or self.index + 1}"
-        header = HEADER_ROWS.get(suffix, 0)
-        return f"{path} row {self.index + 1}" + (f" (line {self.index + 1 + header})" if header else "")
+        return f"{path} row {self.index + 1}"
 
 
 def parse_row(raw: Any, where: RowRef) -> dict:
@@ -156,10 +162,11 @@ def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[Batch]:
 
 def _first_byte(path: Path) -> bytes:
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(4096), b""):
-            stripped = block.lstrip()
-            if stripped:
+        block = handle.read(4096).removeprefix(BOM.encode())
+        while block:
+            if stripped := block.lstrip():
                 return stripped[:1]
+            block = handle.read(4096)
     return b""
 
 
@@ -195,6 +202,8 @@ def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[Batch]:
     start, carry = 0, ""
     for offset, block in _blocks(path, size):
         text = _decode(block, path, offset).replace("\r\n", "\n").replace("\r", "\n")
+        if offset == 0:
+            text = text.removeprefix(BOM)
         if sample_by == "line":
             rows = text.split("\n")
             if rows[-1] == "":
@@ -213,9 +222,8 @@ def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[Batch]:
 
 
 def _json_array_batches(path: Path) -> Iterator[Batch]:
-    check_utf8(path)
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_utf8(path))
     except ValueError as exc:
         raise UserError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(rows, list):
@@ -225,18 +233,39 @@ def _json_array_batches(path: Path) -> Iterator[Batch]:
 
 
 def _csv_batches(path: Path, suffix: str) -> Iterator[Batch]:
-    import pandas as pd
-
+    """Rows as mappings of the header's column names to the cells as written: strings, never converted ("NA",
+    "007", "" stay what they are). A row with fewer cells than the header lacks the last fields (a missing field,
+    as in JSON); one with more is an error; blank lines are skipped. Each row carries its first line's number."""
     check_utf8(path)
-    options: dict[str, Any] = {"sep": "\t", "quoting": 3} if suffix == ".tsv" else {}  # TSV data sets quote nothing
-    start = 0
-    try:
-        for frame in pd.read_csv(path, chunksize=ROWS_PER_BATCH, **options):
-            rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
-            yield Batch(start, rows)
-            start += len(rows)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise UserError(f"{path}: could not be read as {suffix[1:]}: {exc}") from None
+    # TSV data sets quote nothing
+    options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+    csv.field_size_limit(sys.maxsize)  # a cell is as long as the text in it
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, **options)
+        try:
+            header = next((values for values in reader if values), None)
+            if header is None:
+                raise UserError(f"{path}: no header line (a .{suffix[1:]} file starts with its column names)")
+            header_line = line = reader.line_num
+            if duplicates := sorted({name for name in header if header.count(name) > 1}):
+                raise UserError(f"{path} line {header_line}: column {duplicates[0]!r} is named twice in the header")
+            start, rows, lines = 0, [], []
+            for values in reader:
+                first, line = line + 1, reader.line_num
+                if not values:
+                    continue
+                if len(values) > len(header):
+                    raise UserError(f"{path} line {first}: {len(values)} cells, but the header (line {header_line}) "
+                                    f"names {len(header)} columns")
+                rows.append(dict(zip(header, values)))
+                lines.append(first)
+                if len(rows) == ROWS_PER_BATCH:
+                    yield Batch(start, rows, lines)
+                    start, rows, lines = start + len(rows), [], []
+            if rows:
+                yield Batch(start, rows, lines)
+        except csv.Error as exc:
+            raise UserError(f"{path} line {reader.line_num}: could not be read as {suffix[1:]}: {exc}") from None
 
 
 @contextmanager

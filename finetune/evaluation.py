@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from finetune import harness, report
 from finetune.collate import PackedCollator
-from finetune.data import check_utf8
+from finetune.data import read_utf8
 from finetune.distributed import is_main_process, process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError, path_problem
 from finetune.eval_results import weights_digest, write_eval_results
@@ -334,8 +334,7 @@ def file_tokens(path: str, tokenizer) -> list[int]:
     file = Path(path)
     if problem := path_problem(file):
         raise UserError(f"eval.files: {path}: {problem}")
-    check_utf8(file)
-    ids = tokenizer(file.read_text(encoding="utf-8"), add_special_tokens=False, split_special_tokens=True,
+    ids = tokenizer(read_utf8(file), add_special_tokens=False, split_special_tokens=True,
                     verbose=False)["input_ids"]
     if len(ids) < 2:
         raise UserError(f"eval.files: {path} has fewer than 2 tokens; nothing to score")

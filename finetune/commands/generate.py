@@ -7,7 +7,7 @@ from pathlib import Path
 
 from finetune.commands import Command
 from finetune.commands.sampling import add_sampling_arguments, sampling_params
-from finetune.data import check_utf8
+from finetune.data import read_utf8
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 
@@ -27,8 +27,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     path = Path(args.prompt_file)
     if not path.is_file():
         raise UserError(f"--prompt-file {path}: no such file")
-    check_utf8(path)
-    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line for line in read_utf8(path).splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"--prompt-file {path}: no prompts in it (one prompt a line)")
     return prompts
