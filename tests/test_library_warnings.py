@@ -29,7 +29,7 @@ DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 FINETUNE = ROOT / "finetune"
 MODULE_CALL = Path("torch", "nn", "modules", "module.py")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def library(frame: traceback.FrameSummary) -> str:
