@@ -17,7 +17,7 @@ export MAKE_PROMPT := $(value PROMPT)
 export MAKE_REPO := $(value REPO)
 export MAKE_ACCELERATE_CONFIG := $(value ACCELERATE_CONFIG)
 
-.PHONY: setup test prepare train eval demo bench generate chat serve merge push
+.PHONY: setup test test-fast lint prepare train eval demo bench generate chat serve merge push
 NPROC ?= 1
 
 $(VENV)/.installed: pyproject.toml
@@ -30,7 +30,14 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(OFFLINE) $(PY) -m pytest tests $(ARGS)
+	$(OFFLINE) $(PY) -m pytest tests --durations=25 $(ARGS)
+
+# The edit loop: the suite without the tests marked slow (kills and resumes, several processes, whole recipes).
+test-fast: setup
+	$(OFFLINE) $(PY) -m pytest tests -m "not slow" $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check finetune tests bench scripts data
 
 prepare: setup
 	$(PY) -m finetune prepare "$$MAKE_RECIPE" $(ARGS)

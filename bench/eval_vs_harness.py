@@ -70,7 +70,8 @@ def main() -> None:
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         timed([sys.executable, "-m", "finetune", "train", str(tmp / "recipe.yaml")])
         final = tmp / "run" / "final"
-        ours_seconds = timed([sys.executable, "-m", "finetune", "eval", str(tmp / "recipe.yaml"), "--model", str(final)])
+        ours_seconds = timed([sys.executable, "-m", "finetune", "eval", str(tmp / "recipe.yaml"),
+                              "--model", str(final)])
         ours = json.loads((tmp / "run" / "eval.json").read_text())["files"][str(text)]
         (tmp / "doc.jsonl").write_text(json.dumps({"text": text.read_text(encoding="utf-8")}) + "\n")
         (tmp / "tasks").mkdir()

@@ -106,7 +106,8 @@ def raw_tokens_per_second(corpus: Path, tokenizer: Path) -> float:
     texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(texts), 2000):
-        tokens += sum(len(e.ids) for e in backend.encode_batch_fast(texts[start:start + 2000], add_special_tokens=False))
+        encoded = backend.encode_batch_fast(texts[start:start + 2000], add_special_tokens=False)
+        tokens += sum(len(e.ids) for e in encoded)
     return tokens / (time.perf_counter() - started)
 
 
@@ -129,7 +130,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         recipe = write_recipe(folder, corpus, tokenizer)
-        seconds, peak, _ = run_watched([sys.executable, "-m", "finetune", "prepare", str(recipe)], folder / "prepare.log")
+        command = [sys.executable, "-m", "finetune", "prepare", str(recipe)]
+        seconds, peak, _ = run_watched(command, folder / "prepare.log")
         manifest = json.loads((folder / "run" / "prepared" / "manifest.json").read_text())
         tokens = manifest["train"]["tokens"] + manifest["validation"]["tokens"]
         on_disk = manifest["train"]["bytes_on_disk"] + manifest["validation"]["bytes_on_disk"]
@@ -139,7 +141,8 @@ def main() -> None:
                    "prepare_tokens_per_s": round(tokens / seconds), "raw_tokenizer_tokens_per_s": round(baseline),
                    "ratio_prepare_vs_raw": round(tokens / seconds / baseline, 3),
                    "prepare_peak_rss_mb": round(peak / 2**20), "bytes_per_token_on_disk": round(on_disk / tokens, 3),
-                   "train_first_step_seconds": round(start_seconds, 1), "train_first_step_rss_mb": round(start_peak / 2**20)}
+                   "train_first_step_seconds": round(start_seconds, 1),
+                   "train_first_step_rss_mb": round(start_peak / 2**20)}
         first = first or figures
         figures["ratio_rss_vs_first"] = round(peak / 2**20 / first["prepare_peak_rss_mb"], 2)
         figures["ratio_train_start_vs_first"] = round(start_seconds / first["train_first_step_seconds"], 2)

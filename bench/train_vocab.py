@@ -96,7 +96,8 @@ def main() -> None:
                     "loss_chunk": chunk, "pipeline_tokens_per_s": round(pipeline["tokens_per_s"]),
                     "bare_loop_tokens_per_s": round(bare["tokens_per_s"]),
                     "ratio_pipeline_vs_bare": round(pipeline["tokens_per_s"] / bare["tokens_per_s"], 2),
-                    "pipeline_peak_rss_mb": round(pipeline["peak_rss_mb"]), "bare_peak_rss_mb": round(bare["peak_rss_mb"]),
+                    "pipeline_peak_rss_mb": round(pipeline["peak_rss_mb"]),
+                    "bare_peak_rss_mb": round(bare["peak_rss_mb"]),
                     "pipeline_system_s": round(pipeline["system_seconds"], 1),
                     "bare_system_s": round(bare["system_seconds"], 1)})
 

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, systemd, Slurm) stops a stage the way Ctrl-C does: cleanups run, nothing half-written is trusted."""
+    """SIGTERM (kill, systemd, Slurm) stops a stage the way Ctrl-C does: cleanups run, nothing half-written is
+    trusted."""
 
 
 def _terminate(signum: int, frame: object) -> None:

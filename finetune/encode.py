@@ -123,7 +123,8 @@ def _tokenized(context: EncodeContext, kept: list[tuple[str, dict]]
                ) -> Iterator[tuple[str, dict, list[tuple[list[int], bool]]]]:
     """Each kept record with its segments as (token ids, is_target), the batch's texts tokenized in one call."""
     all_segments = [context.format.segments(record) for _, record in kept]
-    pieces = iter(encode_texts(context.encoder, [text for segs in all_segments for text, _ in segs if text is not None]))
+    texts = [text for segs in all_segments for text, _ in segs if text is not None]
+    pieces = iter(encode_texts(context.encoder, texts))
     eos = [context.eos_token_id]
     for (split, record), segs in zip(kept, all_segments):
         yield split, record, [(eos if text is None else next(pieces), target) for text, target in segs]

@@ -48,8 +48,8 @@ CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration inputs of 
 
 
 def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
-    """Score the model in `folder` (default: the run's final/) and, unless eval.baseline is off, its base; write eval.json and
-    report.md. Returns the figures."""
+    """Score the model in `folder` (default: the run's final/) and, unless eval.baseline is off, its base; write
+    eval.json and report.md. Returns the figures."""
     with process_group() as state:
         accelerator = Accelerator(cpu=use_cpu())
         started = time.perf_counter()

@@ -4,7 +4,8 @@ At the real GPT-2 vocabulary (50,257) the logits of a batch are large: 411 MB at
 1.6 GB of fp32 for gpt2 at batch 8 x 1024 on a GPU, twice with their gradient. Here the final hidden states of
 the target positions are multiplied by the output embedding a chunk of positions at a time; each chunk's
 cross-entropy and its gradients (softmax minus one-hot, multiplied back) are computed together, as fused
-linear cross-entropy kernels do, so at most one chunk of logits exists at any moment and nothing is recomputed. The result is the transformers loss: the sum of next-token NLL over target positions, divided
+linear cross-entropy kernels do, so at most one chunk of logits exists at any moment and nothing is recomputed.
+The result is the transformers loss: the sum of next-token NLL over target positions, divided
 by the target count (or Trainer's `num_items_in_batch`, the targets of the whole accumulated batch).
 """
 

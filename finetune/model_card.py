@@ -74,7 +74,8 @@ def model_card(recipe: Recipe, repo: str, adapter: bool, hub_base: str | None, e
         lines.append("")
     length = (f"{recipe.train.max_steps} steps" if recipe.train.max_steps > 0 else f"{recipe.train.epochs} epochs")
     lines += ["## Usage", "", "```python", usage_snippet(repo, adapter, recipe).rstrip(), "```", "",
-              "Prompts follow the template the model was trained with (the tokenizer's `chat_template`; see `recipe.yaml`, "
+              "Prompts follow the template the model was trained with (the tokenizer's `chat_template`; see "
+              "`recipe.yaml`, "
               "section `data`).", "",
               "## Training", "",
               f"- block size {recipe.data.block_size}, learning rate {recipe.train.lr}, {length}, "

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig,
+                          PreTrainedTokenizerFast)
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import UserError, path_problem
@@ -87,7 +88,7 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 def context_length(model: torch.nn.Module | PretrainedConfig) -> int:
     config = getattr(model, "config", model)
-    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))
+    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
 
 
 def lora_targets(model: torch.nn.Module, targets: str | list[str]) -> tuple[list[str], bool]:

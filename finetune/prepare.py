@@ -4,9 +4,9 @@ manifest), with memory that does not grow with the corpus.
 The source is read as a stream of batches; `data.num_proc` worker processes (default: every core, each
 tokenizer on one thread) tokenize them, and the main process writes a shard whenever `data.shard_tokens`
 tokens (default 16M) have come back. Work goes to `prepared.partial/`, where each finished shard is recorded by
-a progress marker written after its files: a killed prepare continues from its last complete shard. Only when every split is
-complete is the manifest written and the folder renamed to `prepared/` (the old one moved aside first), so
-`prepared/` is either the whole previous result or the whole new one.
+a progress marker written after its files: a killed prepare continues from its last complete shard. Only when
+every split is complete is the manifest written and the folder renamed to `prepared/` (the old one moved aside
+first), so `prepared/` is either the whole previous result or the whole new one.
 
 The result is cached under a content fingerprint: re-running with nothing changed does no work.
 """
@@ -172,7 +172,8 @@ def _trained_tokenizer(work: Path, recipe: Recipe, source: str | HubSource, rout
                 if record is not None:
                     yield from (text for text, _ in fmt.segments(record) if text)
 
-    print(f"prepare: training a byte-level BPE tokenizer (vocab {recipe.tokenizer.train.vocab_size}) on the train split")
+    print(f"prepare: training a byte-level BPE tokenizer (vocab {recipe.tokenizer.train.vocab_size}) on the train "
+          "split")
     tokenizer = train_tokenizer(texts(), recipe.tokenizer.train)
     tokenizer.save_pretrained(folder)
     return tokenizer

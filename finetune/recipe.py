@@ -152,7 +152,7 @@ class TrainConfig:
     early_stopping_patience: int | None = ranged(None, 1)  # evaluations without improvement before stopping
     resume: str = "auto"  # auto (newest checkpoint of the run), never (start over), or a checkpoint path
     dataloader_workers: int = ranged(0, 0)
-    loss_chunk: int | None = ranged(1024, 1)  # positions per chunk of the chunked loss (finetune/loss.py); null = transformers' loss
+    loss_chunk: int | None = ranged(1024, 1)  # positions per chunk of the chunked loss; null = transformers' loss
     report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
     run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
@@ -163,7 +163,7 @@ class HarnessConfig:
     """lm-evaluation-harness tasks run by `finetune eval` (finetune/harness.py)."""
     tasks: list = field(default_factory=list)
     num_fewshot: int | None = ranged(None, 0)  # None: each task's own setting
-    limit: Union[int, float, None] = ranged(None, 0, low_ok=False)  # examples per task (a number below 1: a share of them)
+    limit: Union[int, float, None] = ranged(None, 0, low_ok=False)  # examples per task (below 1: a share of them)
     include_path: str | None = None  # a folder of local task YAML files, relative to the recipe
 
 
@@ -544,7 +544,8 @@ TRAINING_ARGUMENTS = {
     "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
     "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps",
     "save_steps": "save_steps", "save_total_limit": "save_total_limit", "seed": "seed", "bf16": "bf16",
-    "fp16": "fp16", "gradient_checkpointing": "activation_checkpointing", "dataloader_workers": "dataloader_num_workers",
+    "fp16": "fp16", "gradient_checkpointing": "activation_checkpointing",
+    "dataloader_workers": "dataloader_num_workers",
     "report_to": "report_to", "run_name": "run_name",
 }
 # TrainingArguments the train stage derives from the recipe (train.extra may not set them).

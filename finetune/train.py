@@ -45,7 +45,8 @@ from finetune.trainer import PackedTrainer
 def train(recipe: Recipe) -> Trainer:
     """Run the stage; returns the Trainer, whose model is the final one (the best checkpoint when evaluating).
     Two runs of one recipe at once would share checkpoints/ and metrics.jsonl: the main process holds a lock."""
-    with process_group(recipe.train.extra.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)) as state, tracking_environment(recipe), \
+    timeout = recipe.train.extra.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)
+    with process_group(timeout) as state, tracking_environment(recipe), \
             recipe.run.locked("train") if is_main_process() else nullcontext():
         return _train(recipe, state)
 
@@ -157,7 +158,9 @@ def group_module_names(names: list[str]) -> list[str]:
             layers[name] = []
     def span(ids: list[int]) -> str:
         contiguous = len(ids) > 1 and ids == list(range(ids[0], ids[-1] + 1))
-        return f"[{ids[0]}-{ids[-1]}]" if contiguous else f"[{','.join(map(str, ids))}]" if len(ids) > 1 else str(ids[0])
+        if contiguous:
+            return f"[{ids[0]}-{ids[-1]}]"
+        return f"[{','.join(map(str, ids))}]" if len(ids) > 1 else str(ids[0])
 
     return [pattern.replace("{}", span(sorted(ids))) if ids else pattern for pattern, ids in layers.items()]
 

@@ -36,7 +36,8 @@ def main() -> None:
                 print(f"  {run}: {path}")
     pretrain = figures("demo-pretrain")
     print(f"\n  {'held-out reviews':<22}{'init':>12}{'pretrained':>12}")
-    print(line("bits per byte", pretrain.get("baseline", {}).get("bits_per_byte"), pretrain.get("bits_per_byte"), ".3f"))
+    base_bpb = pretrain.get("baseline", {}).get("bits_per_byte")
+    print(line("bits per byte", base_bpb, pretrain.get("bits_per_byte"), ".3f"))
     print(line("perplexity", pretrain.get("baseline", {}).get("perplexity"), pretrain.get("perplexity"), ".2f"))
     print("\nTry next:")
     print('  make generate RECIPE=recipes/demo-tune.yaml PROMPT="The kettle is sturdy and quiet. Honestly, it arrived '

@@ -24,7 +24,8 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "red"}, {"role": "user", "content": "'eta' \"mu\" {x}?"},
      {"role": "assistant", "content": "green\nblue "}],
     [{"role": "user", "content": "red"}, {"role": "assistant", "content": "blue"}, {"role": "user", "content": "mu"},
-     {"role": "assistant", "content": "nu"}, {"role": "user", "content": " pi\n"}, {"role": "assistant", "content": "xi"}],
+     {"role": "assistant", "content": "nu"}, {"role": "user", "content": " pi\n"},
+     {"role": "assistant", "content": "xi"}],
 ]
 INSTRUCTIONS = [{"instruction": "name a colour", "output": "red"},
                 {"instruction": "say \"hi\" {twice}\n", "output": "hi hi"},

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT, subprocess_env
+
+pytestmark = pytest.mark.slow  # real make targets, each a subprocess
 
 # What a shell or make would act on: command substitution, parameters, quotes, separators, a newline, comments,
 # escapes and make's own functions. At most 60 characters: generate's header shows that much of a prompt.

@@ -50,7 +50,7 @@ def target_texts(recipe, split="train") -> Counter:
     tokenizer = load_prepared_tokenizer(recipe)
     out = Counter()
     for row in load_prepared(recipe, split):
-        for ids, labels in examples_of(row):
+        for _, labels in examples_of(row):
             assert labels[0] == IGNORE
             out[tokenizer.decode([t for t in labels if t != IGNORE])] += 1
     return out
@@ -179,7 +179,8 @@ def test_cache_hit_and_miss(tmp_path, tokenizer_dir, capsys):
     first = prepare(recipe)
     assert prepare(recipe)["fingerprint"] == first["fingerprint"]
     assert "up to date" in capsys.readouterr().out
-    changed = make_recipe(tmp_path, tokenizer_dir, train, ('data.instruction.template_no_input="Q: {instruction}\\nA:"',),
+    template = 'data.instruction.template_no_input="Q: {instruction}\\nA:"'
+    changed = make_recipe(tmp_path, tokenizer_dir, train, (template,),
                           format="instruction", block_size=512)
     assert prepare(changed)["fingerprint"] != first["fingerprint"]
     assert "up to date" not in capsys.readouterr().out
@@ -205,7 +206,8 @@ def test_trained_tokenizer_is_saved_with_eos(tmp_path):
     (b'{"instruction": "a", "output": "b"}\n{"output": "c"}\n', ("data.format=instruction",),
      r"line 2: missing field 'instruction'"),
     (b'{"text": "a", "label": 0}\n{"text": "b", "label": 7}\n',
-     ("data.format=classification", "data.classification.labels=[no, yes]"), r"line 2: label 7 is not in the label set"),
+     ("data.format=classification", "data.classification.labels=[no, yes]"),
+     r"line 2: label 7 is not in the label set"),
     (b"\n  \n\n", (), "empty after filtering"),
     (b'{"text": "a"}\n{"text": {"nested": 1}}\n', (), r"line 2: field 'text' must be a string, got dict"),
     (b'{"text": "a"}\n{"text": 7}\n', (), r"line 2: field 'text' must be a string, got int"),
@@ -276,6 +278,7 @@ def big_text_recipe(tmp_path: Path, tokenizer_dir: Path, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_an_uninterrupted_one(
         tmp_path, tokenizer_dir):
     import random
@@ -325,6 +328,7 @@ def test_sigkilled_prepare_continues_from_its_last_complete_shard_and_ends_like_
     assert not (killed.run.root / "prepared.partial").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_prepare_like_ctrl_c_with_its_workers_and_the_rerun_finishes(tmp_path, tokenizer_dir):
     """kill, systemd and Slurm send SIGTERM: prepare says "interrupted", exits 143, its worker processes end with
     it, and the rerun continues from the complete shards."""

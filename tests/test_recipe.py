@@ -116,7 +116,8 @@ def test_every_shipped_recipe_validates():
     ("data.validation_fraction=1", r"'data.validation_fraction' must be between 0 and 1"),
     ("eval.shots=-1", r"'eval.shots' must be at least 0"),
     ("serve.port=99999", r"'serve.port' must be between 1 and 65536, got 99999"),
-    ("data.instruction.template='Q: {question}'", r"unknown placeholder\(s\) \{question\}; it may use \{instruction\}, \{input\}"),
+    ("data.instruction.template='Q: {question}'",
+     r"unknown placeholder\(s\) \{question\}; it may use \{instruction\}, \{input\}"),
     ("data.instruction.template='Q: {instruction'", r"'data.instruction.template' is not a valid template"),
     ("data.classification.template='Review:\\nLabel:'", r"'data.classification.template' must contain \{text\}"),
     ("data.chat.user='User says'", r"'data.chat.user' must contain \{content\}"),
@@ -131,7 +132,8 @@ def test_bad_values_templates_and_names_are_rejected_at_load_naming_the_key(tmp_
 @pytest.mark.parametrize("overrides, message", [
     (["train.warmup_steps=5", "train.warmup_ratio=0.1"], r"set 'train.warmup_steps' or 'train.warmup_ratio', not both"),
     (["train.early_stopping_patience=2", "train.eval_steps=0"], r"'train.eval_steps' must not be 0"),
-    (["train.save_steps=10", "train.eval_steps=4"], r"'train.save_steps' \(10\) must be a multiple of 'train.eval_steps'"),
+    (["train.save_steps=10", "train.eval_steps=4"],
+     r"'train.save_steps' \(10\) must be a multiple of 'train.eval_steps'"),
     (["train.extra.ddp_timeout=0"], r"'train.extra.ddp_timeout' must be a whole number of seconds above 0"),
     (["train.extra.optimm=adamw_torch"], r"'train.extra.optimm' is not a TrainingArguments argument; did you mean"),
     (["train.extra.learning_rate=0.1"], r"set 'train.lr' instead"),
@@ -152,7 +154,8 @@ def test_a_run_that_would_train_nothing_and_bad_scratch_configs_are_rejected(tmp
     with pytest.raises(UserError, match="leave nothing to train"):
         load_recipe(path, ["train.max_steps=0", "train.epochs=0"])
     scratch = ["model.base=null", "tokenizer.path=gpt2"]
-    with pytest.raises(UserError, match="'model.init.n_layers' is not a GPT-2 config key; did you mean 'model.init.n_layer'"):
+    with pytest.raises(UserError,
+                       match="'model.init.n_layers' is not a GPT-2 config key; did you mean 'model.init.n_layer'"):
         load_recipe(path, [*scratch, "model.init={n_layers: 2}"])
     with pytest.raises(UserError, match=r"'model.init.n_embd' \(30\) must be a multiple of 'model.init.n_head' \(4\)"):
         load_recipe(path, [*scratch, "model.init={n_embd: 30, n_head: 4}"])

@@ -25,6 +25,7 @@ def files_under(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_users_entries_in_output_dir_are_refused_by_name_and_left_as_they_were(tmp_path, tiny_model_dir, capsys):
     """output_dir pointing at a folder of the user's: every stage refuses, before any work, to replace an entry it
     did not write (prepare's store, train's checkpoints/ and final/, eval's report.md), and once the user moves
@@ -80,6 +81,7 @@ def test_a_run_folder_of_an_earlier_version_is_adopted_but_nothing_else_in_it(tm
     assert sorted(json.loads((run.root / OWNED_FILE).read_text())) == ["final", "merged", "prepared"]
 
 
+@pytest.mark.slow
 def test_push_refuses_the_figures_of_weights_trained_again_after_the_eval(tmp_path, tiny_model_dir, capsys):
     """train; eval; train on; push: the card would show the earlier model's loss under the later model's name."""
     path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}}, train={"max_steps": 4, "save_steps": 2})

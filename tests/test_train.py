@@ -155,6 +155,7 @@ def test_early_stopping_stops_when_validation_loss_stops_improving(tmp_path, tin
     assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
     """Dropout on, an epoch boundary crossed, evaluation and best-checkpoint tracking on: the killed run,
     restarted, must log the same losses and end with the same weights as a run never interrupted."""
@@ -201,7 +202,8 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "empty").mkdir()
     path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}})
-    override = override.format(notmodel=tmp_path / "notmodel", empty=tmp_path / "empty", datafile=tmp_path / "train.txt")
+    override = override.format(notmodel=tmp_path / "notmodel", empty=tmp_path / "empty",
+                               datafile=tmp_path / "train.txt")
     assert cli.main(["train", str(path), *override.split()]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
@@ -247,6 +249,7 @@ def test_training_a_finished_run_again_trains_nothing_and_rewrites_the_same_fina
         assert (run / "final" / "model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_training_on_past_a_finished_run_follows_the_new_schedule_from_its_first_step(tmp_path, tiny_model_dir):
     """The resumed optimizer holds the old schedule's last learning rate (0 at the end of a cosine): the first new
     step must instead take the new schedule's rate, as every later step does."""
@@ -264,6 +267,7 @@ def test_training_on_past_a_finished_run_follows_the_new_schedule_from_its_first
         assert rates["extended"][step] == pytest.approx(rates["straight"][step], rel=1e-9), step
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(tmp_path, tiny_model_dir, capsys,
                                                                               monkeypatch):
     """safetensors reports a full disk as its own error type: it must read as the storage error it is, naming the
@@ -282,7 +286,8 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fills_the_disk_at_step_4)
     assert cli.main(["train", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'run' / 'checkpoints'}: No space left on device")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'run' / 'checkpoints'}: No space left on device")
     assert "Traceback" not in err
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save)
     assert cli.main(["train", str(path)]) == 0
@@ -346,6 +351,7 @@ def test_resume_falls_back_from_a_checkpoint_whose_weights_are_truncated(tmp_pat
     assert "trainer_state.json is damaged or truncated" in out and "checkpoint-4" in out
 
 
+@pytest.mark.slow
 def test_killed_in_the_middle_of_checkpoint_saves_the_run_still_ends_like_an_uninterrupted_one(tmp_path,
                                                                                             tiny_model_dir):
     """SIGKILL three times, each the moment a checkpoint folder exists without its trainer_state.json (a save in

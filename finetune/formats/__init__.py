@@ -42,7 +42,8 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
         backend.encode_special_tokens = previous
 
 
-def encode_segments(tokenizer: Any, batch: list[list[Segment]], ignore: int = -100) -> list[tuple[list[int], list[int]]]:
+def encode_segments(tokenizer: Any, batch: list[list[Segment]], ignore: int = -100
+                    ) -> list[tuple[list[int], list[int]]]:
     """Tokenize many segment lists with one batched tokenizer call.
 
     Returns (token ids, labels) per segment list: labels repeat the ids on target segments, `ignore` elsewhere.

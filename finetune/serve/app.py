@@ -70,11 +70,12 @@ def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [replace(params, seed=params.seed + i) for i in range(n)]
 
 
-def create_app(workers: list[ModelWorker], api_key: str | None = None, limits: ServeConfig = ServeConfig()
+def create_app(workers: list[ModelWorker], api_key: str | None = None, limits: ServeConfig | None = None
                ) -> FastAPI:
     """The HTTP app over already loaded models (the first one is the default `model`), with the request limits of
     a recipe's `serve` section."""
     created = int(time.time())
+    limits = limits or ServeConfig()
     cap, chars = limits.max_new_tokens_cap, limits.max_prompt_chars
 
     @asynccontextmanager
