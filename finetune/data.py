@@ -22,14 +22,14 @@ import numpy as np
 from finetune.errors import UserError, path_problem
 from finetune.recipe import DataConfig, HubSource
 
-BLOCK_BYTES = 1 << 20  # text handed to a worker at a time (less when shards are small: a batch never spans two)
+READ_BYTES = 1 << 20  # text handed to a worker at a time (less when shards are small: a batch never spans two)
 BYTES_PER_TOKEN = 4  # about, for English text and GPT-2's BPE
 ROWS_PER_BATCH = 4096  # for row-based readers (CSV, Parquet, JSON arrays, the Hub)
 BOM = "\ufeff"  # a UTF-8 byte order mark starting a file is no part of its text
 
 
 @dataclass
-class Batch:
+class RowBatch:
     """Consecutive raw rows of one source: `rows[i]` is row `start + i` (a dict, a JSONL line as bytes, or the
     text of a .txt record); the 1-based file line of row i is `lines[i]` when given, else `first_line + i` when
     that is given, else `start + i + 1`; `nbytes` is how much of a local text file the batch consumed."""
@@ -47,7 +47,7 @@ class Batch:
 
 
 def check_utf8(path: Path) -> None:
-    for offset, block in _blocks(path, BLOCK_BYTES):
+    for offset, block in _blocks(path, READ_BYTES):
         _decode(block, path, offset)
 
 
@@ -109,7 +109,7 @@ def check_sources(cfg: DataConfig) -> None:
             raise UserError(f"data file {source}: {problem}")
 
 
-def read_batches(source: str | HubSource, cfg: DataConfig, skip: int = 0) -> Iterator[Batch]:
+def read_batches(source: str | HubSource, cfg: DataConfig, skip: int = 0) -> Iterator[RowBatch]:
     """The source's raw rows in batches, from row `skip` on, at most `data.max_records` rows in all."""
     limit = cfg.max_records
     for batch in _raw_batches(source, cfg):
@@ -121,7 +121,7 @@ def read_batches(source: str | HubSource, cfg: DataConfig, skip: int = 0) -> Ite
         first = max(skip - batch.start, 0)
         last = len(batch.rows) if limit is None else min(len(batch.rows), limit - batch.start)
         if first or last < len(batch.rows):
-            batch = Batch(batch.start + first, batch.rows[first:last], batch.lines and batch.lines[first:last],
+            batch = RowBatch(batch.start + first, batch.rows[first:last], batch.lines and batch.lines[first:last],
                           batch.nbytes, batch.first_line and batch.first_line + first)
         yield batch
 
@@ -139,7 +139,7 @@ def count_rows(source: str | HubSource, cfg: DataConfig) -> int | None:
     return sum(len(batch.rows) for batch in read_batches(source, cfg))
 
 
-def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[Batch]:
+def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[RowBatch]:
     if isinstance(source, HubSource):
         yield from _hub_batches(source, cfg)
         return
@@ -147,7 +147,7 @@ def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[Batch]:
     if problem := path_problem(path):
         raise UserError(f"data file {path}: {problem}")
     suffix = path.suffix.lower()
-    size = min(BLOCK_BYTES, cfg.shard_tokens * BYTES_PER_TOKEN)
+    size = min(READ_BYTES, cfg.shard_tokens * BYTES_PER_TOKEN)
     if suffix == ".txt":
         yield from _text_batches(path, cfg.sample_by, size)
     elif suffix == ".jsonl" or (suffix == ".json" and _first_byte(path) != b"["):
@@ -179,7 +179,7 @@ def _blocks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
             offset += len(block)
 
 
-def _jsonl_batches(path: Path, size: int) -> Iterator[Batch]:
+def _jsonl_batches(path: Path, size: int) -> Iterator[RowBatch]:
     """One row per non-blank line; blank lines are skipped and do not count as rows."""
     start, line = 0, 0
     for _, block in _blocks(path, size):
@@ -188,15 +188,15 @@ def _jsonl_batches(path: Path, size: int) -> Iterator[Batch]:
             pieces.pop()
         rows = [piece for piece in pieces if piece.strip()]
         if len(rows) == len(pieces):
-            yield Batch(start, rows, nbytes=len(block), first_line=line + 1)
+            yield RowBatch(start, rows, nbytes=len(block), first_line=line + 1)
         else:
             lines = [number for number, piece in enumerate(pieces, line + 1) if piece.strip()]
-            yield Batch(start, rows, lines, len(block))
+            yield RowBatch(start, rows, lines, len(block))
         line += len(pieces)
         start += len(rows)
 
 
-def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[Batch]:
+def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[RowBatch]:
     """As `datasets`' text builder: universal newlines; a row per line, per blank-line-separated paragraph (empty
     ones skipped), or one for the whole file."""
     start, carry = 0, ""
@@ -215,13 +215,13 @@ def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[Batch]:
         else:
             carry += text
             continue
-        yield Batch(start, rows, nbytes=len(block))
+        yield RowBatch(start, rows, nbytes=len(block))
         start += len(rows)
     if carry or (sample_by == "document" and start == 0):
-        yield Batch(start, [carry])
+        yield RowBatch(start, [carry])
 
 
-def _json_array_batches(path: Path) -> Iterator[Batch]:
+def _json_array_batches(path: Path) -> Iterator[RowBatch]:
     try:
         rows = json.loads(read_utf8(path))
     except ValueError as exc:
@@ -229,10 +229,10 @@ def _json_array_batches(path: Path) -> Iterator[Batch]:
     if not isinstance(rows, list):
         raise UserError(f"{path}: a .json data file must hold a list of objects (or be JSON lines)")
     for start in range(0, len(rows), ROWS_PER_BATCH):
-        yield Batch(start, rows[start:start + ROWS_PER_BATCH])
+        yield RowBatch(start, rows[start:start + ROWS_PER_BATCH])
 
 
-def _csv_batches(path: Path, suffix: str) -> Iterator[Batch]:
+def _csv_batches(path: Path, suffix: str) -> Iterator[RowBatch]:
     """Rows as mappings of the header's column names to the cells as written: strings, never converted ("NA",
     "007", "" stay what they are). A row with fewer cells than the header lacks the last fields (a missing field,
     as in JSON); one with more is an error; blank lines are skipped. Each row carries its first line's number."""
@@ -260,10 +260,10 @@ def _csv_batches(path: Path, suffix: str) -> Iterator[Batch]:
                 rows.append(dict(zip(header, values)))
                 lines.append(first)
                 if len(rows) == ROWS_PER_BATCH:
-                    yield Batch(start, rows, lines)
+                    yield RowBatch(start, rows, lines)
                     start, rows, lines = start + len(rows), [], []
             if rows:
-                yield Batch(start, rows, lines)
+                yield RowBatch(start, rows, lines)
         except csv.Error as exc:
             raise UserError(f"{path} line {reader.line_num}: could not be read as {suffix[1:]}: {exc}") from None
 
@@ -279,18 +279,18 @@ def parquet_errors(path: str | Path) -> Iterator[None]:
         raise UserError(f"{path}: could not be read as parquet: {exc}") from None
 
 
-def _parquet_batches(path: Path) -> Iterator[Batch]:
+def _parquet_batches(path: Path) -> Iterator[RowBatch]:
     import pyarrow.parquet as pq
 
     start = 0
     with parquet_errors(path):
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH):
             rows = record_batch.to_pylist()
-            yield Batch(start, rows)
+            yield RowBatch(start, rows)
             start += len(rows)
 
 
-def _hub_batches(source: HubSource, cfg: DataConfig) -> Iterator[Batch]:
+def _hub_batches(source: HubSource, cfg: DataConfig) -> Iterator[RowBatch]:
     import datasets
 
     try:
@@ -299,7 +299,7 @@ def _hub_batches(source: HubSource, cfg: DataConfig) -> Iterator[Batch]:
         start = 0
         for columns in data.iter(batch_size=ROWS_PER_BATCH):
             rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-            yield Batch(start, rows)
+            yield RowBatch(start, rows)
             start += len(rows)
     except UserError:
         raise

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.data import Batch, RowRef, parse_row
+from finetune.data import RowBatch, RowRef, parse_row
 from finetune.formats import data_format, encode_texts
 from finetune.recipe import DataConfig, HubSource
 
@@ -91,11 +91,11 @@ def init_worker(context: EncodeContext) -> None:
 _CONTEXT: EncodeContext | None = None
 
 
-def encode_in_worker(job: tuple[Batch, np.ndarray]) -> dict[str, dict]:
+def encode_in_worker(job: tuple[RowBatch, np.ndarray]) -> dict[str, dict]:
     return encode_batch(_CONTEXT, *job)
 
 
-def encode_batch(context: EncodeContext, batch: Batch, validation: np.ndarray) -> dict[str, dict]:
+def encode_batch(context: EncodeContext, batch: RowBatch, validation: np.ndarray) -> dict[str, dict]:
     """Normalize, tokenize, truncate or drop one batch's rows; route each to train, or to validation where
     `validation` flags it."""
     fmt = context.format

@@ -79,10 +79,3 @@ def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, stream: bo
         yield pieces, pieces_before + firsts
         pieces_before += len(pieces)
         base = end
-
-
-def plan_rows(doc_lengths: np.ndarray, block_size: int, stream: bool, packing: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The whole plan at once: (pieces, row offsets into the pieces); row i is pieces[rows[i]:rows[i + 1]]."""
-    parts = list(plan_pieces([doc_lengths], block_size, stream, packing))
-    pieces = np.concatenate([np.zeros((0, 2), np.int64)] + [p for p, _ in parts])
-    return pieces, np.concatenate([np.zeros(0, np.int64)] + [f for _, f in parts] + [[len(pieces)]]).astype(np.int64)

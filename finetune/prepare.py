@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from finetune import __version__, data, store
-from finetune.data import Batch, RowRef, count_rows, describe, parse_row, read_batches, validation_mask
+from finetune.data import RowBatch, RowRef, count_rows, describe, parse_row, read_batches, validation_mask
 from finetune.encode import EncodeContext, encode_batch, encode_in_worker, init_worker
 from finetune.errors import UserError, writing
 from finetune.formats import DataFormat, data_format, encode_texts
@@ -220,8 +220,8 @@ def _run_pass(work: Path, name: str, source: str | HubSource, router: Router, co
         yield pending.write()
 
 
-def _encode_all(jobs: Iterator[tuple[Batch, np.ndarray]], context: EncodeContext,
-                workers: int) -> Iterator[tuple[Batch, dict]]:
+def _encode_all(jobs: Iterator[tuple[RowBatch, np.ndarray]], context: EncodeContext,
+                workers: int) -> Iterator[tuple[RowBatch, dict]]:
     """Encode batches in order: in this process when there is one batch or one worker (the tokenizer then uses
     every core itself), otherwise on `workers` processes with one tokenizer thread each, at most two batches
     per worker in flight so that memory stays bounded."""
@@ -297,7 +297,7 @@ class _ProgressBar:
             self.bar = tqdm(desc=f"prepare {name}", unit=" rows", unit_scale=True, total=rows or cfg.max_records,
                             dynamic_ncols=True)
 
-    def update(self, batch: Batch, tokens: int) -> None:
+    def update(self, batch: RowBatch, tokens: int) -> None:
         self.tokens += tokens
         self.bar.update(batch.nbytes if self.by_bytes else len(batch.rows))
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)

@@ -14,7 +14,8 @@ from finetune.cli import main
 from finetune.commands.generate import read_prompts
 from finetune.data import RowRef, parse_row, read_batches
 from finetune.evaluation import file_tokens
-from finetune.prepare import load_records, prepare
+from finetune.prepare import prepare
+from finetune.prepared import load_records
 from finetune.recipe import DataConfig, load_recipe
 from finetune.tokenizer import load_tokenizer
 

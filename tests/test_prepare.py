@@ -12,7 +12,7 @@ import yaml
 from finetune.cli import main
 from finetune.data import validation_mask
 from finetune.formats import FORMATS
-from finetune.packing import IGNORE, best_fit_decreasing, plan_rows
+from finetune.packing import IGNORE, best_fit_decreasing, plan_pieces
 from finetune.prepare import prepare
 from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import load_recipe
@@ -122,7 +122,9 @@ def test_text_stream_keeps_every_target_and_restarts_positions(tmp_path, tokeniz
 
 def rows_of(ids: list[int], lengths: list[int], block: int, fmt: str, packing: bool) -> list[list[list[int]]]:
     """Each row of the plan as its pieces' token ids."""
-    pieces, rows = plan_rows(np.array(lengths), block, FORMATS[fmt].every_token_target, packing)
+    parts = list(plan_pieces([np.array(lengths)], block, FORMATS[fmt].every_token_target, packing))
+    pieces = np.concatenate([np.zeros((0, 2), np.int64)] + [p for p, _ in parts])
+    rows = np.concatenate([np.zeros(0, np.int64)] + [f for _, f in parts] + [[len(pieces)]]).astype(np.int64)
     return [[ids[a:a + n] for a, n in pieces[rows[r]:rows[r + 1]].tolist()] for r in range(len(rows) - 1)]
 
 
