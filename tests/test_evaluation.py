@@ -300,7 +300,7 @@ def test_bad_settings_are_user_errors(text_run: tuple[Path, Path], tmp_path: Pat
     assert main(["eval", str(recipe_path), "--model", str(tmp_path / "not-a-model")]) == 2
     assert "is a folder but not a model (no config.json in it)" in capsys.readouterr().err
     assert main(["eval", str(recipe_path), "eval.files=[missing.txt]"]) == 2
-    assert "eval.files: missing.txt: not found" in capsys.readouterr().err
+    assert f"eval.files: {Path.cwd() / 'missing.txt'}: not found" in capsys.readouterr().err  # where it looked
     assert main(["eval", str(recipe_path), "--model", str(recipe_path)]) == 2
     assert f"{recipe_path}: is a file, not a folder (a model folder is needed)" in capsys.readouterr().err
     assert main(["eval", str(recipe_path), f"output_dir={tmp_path / 'elsewhere'}"]) == 2
