@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.long_texts import TokenIds, encode_bounded
 from finetune.recipe import ChatFormat, ClassificationFormat, DataConfig, InstructionFormat
 
 Segment = tuple[str | None, bool]
@@ -182,7 +183,7 @@ def prompt_segments(record: dict, cfg: DataConfig) -> list[Segment]:
     return prefix
 
 
-def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[TokenIds]:
     """Token ids of plain texts, straight from the Rust tokenizer (no special tokens added, and special-token
     strings inside the data, such as a literal "<|endoftext|>", encoded as ordinary text)."""
     if not texts:
@@ -191,7 +192,7 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True
     try:
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return encode_bounded(backend, texts)
     finally:
         backend.encode_special_tokens = previous
 
