@@ -105,6 +105,7 @@ demo: setup
 bench: setup
 	$(OFFLINE) $(PY) -m bench.prepare_throughput
 	$(OFFLINE) $(PY) -m bench.prepare_scale
+	$(OFFLINE) $(PY) -m bench.long_records
 	$(OFFLINE) $(PY) -m bench.packing_efficiency
 	$(OFFLINE) $(PY) -m bench.train_throughput
 	$(OFFLINE) $(PY) -m bench.train_vocab

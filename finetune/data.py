@@ -241,7 +241,8 @@ def _csv_batches(path: Path, suffix: str) -> Iterator[RowBatch]:
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
     csv.field_size_limit(sys.maxsize)  # a cell is as long as the text in it
     with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, **options)
+        reader = csv.reader(handle, strict=True, **options)
+        line = 0  # the last line read before the row being read
         try:
             header = next((values for values in reader if values), None)
             if header is None:
@@ -265,7 +266,7 @@ def _csv_batches(path: Path, suffix: str) -> Iterator[RowBatch]:
             if rows:
                 yield RowBatch(start, rows, lines)
         except csv.Error as exc:
-            raise UserError(f"{path} line {reader.line_num}: could not be read as {suffix[1:]}: {exc}") from None
+            raise UserError(f"{path} line {line + 1}: could not be read as {suffix[1:]}: {exc}") from None
 
 
 @contextmanager

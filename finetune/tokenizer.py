@@ -6,11 +6,13 @@ Kept apart from modeling.py so that `prepare` loads no model code.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 from pathlib import Path
 
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from finetune.errors import UserError
+from finetune.long_texts import pieces
 from finetune.recipe import Recipe, TokenizerTrainConfig
 
 EOS_TOKEN = "<|endoftext|>"
@@ -45,8 +47,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> PreTrain
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                            special_tokens=[EOS_TOKEN], show_progress=False)
+    # long texts in pieces: the same words are counted (long_texts.py), with bounded memory
+    bpe.train_from_iterator(chain.from_iterable(map(pieces, texts)), vocab_size=cfg.vocab_size,
+                            min_frequency=cfg.min_frequency, special_tokens=[EOS_TOKEN], show_progress=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                                         unk_token=EOS_TOKEN, model_max_length=1_000_000)
     return with_pad_token(tokenizer)

@@ -72,10 +72,11 @@ def test_csv_cells_are_the_text_as_written(tmp_path: Path, tokenizer_dir: Path, 
     (".csv", "a third review,", r"data.csv line 5: label '' is not in the label set \[0, 1\]"),
     (".csv", "a third review", r"data.csv line 5: missing field 'label' \(fields present: text\)"),
     (".csv", "a third review,1,extra", r"data.csv line 5: 3 cells, but the header \(line 1\) names 2 columns"),
+    (".csv", '"a third review,1', r"data.csv line 5: could not be read as csv: unexpected end of data"),
     (".tsv", "a third review\t", r"data.tsv line 4: label '' is not in the label set \[0, 1\]"),
     (".tsv", "a third review", r"data.tsv line 4: missing field 'label' \(fields present: text\)"),
 ])
-def test_a_missing_csv_cell_is_an_error_naming_its_line(tmp_path: Path, tokenizer_dir: Path, capsys,
+def test_a_bad_csv_row_is_an_error_naming_its_line(tmp_path: Path, tokenizer_dir: Path, capsys,
                                                          suffix: str, row: str, message: str) -> None:
     sep = "," if suffix == ".csv" else "\t"
     first = '"a review\nover two lines"' if suffix == ".csv" else "a review"  # TSV quotes nothing

@@ -14,6 +14,7 @@ from finetune.formats.chat import Chat
 from finetune.formats.classification import Classification
 from finetune.formats.instruction import Instruction
 from finetune.formats.text import Text
+from finetune.long_texts import TokenIds, encode_bounded
 
 if TYPE_CHECKING:  # for annotations only: recipe.py imports the formats
     from finetune.recipe import DataConfig
@@ -28,7 +29,7 @@ def data_format(data: DataConfig) -> DataFormat:
     return FORMATS[data.format](data)
 
 
-def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[TokenIds]:
     """Token ids of plain texts, straight from the Rust tokenizer (no special tokens added, and special-token
     strings inside the data, such as a literal "<|endoftext|>", encoded as ordinary text)."""
     if not texts:
@@ -37,7 +38,7 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True
     try:
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return encode_bounded(backend, texts)
     finally:
         backend.encode_special_tokens = previous
 
