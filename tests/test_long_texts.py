@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerFast
 
 from finetune.formats import encode_texts
 from finetune.long_texts import CUT, PIECE_CHARS, cuts_keep_ids, pieces
-from finetune.prepare import load_prepared, prepare
+from finetune.prepare import prepare
+from finetune.prepared import load_prepared
 from finetune.recipe import TokenizerTrainConfig, load_recipe
 from finetune.tokenizer import load_tokenizer, train_tokenizer
 from helpers import corpus_lines, shared_path, subprocess_env
