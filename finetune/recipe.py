@@ -22,6 +22,7 @@ from finetune.formats import FORMATS, data_format
 from finetune.formats.chat import ChatFormat
 from finetune.formats.classification import ClassificationFormat
 from finetune.formats.instruction import InstructionFormat
+from finetune.formats.preference import PreferenceFormat
 from finetune.run_folder import RunFolder
 
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -76,6 +77,7 @@ class DataConfig:
     instruction: InstructionFormat = field(default_factory=InstructionFormat)
     chat: ChatFormat = field(default_factory=ChatFormat)
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
+    preference: PreferenceFormat = field(default_factory=PreferenceFormat)
 
 
 @dataclass
@@ -86,6 +88,17 @@ class LoraConfig:
     targets: Union[str, list] = "attn"
     modules_to_save: list | None = None
     bias: str = "none"
+
+
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo")  # train.objective; all but sft train on preference pairs
+
+
+@dataclass
+class PreferenceConfig:
+    """`train.preference`: the knobs of the preference objectives (defaults as TRL's)."""
+    beta: float = 0.1  # dpo, simpo: reward scale; ipo: the regularisation tau
+    label_smoothing: float = 0.0  # dpo: the assumed share of flipped labels (conservative DPO)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
 
 
 @dataclass
@@ -117,6 +130,8 @@ class TrainConfig:
     report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
     run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
+    objective: str = "sft"  # one of OBJECTIVES
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 @dataclass
@@ -487,6 +502,8 @@ BOUNDS: dict[str, tuple] = {
     "train.max_grad_norm": (0, None, True), "train.dataloader_workers": (0, None, True),
     "train.early_stopping_patience": (1, None, True), "train.loss_chunk": (1, None, True),
     "train.epochs": (0, None, True), "train.max_steps": (-1, None, True),
+    "train.preference.beta": (0, None, False), "train.preference.label_smoothing": (0, 0.5, True),
+    "train.preference.simpo_gamma": (0, None, True), "data.preference.max_prompt_tokens": (1, None, True),
     "eval.batch_size": (1, None, True), "eval.max_examples": (1, None, True), "eval.shots": (0, None, True),
     "eval.generate_samples": (0, None, True), "eval.max_new_tokens": (1, None, True),
     "eval.harness.num_fewshot": (0, None, True), "eval.harness.limit": (0, None, False),
@@ -581,6 +598,16 @@ def _check_train(recipe: Recipe, where: str) -> None:
                         f"{timeout!r}")
     if cfg.extra:
         _check_train_extra(cfg.extra, where)
+    _choice(where, "train.objective", cfg.objective, OBJECTIVES)
+    paired = data_format(recipe.data).paired
+    if paired != (cfg.objective != "sft"):
+        raise UserError(f"{where}: 'train.objective' = {cfg.objective} " + (
+            "trains on preference pairs: set 'data.format' to preference" if not paired else
+            "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(OBJECTIVES[1:])))
+    block = recipe.data.block_size
+    if paired and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
+        raise UserError(f"{where}: 'data.preference.max_prompt_tokens' must be at most half of data.block_size "
+                        f"({block // 2}): a pair's two sequences share one row")
 
 
 def _check_train_extra(extra: dict, where: str) -> None:
