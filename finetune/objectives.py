@@ -67,6 +67,14 @@ def pair_losses(objective: str, cfg: PreferenceConfig, policy: PairLogps, refere
     return PairLosses(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
+def preference_margins(objective: str, logps: PairLogps) -> torch.Tensor:
+    """How much a model itself prefers each chosen response (no reference): the log-probability difference, per
+    token for simpo (its reward is length-normalised), summed otherwise. Eval's pair_accuracy and pair_margin."""
+    if objective == "simpo":
+        return logps.chosen / logps.chosen_tokens.clamp(min=1) - logps.rejected / logps.rejected_tokens.clamp(min=1)
+    return logps.chosen - logps.rejected
+
+
 def pair_metrics(policy: PairLogps, result: PairLosses) -> dict[str, torch.Tensor]:
     """Per-pair values of what is logged (averaged over pairs when logged)."""
     return {"rewards/chosen": result.chosen_rewards, "rewards/rejected": result.rejected_rewards,
