@@ -91,9 +91,13 @@ class Throughput(TrainerCallback):
         return (self.tokens - self.start_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
+PREFERENCE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/")  # preference_trainer.py's
+
+
 class MetricsFile(TrainerCallback):
     """`metrics.jsonl`: one JSON object per training log (step, loss, lr, grad_norm, tokens/s) or evaluation
-    (step, eval_loss). A resumed run keeps the lines up to its checkpoint's step and appends after them."""
+    (step, eval_loss), with the preference objectives' rewards and log-probabilities. A resumed run keeps the
+    lines up to its checkpoint's step and appends after them."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -120,6 +124,7 @@ class MetricsFile(TrainerCallback):
             record.update(train_runtime=logs["train_runtime"], tokens=state.num_input_tokens_seen)
         else:
             return
+        record.update({key: value for key, value in logs.items() if key.startswith(PREFERENCE_METRICS)})
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 

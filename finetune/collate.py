@@ -30,3 +30,20 @@ class PackedCollator:
             for key in batch:
                 batch[key][i, :n] = torch.as_tensor(row[key], dtype=torch.long)
         return batch
+
+
+class PairCollator(PackedCollator):
+    """PackedCollator batches of preference rows (whole pairs, chosen then rejected, see packing.plan_pieces), with
+    `sequence_ids`: for each token, the number of its sequence in the batch (-1 for padding). Sequence 2k is pair
+    k's chosen response, 2k + 1 its rejected one."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        batch["sequence_ids"] = torch.full_like(batch["input_ids"], -1)
+        before = 0
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            starts = batch["position_ids"][i, :n].eq(0).cumsum(0)
+            batch["sequence_ids"][i, :n] = before + starts - 1
+            before += int(starts[-1])
+        return batch

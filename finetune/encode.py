@@ -114,6 +114,8 @@ def encode_batch(context: EncodeContext, batch: RowBatch, validation: np.ndarray
             kept.append((split, record))
     if fmt.every_token_target:
         _encode_documents(context, kept, parts)
+    elif fmt.paired:
+        _encode_pairs(context, kept, parts)
     else:
         _encode_examples(context, kept, parts)
     return {split: part.arrays(context.dtype) for split, part in parts.items()}
@@ -166,5 +168,56 @@ def _encode_examples(context: EncodeContext, kept: list[tuple[str, dict]], parts
         part.truncated += truncated
         part.ids.append(ids)
         part.targets.append(runs)
+        if part.records is not None:
+            part.records.append(record)
+
+
+def _flat(pieces: list[tuple[list[int], bool]]) -> tuple[list[int], list[tuple[int, bool]]]:
+    """Segments' token ids, concatenated, and their target runs."""
+    return list(chain.from_iterable(ids for ids, _ in pieces)), [(len(ids), target) for ids, target in pieces if ids]
+
+
+def _cut_runs(runs: list[tuple[int, bool]], length: int) -> list[tuple[int, bool]]:
+    """Target runs of the first `length` tokens."""
+    out = []
+    for size, target in runs:
+        if length <= 0:
+            break
+        out.append((min(size, length), target))
+        length -= size
+    return out
+
+
+def _encode_pairs(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
+    """Pairs: prompt + chosen and prompt + rejected, adjacent, each at most half a block (the two share a row).
+    A prompt is cut from the left to `data.preference.max_prompt_tokens` (default a quarter of the block), then
+    both responses from the right to what is left: the same rule for both sides. Dropped and counted: a prompt
+    that fills the sequence, responses identical after the cut."""
+    cfg = context.cfg
+    half = cfg.block_size // 2
+    max_prompt = cfg.preference.max_prompt_tokens or half // 2
+    segments = [context.format.pair_segments(record) for _, record in kept]
+    texts = [text for pair in segments for segs in pair for text, _ in segs if text is not None]
+    pieces = iter(encode_texts(context.encoder, texts))
+    eos = [context.eos_token_id]
+    for (split, record), pair in zip(kept, segments):
+        part = parts[split]
+        (prompt, _), *responses = [_flat([(eos if text is None else next(pieces), target) for text, target in segs])
+                                   for segs in pair]
+        truncated = len(prompt) > max_prompt
+        prompt = prompt[len(prompt) - max_prompt:] if truncated else prompt
+        room = half - len(prompt)
+        if room < 1:
+            part.dropped["prompt_fills_block"] += 1
+            continue
+        truncated |= any(len(ids) > room for ids, _ in responses)
+        responses = [(ids[:room], _cut_runs(runs, room)) for ids, runs in responses]
+        if responses[0][0] == responses[1][0]:
+            part.dropped["identical_after_truncation"] += 1
+            continue
+        part.truncated += truncated
+        for ids, runs in responses:
+            part.ids.append(prompt + ids)
+            part.targets.append([(len(prompt), False), *runs])
         if part.records is not None:
             part.records.append(record)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from finetune import harness, report
-from finetune.collate import PackedCollator
+from finetune.collate import PackedCollator, PairCollator
 from finetune.data import read_utf8
 from finetune.distributed import is_main_process, process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError, path_problem
@@ -36,7 +36,9 @@ from finetune.generation.params import SamplingParams
 from finetune.generation.window import fit_prompt
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
                               token_byte_lengths)
+from finetune.loss import sequence_logps
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final, without_kv_cache
+from finetune.objectives import PairLogps, needs_reference, preference_margins
 from finetune.packing import IGNORE, best_fit_decreasing
 from finetune.prepare import ensure_prepared
 from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
@@ -76,6 +78,8 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
         if recipe.eval.baseline:
             with baseline_model(tuned, recipe, tokenizer, accelerator.device) as (base, description):
                 results["baseline"] = {"model": description, **figures(base, baseline=True)}
+            if evaluator.margins and needs_reference(recipe.train.objective):
+                results.update(evaluator.reward_figures())
         results["processes"] = accelerator.num_processes
         results["wall_seconds"] = round(time.perf_counter() - started, 3)
         if is_main_process():
@@ -202,6 +206,7 @@ class Evaluator:
         for path in self.cfg.files:
             self.lm_sets[path] = self._windows([file_tokens(path, tokenizer)], self.cfg.stride or self.block)
         self.records = self._records() if "validation" in self.format.record_splits else []
+        self.margins: dict[str, torch.Tensor] = {}  # role -> per-pair margins (paired formats)
 
     def _check_settings(self) -> None:
         cfg, where = self.cfg, self.recipe.source
@@ -234,6 +239,8 @@ class Evaluator:
         if self.cfg.files:
             out["files"] = {path: self.lm_figures(model, *self.lm_sets[path], f"{role}: {Path(path).name}")
                             for path in self.cfg.files}
+        if self.format.paired:
+            out.update(self.pair_figures(model, rows, role))
         if self.format.label_words():
             out.update(self.classify(model, self.cfg.shots if baseline else 0, self.cfg.calibrate and baseline, role))
         elif self.format.has_reference and self.cfg.generate_samples:
@@ -266,6 +273,27 @@ class Evaluator:
         seconds = time.perf_counter() - started
         return {**total.figures(), "method": method, "input_tokens": round(reduced[-1].item()),
                 "seconds": round(seconds, 3), "tokens_per_second": round(total.tokens / seconds, 1)}
+
+    @torch.inference_mode()
+    def pair_figures(self, model: torch.nn.Module, rows: Sequence[dict], role: str) -> dict:
+        """Held-out preference pairs: pair_accuracy, the share the model itself prefers the chosen response of
+        (objectives.preference_margins), and pair_margin, the mean margin, over all pairs of the split."""
+        collate, device, mine = PairCollator(self.tokenizer.pad_token_id), self.accelerator.device, []
+        for indices in self._batches(self._mine(range(len(rows))), f"{role}: pairs"):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices]).items()}
+            logps = PairLogps.from_sequences(*sequence_logps(model, batch, self.recipe.train.loss_chunk))
+            mine.append(preference_margins(self.recipe.train.objective, logps).double().cpu())
+        margins = torch.cat(gather_object([torch.cat(mine) if mine else torch.zeros(0, dtype=torch.float64)]))
+        self.margins[role] = margins
+        return {"pair_accuracy": (margins > 0).double().mean().item(), "pair_margin": margins.mean().item(),
+                "pairs": len(margins)}
+
+    def reward_figures(self) -> dict:
+        """The objective's implicit reward beta * (log p_tuned - log p_reference) on held-out pairs (what training
+        logs as rewards/*): reward_accuracy, the share of pairs whose chosen response it rewards more, and
+        reward_margin, the mean difference."""
+        rewards = self.recipe.train.preference.beta * (self.margins["tuned"] - self.margins["base"])
+        return {"reward_accuracy": (rewards > 0).double().mean().item(), "reward_margin": rewards.mean().item()}
 
     def _encode(self, batch: list[list[Segment]]) -> list[list[int]]:
         return [ids for ids, _ in encode_segments(self.tokenizer, batch)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from finetune.packing import IGNORE
 
@@ -92,6 +93,40 @@ def target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: in
                               reduction="none")
         sums.index_add_(0, rows[start:start + chunk], nll.double())
     return sums, counts
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of a PairCollator batch: the summed log-probability of its target tokens (float32, with
+    gradients when they are enabled) and their count. With `chunk`, logits exist for that many target positions
+    at a time, in the forward pass and again in the backward pass, which recomputes them; without, they come from
+    the model's own forward (FSDP, DeepSpeed)."""
+    labels, sequence_ids = batch["labels"], batch["sequence_ids"]
+    count = int(sequence_ids.max()) + 1
+    if chunk is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        hidden, weight = logits, None
+    else:
+        hidden, weight = final_hidden(model, batch), output_weight(getattr(model, "module", model))
+    states, targets, _ = _target_positions(hidden, labels)
+    owner = sequence_ids[:, 1:].reshape(-1)[labels[:, 1:].reshape(-1).ne(IGNORE)]
+    if weight is None:
+        nll = F.cross_entropy(states.float(), targets, reduction="none")
+    else:
+        nll = torch.cat([_token_nll(states[start:start + chunk], weight, targets[start:start + chunk])
+                         for start in range(0, len(targets), chunk)])
+    logps = torch.zeros(count, dtype=torch.float32, device=nll.device).index_add(0, owner, -nll)
+    return logps, torch.zeros(count, dtype=torch.long, device=nll.device).index_add_(0, owner, torch.ones_like(owner))
+
+
+def _token_nll(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of one chunk; with gradients, its logits are recomputed in backward instead of kept."""
+    def nll(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy((states @ weight.T).float(), targets, reduction="none")
+
+    if torch.is_grad_enabled():
+        return checkpoint(nll, states, weight, use_reentrant=False)
+    return nll(states, weight)
 
 
 def _target_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -37,21 +37,26 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, stream: bool, packing: bool
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, stream: bool, packing: bool,
+                pairs: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The packing plan, shard by shard: for each shard's document lengths, its pieces as (start, length) pairs
     into the split's token stream and the (split-wide) indices of the pieces that begin a row.
 
     `stream` (documents, every token a target) + packing: the stream cut every `block_size` tokens (a document
     crossing a cut continues in the next row as a new piece); `stream` without packing: each document cut into
     pieces of at most `block_size`, one per row; examples: whole, one per row, or bin-packed best-fit-decreasing
-    over the whole split (the one case that holds all lengths at once: example data sets are small)."""
+    over the whole split (the one case that holds all lengths at once: example data sets are small). With
+    `pairs`, examples come in adjacent twos (a preference pair's chosen and rejected sequences), placed as a unit:
+    a row holds whole pairs, chosen before rejected."""
+    group = 2 if pairs else 1
     if not stream and packing:
         lengths = np.concatenate([np.zeros(0, np.int64), *[np.asarray(x, np.int64) for x in shard_lengths]])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        bins = best_fit_decreasing(lengths.tolist(), block_size)
-        order = np.fromiter((i for members in bins for i in members), dtype=np.int64, count=len(lengths))
-        firsts = np.cumsum([0] + [len(members) for members in bins[:-1]]).astype(np.int64) if bins else order[:0]
+        bins = best_fit_decreasing(lengths.reshape(-1, group).sum(1).tolist(), block_size)
+        order = np.fromiter((unit * group + k for members in bins for unit in members for k in range(group)),
+                            dtype=np.int64, count=len(lengths))
+        firsts = np.cumsum([0] + [group * len(members) for members in bins[:-1]]).astype(np.int64) if bins \
+            else order[:0]
         yield np.stack([starts[order], lengths[order]], axis=1), firsts
         return
     base, pieces_before, last_row = 0, 0, -1
@@ -75,7 +80,7 @@ def plan_pieces(shard_lengths: Iterable[np.ndarray], block_size: int, stream: bo
                 pieces = np.stack([begin, np.minimum(np.repeat(starts + lengths, count) - begin, block_size)], axis=1)
             else:
                 pieces = np.stack([starts, lengths], axis=1)
-            firsts = np.arange(len(pieces))
+            firsts = np.arange(0, len(pieces), 1 if stream else group)
         yield pieces, pieces_before + firsts
         pieces_before += len(pieces)
         base = end

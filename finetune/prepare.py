@@ -273,7 +273,8 @@ class ChunkBuffer:
             dropped = Counter()
             for p in parts:
                 dropped.update(p["dropped"])
-            entry["stats"] = {"records_in": sum(p["records_in"] for p in parts), "records_kept": entry["docs"],
+            kept = entry["docs"] // (2 if fmt.paired else 1)  # a pair is stored as two sequences
+            entry["stats"] = {"records_in": sum(p["records_in"] for p in parts), "records_kept": kept,
                               "dropped": dict(dropped), "truncated": sum(p["truncated"] for p in parts),
                               "target_tokens": None if fmt.every_token_target else
                               sum(int(p["targets"].sum()) for p in parts)}
@@ -325,8 +326,9 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
     if kept == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in dropped.items()) or "no rows"
         raise UserError(f"{where}: the {name} split is empty after filtering ({reasons})")
-    every_token_target = data_format(cfg).every_token_target
-    info = finish_split(folder, chunks, dtype, cfg.block_size, every_token_target, cfg.packing)
+    fmt = data_format(cfg)
+    every_token_target = fmt.every_token_target
+    info = finish_split(folder, chunks, dtype, cfg.block_size, every_token_target, cfg.packing, fmt.paired)
     tokens, rows = info["tokens"], info["rows"]
     targets = tokens - info["pieces"] if every_token_target else sum(s["target_tokens"] for s in stats)
     on_disk = store.store_bytes(folder)

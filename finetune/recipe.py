@@ -19,51 +19,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from finetune.errors import UserError, path_problem
+from finetune.fields import Bound, ranged
 from finetune.formats import FORMATS, data_format
 from finetune.formats.chat import ChatFormat
 from finetune.formats.classification import ClassificationFormat
 from finetune.formats.instruction import InstructionFormat
+from finetune.formats.preference import PreferenceFormat
 from finetune.run_folder import RunFolder
 from finetune.trackers import REPORTERS, check_installed
 
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 FormatName = Literal[tuple(FORMATS)]  # every registered data format
-
-
-class Bound(NamedTuple):
-    """The numbers a key allows: from `low` (itself allowed when `low_ok`) to `high` (allowed when `high_ok`; None:
-    no limit)."""
-    low: float
-    high: float | None = None
-    low_ok: bool = True
-    high_ok: bool = False
-
-    def contains(self, value: float) -> bool:
-        above = value >= self.low if self.low_ok else value > self.low
-        return above and (self.high is None or (value <= self.high if self.high_ok else value < self.high))
-
-    def allowed(self) -> str:
-        low, high = _number(self.low), _number(self.high)
-        if self.high_ok:
-            return f"in {'[' if self.low_ok else '('}{low}, {high}]"
-        if self.high is not None:
-            return f"between {low} and {high}"
-        return f"at least {low}" if self.low_ok else f"above {low}"
-
-
-def _number(value: float | None) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def ranged(default: Any, low: float, high: float | None = None, *, low_ok: bool = True, high_ok: bool = False) -> Any:
-    """A numeric field and the numbers it allows, checked when the recipe loads (null passes where the field is
-    optional). The generate.* and serve.* ranges are also those of the command-line options and the HTTP API."""
-    return field(default=default, metadata={"bound": Bound(low, high, low_ok, high_ok)})
 
 
 @dataclass
@@ -115,6 +86,7 @@ class DataConfig:
     instruction: InstructionFormat = field(default_factory=InstructionFormat)
     chat: ChatFormat = field(default_factory=ChatFormat)
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
+    preference: PreferenceFormat = field(default_factory=PreferenceFormat)
 
 
 @dataclass
@@ -125,6 +97,17 @@ class LoraConfig:
     targets: Union[str, list] = "attn"
     modules_to_save: list | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
+
+
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo")  # train.objective; all but sft train on preference pairs
+
+
+@dataclass
+class PreferenceConfig:
+    """`train.preference`: the knobs of the preference objectives (defaults as TRL's)."""
+    beta: float = ranged(0.1, 0, low_ok=False)  # dpo, simpo: reward scale; ipo: the regularisation tau
+    label_smoothing: float = ranged(0.0, 0, 0.5)  # dpo: the assumed share of flipped labels (conservative DPO)
+    simpo_gamma: float = ranged(0.5, 0)  # simpo: the target reward margin
 
 
 @dataclass
@@ -156,6 +139,8 @@ class TrainConfig:
     report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
     run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
+    objective: Literal[OBJECTIVES] = "sft"  # all but sft train on preference pairs
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 @dataclass
@@ -580,6 +565,15 @@ def _check_train(recipe: Recipe, where: str) -> None:
         if cfg.scheduler not in schedules:
             raise UserError(f"{where}: 'train.scheduler' = {cfg.scheduler!r} is not a learning-rate schedule; use "
                             f"one of: {', '.join(schedules)}{did_you_mean(cfg.scheduler, schedules)}")
+    paired = data_format(recipe.data).paired
+    if paired != (cfg.objective != "sft"):
+        raise UserError(f"{where}: 'train.objective' = {cfg.objective} " + (
+            "trains on preference pairs: set 'data.format' to preference" if not paired else
+            "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(OBJECTIVES[1:])))
+    block = recipe.data.block_size
+    if paired and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
+        raise UserError(f"{where}: 'data.preference.max_prompt_tokens' must be at most half of data.block_size "
+                        f"({block // 2}): a pair's two sequences share one row")
 
 
 def _check_train_extra(extra: dict, where: str) -> None:

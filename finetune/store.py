@@ -107,13 +107,13 @@ def check_shard(folder: Path, entry: dict, checksums: bool) -> str | None:
 
 
 def finish_split(folder: Path, shards: list[dict], dtype: np.dtype, block_size: int, stream: bool,
-                 packing: bool) -> dict:
+                 packing: bool, pairs: bool = False) -> dict:
     """Write the packing plan (shard by shard) and split.json (last, atomically); return split.json's content."""
     lengths = (np.fromfile(folder / f"{entry['name']}.docs", dtype=np.uint32) for entry in shards)
     firsts, count = [], 0
     tmp = folder / "plan.pieces.tmp"
     with tmp.open("wb") as handle:
-        for pieces, row_firsts in plan_pieces(lengths, block_size, stream, packing):
+        for pieces, row_firsts in plan_pieces(lengths, block_size, stream, packing, pairs):
             handle.write(memoryview(np.ascontiguousarray(pieces, dtype=np.int64)).cast("B"))
             firsts.append(row_firsts.astype(np.int64))
             count += len(pieces)

@@ -14,6 +14,7 @@ import re
 import shutil
 from collections import defaultdict
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from transformers.trainer_utils import IntervalStrategy
 from finetune.callbacks import FollowNewSchedule, MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.checkpoints import clear_checkpoints, plan_resume, run_identity
-from finetune.collate import PackedCollator
+from finetune.collate import PackedCollator, PairCollator
 from finetune.distributed import (is_main_process, main_print, process_group, same_on_every_rank, same_prepared_data,
                                   use_cpu)
 from finetune.errors import UserError, writing
@@ -38,6 +39,8 @@ from finetune.recipe import DEFAULT_DDP_TIMEOUT_S, STAGE_ARGUMENTS, TRAINING_ARG
 from finetune.run_folder import RECIPE_FILE
 from finetune.tracking import environment as tracking_environment
 from finetune.tracking import guard as guard_trackers
+from finetune.objectives import needs_reference
+from finetune.preference_trainer import PreferenceTrainer, disable_dropout, frozen_copy
 from finetune.trainer import PackedTrainer
 
 
@@ -215,9 +218,9 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
     args = args or run_arguments(recipe)
     evaluate = args.eval_strategy != IntervalStrategy.NO
     throughput = Throughput()
-    trainer = PackedTrainer(
+    trainer = objective_trainer(recipe, model, tokenizer.pad_token_id)(
         loss_chunk=cfg.loss_chunk,
-        model=model, args=args, data_collator=PackedCollator(tokenizer.pad_token_id),
+        model=model, args=args,
         train_dataset=load_prepared(recipe, "train"),
         eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
         callbacks=[StopWhenFinished(), FollowNewSchedule(), throughput, MetricsFile(recipe.run.metrics)],
@@ -229,6 +232,19 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     guard_trackers(trainer)
     return trainer
+
+
+def objective_trainer(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> partial:
+    """The Trainer class of `train.objective` with its objective-specific arguments bound: PackedTrainer for sft;
+    PreferenceTrainer otherwise, dropout off, with a frozen copy of `model` (the base, before any training) as
+    the reference when fine-tuning in full."""
+    cfg = recipe.train
+    if cfg.objective == "sft":
+        return partial(PackedTrainer, data_collator=PackedCollator(pad_token_id))
+    disable_dropout(model)
+    reference = frozen_copy(model) if recipe.lora is None and needs_reference(cfg.objective) else None
+    return partial(PreferenceTrainer, data_collator=PairCollator(pad_token_id), objective=cfg.objective,
+                   preference=cfg.preference, reference_model=reference)
 
 
 def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> Path:

@@ -16,6 +16,7 @@ ROWS = {  # per prompted format, a raw row whose user text is USER_TEXT
     "instruction": {"instruction": USER_TEXT, "output": "gamma"},
     "chat": {"messages": [{"role": "user", "content": USER_TEXT}, {"role": "assistant", "content": "gamma"}]},
     "classification": {"text": USER_TEXT, "label": "1"},
+    "preference": {"prompt": USER_TEXT, "chosen": "gamma", "rejected": "delta"},
 }
 
 

@@ -13,6 +13,7 @@ from finetune.formats.base import DataFormat, Message, Segment
 from finetune.formats.chat import Chat
 from finetune.formats.classification import Classification
 from finetune.formats.instruction import Instruction
+from finetune.formats.preference import Preference
 from finetune.formats.text import Text
 from finetune.long_texts import TokenIds, encode_bounded
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # for annotations only: recipe.py imports the formats
 
 __all__ = ["FORMATS", "DataFormat", "Message", "Segment", "data_format", "encode_segments", "encode_texts"]
 
-FORMATS: dict[str, type[DataFormat]] = {fmt.name: fmt for fmt in (Text, Instruction, Chat, Classification)}
+FORMATS: dict[str, type[DataFormat]] = {fmt.name: fmt for fmt in (Text, Instruction, Chat, Classification, Preference)}
 
 
 def data_format(data: DataConfig) -> DataFormat:

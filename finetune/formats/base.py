@@ -33,6 +33,7 @@ class DataFormat:
     every_token_target: ClassVar[bool] = False
     record_splits: ClassVar[tuple[str, ...]] = ("validation",)  # splits whose records prepare keeps for eval
     has_reference: ClassVar[bool] = False  # eval compares greedy generations with each record's `reference`
+    paired: ClassVar[bool] = False  # records are preference pairs, each stored as two sequences (see pair_segments)
 
     def __init__(self, data: DataConfig) -> None:
         self.data = data
@@ -46,6 +47,11 @@ class DataFormat:
 
     def segments(self, record: dict) -> list[Segment]:
         """The training segments of one normalized record."""
+        raise NotImplementedError
+
+    def pair_segments(self, record: dict) -> tuple[list[Segment], list[Segment], list[Segment]]:
+        """Paired formats: the prompt's segments and those of the chosen and the rejected response; prepare stores
+        prompt + chosen and prompt + rejected as two adjacent sequences packed into one row."""
         raise NotImplementedError
 
     def prompt_segments(self, record: dict) -> list[Segment]:

@@ -43,21 +43,7 @@ class Chat(DataFormat):
     has_reference = True
 
     def normalize(self, row: dict, where: Any) -> tuple[dict | None, str | None]:
-        turns = required_field(row, self._messages_field(row, where), where)
-        if not isinstance(turns, list):
-            raise UserError(f"{where}: chat messages must be a list, got {type(turns).__name__}")
-        messages = []
-        for number, turn in enumerate(turns, 1):
-            if not isinstance(turn, dict):
-                raise UserError(f"{where}: message {number} is not a mapping")
-            role = turn.get("role", turn.get("from"))
-            content = turn.get("content", turn.get("value"))
-            if role is None or content is None:
-                raise UserError(f"{where}: message {number} needs 'role'/'content' (or ShareGPT 'from'/'value')")
-            if str(role).lower() not in ROLE_ALIASES:
-                raise UserError(f"{where}: message {number} has unknown role {role!r} "
-                                f"(known: {', '.join(sorted(ROLE_ALIASES))})")
-            messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": str(content)})
+        messages = parse_messages(required_field(row, self._messages_field(row, where), where), where)
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             return None, "no_assistant_turn"
         return {"messages": messages}, None
@@ -93,6 +79,25 @@ class Chat(DataFormat):
 
     def chat_template(self) -> str:
         return jinja_chat_template(self.data.chat)
+
+
+def parse_messages(turns: Any, where: Any) -> list[Message]:
+    """OpenAI {role, content} or ShareGPT {from, value} messages -> {role, content} with the standard roles."""
+    if not isinstance(turns, list):
+        raise UserError(f"{where}: chat messages must be a list, got {type(turns).__name__}")
+    messages = []
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: message {number} is not a mapping")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None:
+            raise UserError(f"{where}: message {number} needs 'role'/'content' (or ShareGPT 'from'/'value')")
+        if str(role).lower() not in ROLE_ALIASES:
+            raise UserError(f"{where}: message {number} has unknown role {role!r} "
+                            f"(known: {', '.join(sorted(ROLE_ALIASES))})")
+        messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": str(content)})
+    return messages
 
 
 def chat_segments(messages: list[Message], cfg: ChatFormat, add_generation_prompt: bool = False) -> list[Segment]:
