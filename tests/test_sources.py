@@ -230,3 +230,19 @@ def test_a_killed_prepare_of_a_folder_continues_mid_file_and_ends_like_an_uninte
         assert manifest[split]["tokens"] == expected[split]["tokens"]
         assert store_rows(killed, split) == store_rows(straight, split)
     assert np.array_equal(np.array(manifest["sources"][0]["tokens"]), np.array(expected["sources"][0]["tokens"]))
+
+
+def test_a_source_s_own_field_names_read_its_rows(tmp_path, tokenizer_dir):
+    """Two instruction sets with different column names in one recipe: each is read with its own names."""
+    (tmp_path / "a.jsonl").write_bytes(jsonl([{"instruction": f"say {w}", "output": w} for w in corpus_lines(20)]))
+    (tmp_path / "b.jsonl").write_bytes(jsonl([{"question": f"tell {w}", "answer": w} for w in corpus_lines(20)]))
+    recipe = load_recipe(recipe_file(tmp_path, tokenizer_dir, {
+        "format": "instruction", "validation_fraction": 0.1, "block_size": 512,
+        "train": ["a.jsonl", {"path": "b.jsonl", "instruction_field": "question", "output_field": "answer"}]}))
+    manifest = prepare(recipe)
+    assert [(s["source"], s["records_kept"]) for s in manifest["sources"]] == \
+        [(str(tmp_path / "a.jsonl"), 18), (str(tmp_path / "b.jsonl"), 18),
+         (str(tmp_path / "a.jsonl"), 2), (str(tmp_path / "b.jsonl"), 2)]
+    with pytest.raises(UserError, match=r"b.jsonl line 1: missing field 'instruction'"):
+        prepare(load_recipe(recipe_file(tmp_path, tokenizer_dir, {"format": "instruction",
+                                                                  "train": ["a.jsonl", "b.jsonl"]}, "plain")))
