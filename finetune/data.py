@@ -4,23 +4,31 @@ Local .txt and .jsonl files (the formats of large corpora) are read in blocks of
 where it is processed (in a prepare worker), so reading costs the main process little more than finding line
 ends. CSV/TSV stream row by row (cells stay strings), Parquet by record batches, a .json array is loaded whole,
 and Hub data sets come through `datasets` (`data.streaming: true` iterates without downloading the whole set).
+A compressed .txt, .jsonl, .csv or .tsv file (.gz, .bz2, .xz, .zst) is decompressed as it is read, never whole.
+A source of several files (a glob, a folder) is read file after file (`read_source`).
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import io
 import json
+import lzma
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+import zstandard
 
 from finetune.errors import UserError, path_problem
-from finetune.recipe import DataConfig, HubSource
+from finetune.recipe import DataConfig
+from finetune.sources import HubSource, data_suffix, describe
 
 READ_BYTES = 1 << 20  # text handed to a worker at a time (less when shards are small: a batch never spans two)
 BYTES_PER_TOKEN = 4  # about, for English text and GPT-2's BPE
@@ -30,15 +38,20 @@ BOM = "\ufeff"  # a UTF-8 byte order mark starting a file is no part of its text
 
 @dataclass
 class RowBatch:
-    """Consecutive raw rows of one source: `rows[i]` is row `start + i` (a dict, a JSONL line as bytes, or the
+    """Consecutive raw rows of one file: `rows[i]` is row `start + i` (a dict, a JSONL line as bytes, or the
     text of a .txt record); the 1-based file line of row i is `lines[i]` when given, else `first_line + i` when
-    that is given, else `start + i + 1`; `nbytes` is how much of a local text file the batch consumed."""
+    that is given, else `start + i + 1`; `nbytes` is how much of a local file (as stored, compressed or not)
+    the batch consumed. Read as part of a source (`read_source`): `file` is the file's index among the source's
+    files, `offset` the number of the source's rows before it, and `source` the file itself."""
 
     start: int
     rows: list
     lines: list[int] | None = None
     nbytes: int = 0
     first_line: int | None = None
+    file: int = 0
+    offset: int = 0
+    source: str | HubSource | None = None
 
     def line(self, i: int) -> int | None:
         if self.lines:
@@ -47,7 +60,7 @@ class RowBatch:
 
 
 def check_utf8(path: Path) -> None:
-    for offset, block in _blocks(path, READ_BYTES):
+    for offset, block, _ in _blocks(path, READ_BYTES):
         _decode(block, path, offset)
 
 
@@ -64,12 +77,6 @@ def _decode(block: bytes, path: Any, offset: int) -> str:
         raise UserError(f"{path}: not valid UTF-8 at byte offset {offset + exc.start} ({exc.reason})") from None
 
 
-def describe(source: str | HubSource) -> str:
-    if isinstance(source, HubSource):
-        return f"Hub data set {source.hub}" + (f"/{source.config}" if source.config else "") + f" [{source.split}]"
-    return str(source)
-
-
 class RowRef:
     """Names a row for error messages ("file line N"); built for every row, formatted only on error."""
 
@@ -82,7 +89,7 @@ class RowRef:
         if isinstance(self.source, HubSource):
             return f"{describe(self.source)} row {self.index + 1}"
         path = Path(self.source)
-        if self.line is not None or path.suffix.lower() in (".jsonl", ".txt"):
+        if self.line is not None or data_suffix(path)[0] in (".jsonl", ".txt"):
             return f"{path} line {self.line or self.index + 1}"
         return f"{path} row {self.index + 1}"
 
@@ -103,14 +110,44 @@ def parse_row(raw: Any, where: RowRef) -> dict:
     return raw
 
 
-def check_sources(cfg: DataConfig) -> None:
-    for source in (cfg.train, cfg.validation):
-        if isinstance(source, str) and (problem := path_problem(source)):
-            raise UserError(f"data file {source}: {problem}")
+@dataclass(frozen=True)
+class Position:
+    """Where reading a source stands: row `row` of its file `file`, which follows `offset` rows of the source."""
+    file: int = 0
+    row: int = 0
+    offset: int = 0
+
+
+def read_source(files: list[str | HubSource], cfg: DataConfig, start: Position = Position()) -> Iterator[RowBatch]:
+    """The raw rows of a source's files one after the other, from `start` on, at most `cfg.max_records` in all."""
+    offset = start.offset
+    for index in range(start.file, len(files)):
+        remaining = None if cfg.max_records is None else cfg.max_records - offset
+        if remaining is not None and remaining <= 0:
+            return
+        skip = start.row if index == start.file else 0
+        rows = skip  # the file's rows, once read
+        for batch in read_batches(files[index], replace(cfg, max_records=remaining), skip):
+            batch.file, batch.offset, batch.source = index, offset, files[index]
+            rows = batch.start + len(batch.rows)
+            yield batch
+        offset += rows
+
+
+def count_source_rows(files: list[str | HubSource], cfg: DataConfig) -> list[int] | None:
+    """The number of rows `read_source` yields from each file (None for a streamed Hub data set)."""
+    counts: list[int] = []
+    for path in files:
+        remaining = None if cfg.max_records is None else max(cfg.max_records - sum(counts), 0)
+        count = count_rows(path, replace(cfg, max_records=remaining)) if remaining != 0 else 0
+        if count is None:
+            return None
+        counts.append(count)
+    return counts
 
 
 def read_batches(source: str | HubSource, cfg: DataConfig, skip: int = 0) -> Iterator[RowBatch]:
-    """The source's raw rows in batches, from row `skip` on, at most `data.max_records` rows in all."""
+    """The file's raw rows in batches, from row `skip` on, at most `data.max_records` rows in all."""
     limit = cfg.max_records
     for batch in _raw_batches(source, cfg):
         end = batch.start + len(batch.rows)
@@ -146,7 +183,7 @@ def _raw_batches(source: str | HubSource, cfg: DataConfig) -> Iterator[RowBatch]
     path = Path(source)
     if problem := path_problem(path):
         raise UserError(f"data file {path}: {problem}")
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)[0]
     size = min(READ_BYTES, cfg.shard_tokens * BYTES_PER_TOKEN)
     if suffix == ".txt":
         yield from _text_batches(path, cfg.sample_by, size)
@@ -170,28 +207,56 @@ def _first_byte(path: Path) -> bytes:
     return b""
 
 
-def _blocks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, block) pairs of about `size` bytes, each ending at a line end."""
+DECOMPRESSORS = {  # a file on disk -> its decompressed byte stream (a .zst file may hold several frames)
+    ".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile,
+    ".zst": lambda raw: io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)),
+}
+DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)
+
+
+@contextmanager
+def open_data(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """(the file's data as a byte stream, decompressed as it is read when the name ends in a compression
+    extension; the file on disk under it, whose position is how much of the stored file has been read). A
+    corrupt or truncated compressed file is an error naming it."""
+    compression = data_suffix(path)[1]
+    with path.open("rb") as raw:
+        if not compression:
+            yield raw, raw
+            return
+        try:
+            with DECOMPRESSORS[compression](raw) as stream:
+                yield stream, raw
+        except DECOMPRESSION_ERRORS as exc:
+            raise UserError(f"{path}: could not be decompressed as {compression} (corrupt or truncated?): "
+                            f"{type(exc).__name__}: {exc}") from None
+
+
+def _blocks(path: Path, size: int) -> Iterator[tuple[int, bytes, int]]:
+    """(byte offset in the data, block, bytes of the stored file read for it) of blocks of about `size` bytes,
+    each ending at a line end."""
     offset = 0
-    with path.open("rb") as handle:
+    with open_data(path) as (handle, raw):
+        stored = 0
         for block in iter(lambda: handle.read(size) + handle.readline(), b""):
-            yield offset, block
+            yield offset, block, raw.tell() - stored
             offset += len(block)
+            stored = raw.tell()
 
 
 def _jsonl_batches(path: Path, size: int) -> Iterator[RowBatch]:
     """One row per non-blank line; blank lines are skipped and do not count as rows."""
     start, line = 0, 0
-    for _, block in _blocks(path, size):
+    for _, block, stored in _blocks(path, size):
         pieces = block.split(b"\n")
         if pieces[-1] == b"":
             pieces.pop()
         rows = [piece for piece in pieces if piece.strip()]
         if len(rows) == len(pieces):
-            yield RowBatch(start, rows, nbytes=len(block), first_line=line + 1)
+            yield RowBatch(start, rows, nbytes=stored, first_line=line + 1)
         else:
             lines = [number for number, piece in enumerate(pieces, line + 1) if piece.strip()]
-            yield RowBatch(start, rows, lines, len(block))
+            yield RowBatch(start, rows, lines, stored)
         line += len(pieces)
         start += len(rows)
 
@@ -200,7 +265,7 @@ def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[RowBatch]:
     """As `datasets`' text builder: universal newlines; a row per line, per blank-line-separated paragraph (empty
     ones skipped), or one for the whole file."""
     start, carry = 0, ""
-    for offset, block in _blocks(path, size):
+    for offset, block, stored in _blocks(path, size):
         text = _decode(block, path, offset).replace("\r\n", "\n").replace("\r", "\n")
         if offset == 0:
             text = text.removeprefix(BOM)
@@ -215,7 +280,7 @@ def _text_batches(path: Path, sample_by: str, size: int) -> Iterator[RowBatch]:
         else:
             carry += text
             continue
-        yield RowBatch(start, rows, nbytes=len(block))
+        yield RowBatch(start, rows, nbytes=stored)
         start += len(rows)
     if carry or (sample_by == "document" and start == 0):
         yield RowBatch(start, [carry])
@@ -240,7 +305,7 @@ def _csv_batches(path: Path, suffix: str) -> Iterator[RowBatch]:
     # TSV data sets quote nothing
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
     csv.field_size_limit(sys.maxsize)  # a cell is as long as the text in it
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with open_data(path) as (stream, _), io.TextIOWrapper(stream, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, strict=True, **options)
         line = 0  # the last line read before the row being read
         try:

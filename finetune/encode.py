@@ -18,15 +18,17 @@ import numpy as np
 
 from finetune.data import RowBatch, RowRef, parse_row
 from finetune.formats import data_format, encode_texts
-from finetune.recipe import DataConfig, HubSource
+from finetune.recipe import DataConfig
+
+ROUTES = ("train", "validation")  # a row's route: the index of its split here, or SKIP
+SKIP = len(ROUTES)  # a row this read of its source leaves out (see prepare.Read)
 
 
 @dataclass
 class EncodeContext:
     """What every batch of a prepare run is encoded with (pickled once into each worker)."""
 
-    cfg: DataConfig
-    source: str | HubSource
+    cfg: DataConfig  # the source's (finetune.sources.source_config)
     tokenizer_json: str
     eos_token_id: int
     dtype: str
@@ -95,18 +97,20 @@ def encode_in_worker(job: tuple[RowBatch, np.ndarray]) -> dict[str, dict]:
     return encode_batch(_CONTEXT, *job)
 
 
-def encode_batch(context: EncodeContext, batch: RowBatch, validation: np.ndarray) -> dict[str, dict]:
-    """Normalize, tokenize, truncate or drop one batch's rows; route each to train, or to validation where
-    `validation` flags it."""
+def encode_batch(context: EncodeContext, batch: RowBatch, routes: np.ndarray) -> dict[str, dict]:
+    """Normalize, tokenize, truncate or drop one batch's rows; send each to the split `routes` names for it
+    (leaving out those routed to SKIP)."""
     fmt = context.format
     parts: dict[str, SplitPart] = {}
     kept: list[tuple[str, dict]] = []
     for i, raw in enumerate(batch.rows):
-        split = "validation" if validation[i] else "train"
+        if routes[i] == SKIP:
+            continue
+        split = ROUTES[routes[i]]
         part = parts.setdefault(split, SplitPart(targets=None if fmt.every_token_target else [],
                                                  records=[] if split in fmt.record_splits else None))
         part.records_in += 1
-        where = RowRef(context.source, batch.start + i, batch.line(i))
+        where = RowRef(batch.source, batch.start + i, batch.line(i))
         record, reason = fmt.normalize(parse_row(raw, where), where)
         if record is None:
             part.dropped[reason] += 1

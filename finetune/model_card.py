@@ -7,7 +7,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from finetune.formats import data_format
-from finetune.recipe import HubSource, Recipe
+from finetune.recipe import Recipe
+from finetune.sources import HubSource, split_sources
 
 METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
 
@@ -41,13 +42,13 @@ def usage_snippet(repo: str, adapter: bool, recipe: Recipe) -> str:
 def _data_sources(recipe: Recipe) -> tuple[list[str], list[str]]:
     """(Hub data set ids, descriptions of every source) of the recipe's data."""
     hub, described = [], []
-    for source in (recipe.data.train, recipe.data.validation):
+    for source in split_sources(recipe.data.train) + split_sources(recipe.data.validation):
         if isinstance(source, HubSource):
             hub.append(source.hub)
             described.append(f"[{source.hub}](https://huggingface.co/datasets/{source.hub})"
                              + (f" ({source.config})" if source.config else ""))
-        elif source:
-            described.append(f"a local file `{Path(source).name}`")
+        else:
+            described.append(f"local data `{Path(source.path).name}`")
     return list(dict.fromkeys(hub)), described
 
 

@@ -11,29 +11,31 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from finetune import data, encode, formats, packing, store
+from finetune import data, encode, formats, packing, sources, store
 from finetune.errors import UserError
-from finetune.recipe import HubSource, Recipe
+from finetune.recipe import Recipe
+from finetune.sources import HubSource, Source, is_pattern, source_files, split_sources
 from finetune.run_folder import RECIPE_FILE
 from finetune.store import TokenStore, split_problem
 from finetune.tokenizer import load_tokenizer, tokenizer_source, with_pad_token
 
 SPLITS = ("train", "validation")
 # What the store's content depends on besides the recipe and the data: the code that writes it.
-PREPARE_CODE = [Path(module.__file__) for module in (data, encode, packing, store)]
+PREPARE_CODE = [Path(module.__file__) for module in (data, encode, packing, sources, store)]
 PREPARE_CODE += [Path(__file__).with_name("prepare.py"), *sorted(Path(formats.__file__).parent.glob("*.py"))]
 
 
 def fingerprint(recipe: Recipe, tokenizer: Any | None, file_digests: dict[str, str]) -> str:
-    """A digest of everything the prepared data depends on; `file_digests` holds the source files' contents."""
+    """A digest of everything the prepared data depends on; `file_digests` holds the contents of every file of
+    the local sources (so adding, removing or changing a file of a folder or a glob changes it)."""
     digest = hashlib.sha256()
     data_section = {k: v for k, v in recipe.to_dict()["data"].items() if k not in ("num_proc", "streaming")}
     digest.update(json.dumps({"data": data_section, "tokenizer": recipe.to_dict()["tokenizer"],
                               "tokenizer_source": tokenizer_source(recipe)}, sort_keys=True, default=str).encode())
-    for source in (recipe.data.train, recipe.data.validation):
-        if isinstance(source, str) and source in file_digests:
-            digest.update(file_digests[source].encode())
-        elif isinstance(source, HubSource):
+    for path, file_digest in file_digests.items():
+        digest.update(f"{path}\0{file_digest}\0".encode())
+    for source in _sources(recipe):
+        if isinstance(source, HubSource):
             digest.update(repr(source).encode())
     if tokenizer is not None:
         digest.update(tokenizer.backend_tokenizer.to_str().encode())
@@ -43,22 +45,28 @@ def fingerprint(recipe: Recipe, tokenizer: Any | None, file_digests: dict[str, s
     return digest.hexdigest()
 
 
+def _sources(recipe: Recipe) -> list[Source]:
+    return split_sources(recipe.data.train) + split_sources(recipe.data.validation)
+
+
 def source_digests(recipe: Recipe, manifest: dict | None) -> dict[str, dict]:
-    """Content digests of the local source files. A file whose size and modification time are those recorded in
-    the manifest keeps its recorded digest (as git's index does), so checking the cache costs no pass over a
-    large corpus; any other file is read and hashed."""
+    """Content digests of every file of the local sources, in reading order. A file whose size and modification
+    time are those recorded in the manifest keeps its recorded digest (as git's index does), so checking the
+    cache costs no pass over a large corpus; any other file is read and hashed. A missing file is left out (the
+    fingerprint then differs, and prepare names it)."""
     known = (manifest or {}).get("source_files", {})
     out = {}
-    for source in (recipe.data.train, recipe.data.validation):
-        if not isinstance(source, str) or not Path(source).is_file():
+    for source in _sources(recipe):
+        if isinstance(source, HubSource) or not (is_pattern(source.path) or Path(source.path).exists()):
             continue
-        stat = Path(source).stat()
-        entry = known.get(source, {})
-        if entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-            out[source] = entry
-        else:
-            out[source] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                           "digest": store.file_checksum(Path(source))}
+        for path in source_files(source):
+            stat = Path(path).stat()
+            entry = known.get(path, {})
+            if entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+                out[path] = entry
+            else:
+                out[path] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                             "digest": store.file_checksum(Path(path))}
     return out
 
 

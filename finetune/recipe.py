@@ -31,9 +31,10 @@ from finetune.formats.classification import ClassificationFormat
 from finetune.formats.instruction import InstructionFormat
 from finetune.formats.preference import PreferenceFormat
 from finetune.run_folder import RunFolder
+from finetune.sources import HubSource, LocalSource, SourceSpec, check_sources  # noqa: F401 - the source types
+# are part of the recipe's types (importable from here)
 from finetune.trackers import REPORTERS, check_installed
 
-LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 FormatName = Literal[tuple(FORMATS)]  # every registered data format
 
 
@@ -60,17 +61,9 @@ class ModelConfig:
 
 
 @dataclass
-class HubSource:
-    hub: str
-    config: str | None = None
-    split: str = "train"
-    revision: str | None = None
-
-
-@dataclass
 class DataConfig:
-    train: Union[str, HubSource, None] = None
-    validation: Union[str, HubSource, None] = None
+    train: SourceSpec = None  # one source or a list (finetune/sources.py)
+    validation: SourceSpec = None
     format: FormatName = "text"
     text_field: str = "text"
     sample_by: Literal["line", "paragraph", "document"] = "line"
@@ -310,9 +303,16 @@ def _resolve_paths(data: dict, folder: Path, where: str) -> None:
     def resolved(value: object) -> object:
         return str((folder / value).resolve()) if isinstance(value, str) and not Path(value).is_absolute() else value
 
+    def resolved_source(value: object) -> object:
+        if isinstance(value, dict) and "path" in value:
+            return {**value, "path": resolved(value["path"])}
+        return resolved(value)
+
     for split in ("train", "validation"):
         if split in section("data"):
-            data["data"][split] = resolved(data["data"][split])
+            value = data["data"][split]
+            data["data"][split] = [resolved_source(v) for v in value] if isinstance(value, list) else \
+                resolved_source(value)
     if isinstance(data.get("output_dir"), str):
         data["output_dir"] = resolved(expand_user_path(data["output_dir"], f"{where}: 'output_dir'"))
     if isinstance(section("eval").get("files"), list):
@@ -387,6 +387,18 @@ def did_you_mean(value: Any, choices: Any, prefix: str = "", cutoff: float = 0.6
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
+def _fits_shape(option: Any, value: Any) -> bool:
+    """Whether a union member is the one a value is written as: a list for a list type, and a mapping for the
+    config type whose required keys it has (`{path: ...}` a LocalSource, `{hub: ...}` a HubSource)."""
+    if isinstance(value, list):
+        return typing.get_origin(option) is list
+    if isinstance(value, dict) and dataclasses.is_dataclass(option):
+        required = {f.name for f in dataclasses.fields(option)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        return required <= value.keys()
+    return False
+
+
 def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
     """`value` (parsed YAML) as type `tp`, every field checked against its rule (type, choices, range)."""
     origin = typing.get_origin(tp)
@@ -400,6 +412,8 @@ def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        if len(shaped := [option for option in options if _fits_shape(option, value)]) == 1:
+            return _build(shaped[0], value, where, key)  # its own error, not "must be of type A or B"
         errors = []
         for option in options:
             if option is type(None):
@@ -441,6 +455,8 @@ def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
     expected = origin or tp
     if expected is Any:
         return value
+    if expected is list and typing.get_args(tp) and isinstance(value, list):
+        return [_build(typing.get_args(tp)[0], item, where, f"{key}[{i}]") for i, item in enumerate(value)]
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise UserError(f"{where}: '{key}' must be of type {_type_name(tp)}, got {value!r}")
     return value
@@ -639,15 +655,7 @@ def _validate(recipe: Recipe, where: str) -> None:
                         "for the run, such as ~/runs/NAME")
     if bool(recipe.model.base) == bool(recipe.model.init is not None):
         raise UserError(f"{where}: set exactly one of 'model.base' (Hub id or folder) or 'model.init' (GPT-2 config)")
-    if recipe.data.train is None:
-        raise UserError(f"{where}: 'data.train' is required (a local file or a Hub spec {{hub: name}})")
-    for split in ("train", "validation"):
-        source = getattr(recipe.data, split)
-        if isinstance(source, str) and not source.endswith(LOCAL_EXTENSIONS):
-            raise UserError(
-                f"{where}: 'data.{split}' = {source!r}: a local file must end in one of "
-                f"{', '.join(LOCAL_EXTENSIONS)}; for a Hub data set write {{hub: name, config: ..., split: ...}}"
-            )
+    check_sources(recipe.data, where)
     _check_templates(recipe, where)
     _check_report_to(recipe, where)
     _check_harness(recipe, where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.recipe import Recipe
+from finetune.sources import describe_spec
 
 FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
            ("bits_per_byte", "bits per byte", "{:.4f}"), ("tokens", "scored tokens", "{:d}"),
@@ -64,8 +65,8 @@ def _recipe_summary(recipe: Recipe) -> list[str]:
     train = recipe.train
     length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs} epochs"
     return [f"- model: {model}", f"- method: {method}",
-            f"- data: {recipe.data.format} from {recipe.data.train} (validation: "
-            f"{recipe.data.validation or f'{recipe.data.validation_fraction:.0%} carved from train'}), "
+            f"- data: {recipe.data.format} from {describe_spec(recipe.data.train)} (validation: "
+            f"{describe_spec(recipe.data.validation) or f'{recipe.data.validation_fraction:.0%} carved from train'}), "
             f"block size {recipe.data.block_size}",
             f"- training: {length}, lr {train.lr}, batch {train.batch_size} x {train.grad_accum} accumulation, "
             f"seed {train.seed}"]

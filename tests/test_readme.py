@@ -13,18 +13,18 @@ import pytest
 import yaml
 
 from helpers import ROOT
-from finetune import recipe as recipe_module
 from finetune.recipe import Recipe
+from finetune.sources import HubSource, LocalSource, SourceOptions
 
 SECTIONS = {name: typing.get_type_hints(Recipe)[name] for name in
             ("model", "tokenizer", "data", "lora", "train", "eval", "generate", "serve")}
-NOT_DOCUMENTED_HERE = {"data.train", "data.validation"}  # documented, but as one row with HubSource's keys
+NOT_DOCUMENTED_HERE = {"data.train", "data.validation"}  # documented, as one row; their keys in the `sources` table
 
 
 def config_type(annotation: object) -> type | None:
     """The dataclass in an annotation such as `LoraConfig | None`, if any."""
     candidates = typing.get_args(annotation) or (annotation,)
-    return next((c for c in candidates if dataclasses.is_dataclass(c) and c is not recipe_module.HubSource), None)
+    return next((c for c in candidates if dataclasses.is_dataclass(c) and not issubclass(c, SourceOptions)), None)
 
 
 def fields(cls: type, prefix: str = "") -> dict[str, object]:
@@ -37,8 +37,10 @@ def fields(cls: type, prefix: str = "") -> dict[str, object]:
             out.update(fields(nested, f"{prefix}{field.name}."))
         elif field.default is not dataclasses.MISSING:
             out[prefix + field.name] = field.default
-        else:
+        elif field.default_factory is not dataclasses.MISSING:
             out[prefix + field.name] = field.default_factory()
+        else:
+            out[prefix + field.name] = None  # required: documented as -
     return out
 
 
@@ -63,7 +65,7 @@ def tables() -> dict[str, list[tuple[list[str], list[str]]]]:
         heading = re.fullmatch(r"`(\w+)`( \(.*\))?", line.strip())
         if heading:
             section = heading.group(1)
-        elif section in SECTIONS and line.startswith("| `"):
+        elif section in (*SECTIONS, "sources") and line.startswith("| `"):
             keys, defaults = line.split(" | ")[:2]
             keys = [k.strip("` ") for k in cells(keys.lstrip("| "))]
             prefix = keys[0].rpartition(".")[0]
@@ -113,3 +115,16 @@ def test_every_recipe_key_is_in_the_readme_with_its_default(section):
         stated, value = documented_default(cell, config[key])
         if stated:
             assert value == config[key], f"README `{section}.{key}` default {cell} but the recipe's is {config[key]!r}"
+
+
+def test_every_source_key_is_in_the_readme_with_its_default():
+    """The `sources` table documents the keys of a data.train / data.validation entry, with their defaults."""
+    documented: dict[str, str] = {}
+    for keys, defaults in README_TABLES["sources"]:
+        documented.update(zip(keys, defaults * len(keys) if len(defaults) == 1 else defaults))
+    config = {**fields(LocalSource), **fields(HubSource)}
+    assert sorted(documented) == sorted(config)
+    for key, cell in documented.items():
+        stated, value = documented_default(cell, config[key])
+        if stated:
+            assert value == config[key], f"README `sources` {key} default {cell} but the type's is {config[key]!r}"
