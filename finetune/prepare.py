@@ -5,8 +5,9 @@ Each source is read as a stream of batches (a weighted train source once per pas
 `data.num_proc` worker processes (default: every core, each tokenizer on one thread) tokenize them, and the
 main process writes a shard whenever `data.shard_tokens` tokens (default 16M) have come back. Work goes to
 `prepared.partial/`, where each finished shard is recorded by a progress marker written after its files: a killed
-prepare continues from its last complete shard. Only when every split is complete is the manifest written and the folder renamed to `prepared/` (the old one moved aside
-first), so `prepared/` is either the whole previous result or the whole new one.
+prepare continues from its last complete shard. Only when every split is complete is the manifest written and
+the folder renamed to `prepared/` (the old one moved aside first), so `prepared/` is either the whole previous
+result or the whole new one.
 
 The result is cached under a content fingerprint: re-running with nothing changed does no work.
 """
