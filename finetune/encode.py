@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,11 +85,23 @@ class SplitPart:
                 "dropped": self.dropped, "truncated": self.truncated}
 
 
-def init_worker(context: EncodeContext) -> None:
+PARENT_CHECK_SECONDS = 0.5
+
+
+def init_worker(context: EncodeContext, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     global _CONTEXT
     _CONTEXT = context
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A prepare killed outright (SIGKILL, the OOM killer) cannot stop its workers: each leaves on its own within
+    PARENT_CHECK_SECONDS of its parent's death (it is then re-parented), instead of living on for good."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
 
 
 _CONTEXT: EncodeContext | None = None

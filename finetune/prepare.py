@@ -304,7 +304,7 @@ def _encode_all(jobs: Iterator[tuple[RowBatch, np.ndarray]], context: EncodeCont
             yield job[0], encode_batch(context, *job)
         return
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker,
-                             initargs=(context,)) as pool:
+                             initargs=(context, os.getpid())) as pool:
         in_flight: deque = deque()
         for job in jobs:
             in_flight.append((job[0], pool.submit(encode_in_worker, job)))

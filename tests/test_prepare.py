@@ -363,6 +363,34 @@ def test_sigterm_stops_prepare_like_ctrl_c_with_its_workers_and_the_rerun_finish
     assert "continuing the interrupted prepare" in result.stdout
 
 
+@pytest.mark.slow
+def test_workers_of_a_sigkilled_prepare_exit_instead_of_living_on(tmp_path, tokenizer_dir):
+    """SIGKILL (or the OOM killer) gives prepare no chance to stop its worker processes: they must notice and
+    leave by themselves (they used to live on for good, re-parented to PID 1)."""
+    import time
+
+    import psutil
+
+    path = big_text_recipe(tmp_path, tokenizer_dir, "run")
+    progress = load_recipe(path).run.root / "prepared.partial" / "progress"
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "prepare", str(path)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not list(progress.glob("*.json")):
+        time.sleep(0.01)
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+               if "multiprocessing" in " ".join(child.cmdline())]
+    process.kill()
+    process.wait()
+    assert workers, "prepare finished before its workers could be seen"
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    for survivor in alive:
+        survivor.kill()
+    assert not alive, f"{len(alive)} worker processes outlived their SIGKILLed prepare"
+
+
 def read_manifest_or_none(recipe):
     from finetune.prepared import read_manifest
 
