@@ -10,8 +10,7 @@ import random
 from pathlib import Path
 
 import torch
-import yaml
-from helpers import RECITAL, WORDS
+from helpers import RECITAL, WORDS, write_recipe_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from finetune.modeling import apply_lora
@@ -64,13 +63,11 @@ def train_recital_base(folder: Path, tokenizer_dir: Path) -> Path:
 def write_recipe(folder: Path, name: str, base: Path, fmt: str = "text", lora: bool = True, **extra) -> Path:
     """A recipe file for a run whose output folder is `folder/name`."""
     (folder / "train.txt").write_text(RECITAL + "\n")
-    raw = {"name": name, "output_dir": str(folder / name), "model": {"base": str(base)},
+    raw = {"name": name, "model": {"base": str(base)},
            "data": {"train": str(folder / "train.txt"), "format": fmt, "block_size": 64},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all"} if lora else None,
            "generate": {"max_new_tokens": 40, "temperature": 0.8}, **extra}
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe_file(folder / f"{name}.yaml", raw)
 
 
 def _save_final(recipe: Recipe, model: torch.nn.Module, tokenizer) -> None:

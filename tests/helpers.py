@@ -63,19 +63,23 @@ def save_tiny_gpt2(tokenizer, folder: Path, **config) -> Path:
     return folder
 
 
+def write_recipe_file(path: Path, raw: dict) -> Path:
+    """The one recipe writer of the tests: `raw` (a recipe as data) as YAML at `path`; its run folder defaults to
+    `<the file's folder>/<name>`."""
+    raw = {"output_dir": str(path.parent / raw["name"]), **raw}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def write_recipe(tmp_path: Path, model: dict, name: str = "run", **sections) -> Path:
     """A recipe file for a 20-step full fine-tuning run of `model` on 300 corpus lines in `tmp_path`; `sections`
     update its top-level sections."""
     train_file = tmp_path / "train.txt"
     if not train_file.exists():
         train_file.write_text("\n".join(corpus_lines(300, seed=1)) + "\n")
-    raw = {"name": name, "output_dir": str(tmp_path / name), **model,
-           "data": {"train": str(train_file), "block_size": 32},
-           "lora": None,
+    raw = {"name": name, **model, "data": {"train": str(train_file), "block_size": 32}, "lora": None,
            "train": {"max_steps": 20, "lr": 3e-3, "batch_size": 8, "logging_steps": 1, "save_steps": 10,
                      "scheduler": "constant", "seed": 0}}
     for key, value in sections.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe_file(tmp_path / f"{name}.yaml", raw)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from helpers import save_tiny_gpt2
+from helpers import save_tiny_gpt2, write_recipe_file
 from finetune.chat_template import chat_template
 from finetune.cli import main
 from finetune.generation.loading import load_generator
@@ -50,9 +50,7 @@ def run_recipe(tmp_path: Path, base: Path, fmt: str, rows: list[dict], section: 
     raw = {"name": f"tmpl-{fmt}", "output_dir": str(tmp_path / "run"), "model": {"base": str(base)}, "lora": None,
            "data": {"train": str(data), "validation": str(data), "format": fmt, "block_size": 512, fmt: section},
            "train": {"max_steps": 1, "batch_size": 2, "eval_steps": 0, "save_steps": 1, "report_to": "none"}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe_file(tmp_path / "recipe.yaml", raw)
 
 
 def template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from finetune.cli import main
 from finetune.commands.generate import read_prompts
@@ -18,6 +17,8 @@ from finetune.prepare import prepare
 from finetune.prepared import load_records
 from finetune.recipe import DataConfig, load_recipe
 from finetune.tokenizer import load_tokenizer
+
+from helpers import write_recipe_file
 
 BOM = "\ufeff".encode()
 
@@ -52,9 +53,7 @@ def classification_recipe(tmp_path: Path, tokenizer_dir: Path, data: Path) -> Pa
             "tokenizer": {"path": str(tokenizer_dir)},
             "data": {"train": str(data), "validation": str(data), "format": "classification", "block_size": 64,
                      "classification": {"labels": {0: "bad", 1: "good"}}}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_recipe_file(tmp_path / "recipe.yaml", spec)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])

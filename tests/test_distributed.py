@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import ROOT, SCRATCH, corpus_lines, subprocess_env
+from helpers import ROOT, SCRATCH, corpus_lines, subprocess_env, write_recipe_file
 from finetune.errors import UserError
 from finetune.prepare import ensure_prepared, prepare
 from finetune.recipe import load_recipe
@@ -53,13 +53,11 @@ def write_recipe(folder: Path, tokenizer_dir: Path, name: str, batch_size: int, 
     data = folder / "train.txt"
     if not data.exists():
         data.write_text("\n".join(corpus_lines(300, seed=1)) + "\n")
-    raw = {"name": name, "output_dir": str(folder / name), "model": {"init": SCRATCH},
+    raw = {"name": name, "model": {"init": SCRATCH},
            "tokenizer": {"path": str(tokenizer_dir)}, "data": {"train": str(data), "block_size": 32}, "lora": lora,
            "train": {"max_steps": 20, "lr": 3e-3, "batch_size": batch_size, "logging_steps": 1, "save_steps": 5,
                      "scheduler": "constant", "seed": 0, **train_settings}}
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe_file(folder / f"{name}.yaml", raw)
 
 
 def launch(recipe: Path, *options: str, port: int | None = None, log: Path | None = None):

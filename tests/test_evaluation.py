@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM
 
 from finetune.cli import main
@@ -25,16 +24,14 @@ from finetune.tokenizer import load_tokenizer
 from finetune.prepare import prepare
 from finetune.prepared import load_prepared, load_records
 from finetune.recipe import LoraConfig, load_recipe, save_recipe
-from helpers import corpus_lines
+from helpers import corpus_lines, write_recipe_file
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION_TEXT = ["alpha beta gamma café naïve", "über die brücke — red green blue", *corpus_lines(10, seed=7)]
 
 
 def write_recipe(folder: Path, raw: dict) -> Path:
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(folder / "run"), **raw}))
-    return path
+    return write_recipe_file(folder / "recipe.yaml", {"name": "t", "output_dir": str(folder / "run"), **raw})
 
 
 def save_final(model: torch.nn.Module, recipe_path: Path, tokenizer_dir: Path) -> Path:

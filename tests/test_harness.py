@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from helpers import corpus_lines
+from helpers import corpus_lines, write_recipe_file
 from finetune.cli import main
 
 pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[harness]")')
@@ -55,9 +54,7 @@ def write_run(tmp_path: Path, base: Path) -> Path:
                     "classification": {"labels": ["bad", "good"], "template": "{text}\nLabel:"}},
            "eval": {"files": [str(tmp_path / "text.txt")], "stride": 127, "baseline": False, "batch_size": 8,
                     "harness": {"tasks": ["tiny_labels", "tiny_text_bpb"], "include_path": "tasks"}}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe_file(tmp_path / "recipe.yaml", raw)
 
 
 def test_harness_figures_equal_ours_on_the_same_model_and_data(tmp_path, tiny_model_dir):

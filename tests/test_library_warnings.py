@@ -20,8 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import yaml
-from helpers import ROOT, SCRATCH, WORDS, corpus_lines, subprocess_env
+from helpers import ROOT, SCRATCH, WORDS, corpus_lines, subprocess_env, write_recipe_file
 
 from finetune.cli import main
 
@@ -113,10 +112,7 @@ def write_demo(folder: Path) -> tuple[Path, Path]:
             "data": {"train": "train.jsonl", "validation": "validation.jsonl", "format": "classification",
                      "block_size": 32, "classification": {"text_field": "review", "labels": ["bad", "good"]}},
             "lora": {"r": 4, "alpha": 8, "targets": "all"}, "train": steps, "eval": {"shots": 2}}
-    paths = folder / "pretrain.yaml", folder / "tune.yaml"
-    for path, raw in zip(paths, (pretrain, tune)):
-        path.write_text(yaml.safe_dump(raw))
-    return paths
+    return write_recipe_file(folder / "pretrain.yaml", pretrain), write_recipe_file(folder / "tune.yaml", tune)
 
 
 def test_no_code_under_finetune_calls_a_deprecated_library_api(tmp_path: Path, capsys) -> None:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from helpers import WORDS, shared_path, subprocess_env
+from helpers import WORDS, shared_path, subprocess_env, write_recipe_file
 from finetune.collate import PairCollator
 from finetune.formats import data_format
 from finetune.formats.chat import chat_segments
@@ -56,14 +55,12 @@ def write_run(tmp_path: Path, model_dir: Path, rows: list[dict], lora: dict | No
               **train) -> Path:
     data = tmp_path / f"{name}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    raw = {"name": name, "output_dir": str(tmp_path / name), "model": {"base": str(model_dir)},
+    raw = {"name": name, "model": {"base": str(model_dir)},
            "data": {"train": str(data), "format": "preference", "block_size": 64, "validation_fraction": 0.2},
            "lora": lora,
            "train": {"objective": "dpo", "max_steps": 40, "lr": 3e-3, "batch_size": 8, "logging_steps": 5,
                      "save_steps": 20, "scheduler": "constant", "seed": 0, "report_to": "none", **train}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe_file(tmp_path / f"{name}.yaml", raw)
 
 
 # --- the format ---------------------------------------------------------------------------------------------

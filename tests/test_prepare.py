@@ -17,15 +17,13 @@ from finetune.prepare import prepare
 from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import load_recipe
 
-from helpers import corpus_lines, shared_path
+from helpers import corpus_lines, shared_path, write_recipe_file
 
 
 def make_recipe(tmp_path: Path, tokenizer_dir: Path, train: str, overrides: tuple = (), **data):
     spec = {"name": "t", "output_dir": str(tmp_path / "run"), "model": {"base": "gpt2"},
             "tokenizer": {"path": str(tokenizer_dir)}, "data": {"train": train, "block_size": 64, **data}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return load_recipe(path, list(overrides))
+    return load_recipe(write_recipe_file(tmp_path / "recipe.yaml", spec), list(overrides))
 
 
 def write_jsonl(path: Path, rows: list) -> str:
@@ -272,12 +270,9 @@ def big_text_recipe(tmp_path: Path, tokenizer_dir: Path, name: str) -> Path:
     corpus = tmp_path / "corpus.jsonl"
     if not corpus.exists():
         write_jsonl(corpus, [{"text": f"{line} (document {i})"} for i, line in enumerate(corpus_lines(3000, seed=3))])
-    spec = {"name": name, "output_dir": str(tmp_path / name), "model": {"base": "gpt2"},
-            "tokenizer": {"path": str(tokenizer_dir)},
-            "data": {"train": str(corpus), "block_size": 64, "shard_tokens": 2000, "num_proc": 2}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_recipe_file(tmp_path / f"{name}.yaml", {
+        "name": name, "model": {"base": "gpt2"}, "tokenizer": {"path": str(tokenizer_dir)},
+        "data": {"train": str(corpus), "block_size": 64, "shard_tokens": 2000, "num_proc": 2}})
 
 
 @pytest.mark.slow

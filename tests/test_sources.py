@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import zstandard
 
 from finetune.cli import main
@@ -27,18 +26,16 @@ from finetune.prepared import cache_state, load_prepared
 from finetune.recipe import DataConfig, load_recipe
 from finetune.sources import HubSource, LocalSource
 
-from helpers import ROOT, corpus_lines, shared_path
+from helpers import ROOT, corpus_lines, shared_path, write_recipe_file
 
 COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
             ".zst": lambda data: zstandard.ZstdCompressor().compress(data)}
 
 
 def recipe_file(tmp_path: Path, tokenizer_dir: Path, data: dict, name: str = "t") -> Path:
-    spec = {"name": name, "output_dir": str(tmp_path / name), "model": {"base": "gpt2"},
-            "tokenizer": {"path": str(tokenizer_dir)}, "data": {"block_size": 64, **data}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_recipe_file(tmp_path / f"{name}.yaml", {
+        "name": name, "model": {"base": "gpt2"}, "tokenizer": {"path": str(tokenizer_dir)},
+        "data": {"block_size": 64, **data}})
 
 
 def jsonl(rows: list[dict]) -> bytes:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import corpus_lines
+from helpers import corpus_lines, write_recipe_file
 from finetune.errors import UserError
 from finetune.recipe import load_recipe
 from finetune.train import train, training_arguments
@@ -21,13 +21,11 @@ from finetune.train import train, training_arguments
 
 def write_recipe(tmp_path: Path, base: Path, **train_keys) -> Path:
     (tmp_path / "train.txt").write_text("\n".join(corpus_lines(300, seed=1)) + "\n")
-    raw = {"name": "tracked", "output_dir": str(tmp_path / "run"), "model": {"base": str(base)}, "lora": None,
+    return write_recipe_file(tmp_path / "recipe.yaml", {
+           "name": "tracked", "output_dir": str(tmp_path / "run"), "model": {"base": str(base)}, "lora": None,
            "data": {"train": str(tmp_path / "train.txt"), "block_size": 32, "validation_fraction": 0.1},
            "train": {"max_steps": 6, "batch_size": 8, "logging_steps": 1, "save_steps": 3, "eval_steps": 3,
-                     "lr": 3e-3, "seed": 0, **train_keys}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+                     "lr": 3e-3, "seed": 0, **train_keys}})
 
 
 def test_tensorboard_events_equal_metrics_jsonl(tmp_path, tiny_model_dir):
