@@ -92,7 +92,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo")  # train.objective; all but sft train on preference pairs
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "reward")  # train.objective; all but sft train on preference pairs
 
 
 @dataclass
@@ -101,6 +101,7 @@ class PreferenceConfig:
     beta: float = ranged(0.1, 0, low_ok=False)  # dpo, simpo: reward scale; ipo: the regularisation tau
     label_smoothing: float = ranged(0.0, 0, 0.5)  # dpo: the assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = ranged(0.5, 0)  # simpo: the target reward margin
+    center_rewards_coefficient: float | None = ranged(None, 0)  # reward: weight of mean (r_c + r_r)^2 (TRL's knob)
 
 
 @dataclass
