@@ -112,19 +112,38 @@ def test_packed_pair_rows_give_the_rewards_of_sequences_run_one_by_one(tiny_mode
     assert (one_off - alone).abs().min() > 1e-2  # the position matters: reading the token before EOS is caught
 
 
-def test_lora_reward_model_trains_the_head_in_full(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_lora_reward_model_trains_the_head_in_full_and_merges(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """With LoRA the head is trained in full (modules_to_save) beside the adapter; final/ (the adapter) merges
+    into a plain model that scores as the adapter did."""
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.merge import merge
     from finetune.prepare import prepare
     from finetune.prepared import load_prepared_tokenizer
-    from finetune.train import build_model
+    from finetune.train import build_model, build_trainer, save_final
 
     recipe = load_recipe(write_run(tmp_path, tiny_model_dir, separable_pairs(40, seed=5), {"r": 4, "alpha": 8},
                                    objective="reward"))
     prepare(recipe)
-    model = build_model(recipe, load_prepared_tokenizer(recipe))
+    tokenizer = load_prepared_tokenizer(recipe)
+    model = build_model(recipe, tokenizer)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any("score" in name and "modules_to_save" in name for name in trained)
-    assert any("lora_A" in name for name in trained)
-    assert not any("wte" in name for name in trained)
+    assert any("lora_A" in name for name in trained) and not any("wte" in name for name in trained)
+    trainer = build_trainer(recipe, model, tokenizer)
+    with torch.no_grad():  # a trained-looking adapter and head
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    recipe.run.claim(recipe.run.final, recipe.run.final.with_name("final.tmp"))  # as the train stage does
+    save_final(recipe, trainer, tokenizer)
+    merged = AutoModelForSequenceClassification.from_pretrained(merge(recipe)).eval()
+    examples, rows = pair_rows(tokenizer, separable_pairs(3, seed=8))
+    with torch.no_grad():
+        expected = sequence_rewards(model.eval(), PairCollator(tokenizer.pad_token_id)(rows))
+        plain = torch.tensor([merged(input_ids=torch.tensor([e["prompt_ids"] + e[side]])).logits.item()
+                              for e in examples for side in ("chosen_ids", "rejected_ids")])
+    assert (plain - expected).abs().max() <= REWARD_ABSOLUTE
 
 
 def test_tiny_reward_model_learns_separable_pairs(tmp_path: Path, tiny_model_dir: Path) -> None:
