@@ -214,9 +214,6 @@ class Evaluator:
         if cfg.stride is not None and cfg.stride > self.block:  # 1..data.block_size was checked at load
             raise UserError(f"{where}: 'eval.stride' ({cfg.stride}) is above the model's {self.max_context}-token "
                             "context")
-        if self.recipe.train.objective == "reward" and (cfg.files or cfg.harness):
-            raise UserError(f"{where}: a reward model (train.objective: reward) has no next-token distribution: "
-                            "eval.files and eval.harness do not apply; remove them")
         if self.format.has_reference and cfg.generate_samples and \
                 cfg.max_new_tokens >= self.max_context:
             raise UserError(f"{where}: 'eval.max_new_tokens' ({cfg.max_new_tokens}) leaves no room for the prompt "

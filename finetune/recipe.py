@@ -587,6 +587,9 @@ def _check_train(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: 'train.objective' = {cfg.objective} " + (
             "trains on preference pairs: set 'data.format' to preference" if not paired else
             "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(OBJECTIVES[1:])))
+    if cfg.objective == "reward" and (recipe.eval.files or recipe.eval.harness):
+        raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
+                        "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")
     block = recipe.data.block_size
     if paired and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
         raise UserError(f"{where}: 'data.preference.max_prompt_tokens' must be at most half of data.block_size "

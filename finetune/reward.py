@@ -11,11 +11,27 @@ non-pad token of each row cannot be used: the last position of each sequence is 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from finetune.objectives import PairLosses
 from finetune.recipe import PreferenceConfig
+
+MASK_ADVICE = "We strongly recommend passing in an `attention_mask`"
+
+
+class _PackedRowsHaveNoMask(logging.Filter):
+    """A reward model's config has a pad id (its forward refuses batches without one), so transformers advises an
+    attention mask on every padded batch; packed rows carry none by design (collate.py: the mask comes from the
+    position ids). Only that advice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return MASK_ADVICE not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_PackedRowsHaveNoMask())
 
 
 def score_head(model: torch.nn.Module) -> torch.nn.Module:

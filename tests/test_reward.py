@@ -146,6 +146,17 @@ def test_lora_reward_model_trains_the_head_in_full_and_merges(tmp_path: Path, ti
     assert (plain - expected).abs().max() <= REWARD_ABSOLUTE
 
 
+def test_a_reward_model_has_no_next_token_figures(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from finetune.errors import UserError
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("alpha beta\n")
+    path = write_run(tmp_path, tiny_model_dir, separable_pairs(4, seed=9), objective="reward")
+    load_recipe(path)
+    with pytest.raises(UserError, match="reward model .* 'eval.files' and 'eval.harness' do not apply"):
+        load_recipe(path, [f"eval.files=[{text}]"])
+
+
 def test_tiny_reward_model_learns_separable_pairs(tmp_path: Path, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
