@@ -160,6 +160,9 @@ def test_a_reward_model_has_no_next_token_figures(tmp_path: Path, tiny_model_dir
 def test_tiny_reward_model_learns_separable_pairs(tmp_path: Path, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
+    from finetune.errors import UserError
+    from finetune.generation.loading import load_generator
+
     recipe = write_run(tmp_path, tiny_model_dir, separable_pairs(200, seed=6), objective="reward", max_steps=30,
                        lr=1e-3, save_steps=30)
     for stage in ("train", "eval"):
@@ -180,3 +183,5 @@ def test_tiny_reward_model_learns_separable_pairs(tmp_path: Path, tiny_model_dir
         scores = [[model(input_ids=torch.tensor([e["prompt_ids"] + e[side]])).logits.item()
                    for side in ("chosen_ids", "rejected_ids")] for e in examples]
     assert sum(chosen > rejected for chosen, rejected in scores) >= 9
+    with pytest.raises(UserError, match="is a reward model .* does not generate"):  # generate, chat, serve
+        load_generator(load_recipe(recipe))
