@@ -43,6 +43,7 @@ from finetune.packing import IGNORE, best_fit_decreasing
 from finetune.prepare import ensure_prepared
 from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
+from finetune.reward import sequence_rewards
 from finetune.run_folder import IDENTITY_FILE
 
 DEMO_SEPARATOR = "\n\n"
@@ -235,6 +236,9 @@ class Evaluator:
     def evaluate(self, model: torch.nn.Module, baseline: bool) -> dict:
         role = "base" if baseline else "tuned"
         rows, method = self.lm_sets["validation"]
+        if self.recipe.train.objective == "reward":  # a scalar head, no next-token distribution
+            return {"method": "held-out pairs, each sequence's reward at its last token",
+                    **self.pair_figures(model, rows, role)}
         out = self.lm_figures(model, rows, method, f"{role}: validation")
         if self.cfg.files:
             out["files"] = {path: self.lm_figures(model, *self.lm_sets[path], f"{role}: {Path(path).name}")
@@ -277,10 +281,15 @@ class Evaluator:
     @torch.inference_mode()
     def pair_figures(self, model: torch.nn.Module, rows: Sequence[dict], role: str) -> dict:
         """Held-out preference pairs: pair_accuracy, the share the model itself prefers the chosen response of
-        (objectives.preference_margins), and pair_margin, the mean margin, over all pairs of the split."""
+        (objectives.preference_margins; a reward model's reward difference), and pair_margin, the mean margin,
+        over all pairs of the split."""
         collate, device, mine = PairCollator(self.tokenizer.pad_token_id), self.accelerator.device, []
         for indices in self._batches(self._mine(range(len(rows))), f"{role}: pairs"):
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices]).items()}
+            if self.recipe.train.objective == "reward":
+                rewards = sequence_rewards(model, batch)
+                mine.append((rewards[0::2] - rewards[1::2]).double().cpu())
+                continue
             logps = PairLogps.from_sequences(*sequence_logps(model, batch, self.recipe.train.loss_chunk))
             mine.append(preference_margins(self.recipe.train.objective, logps).double().cpu())
         margins = torch.cat(gather_object([torch.cat(mine) if mine else torch.zeros(0, dtype=torch.float64)]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from finetune.chat_template import save_tokenizer
 from finetune.errors import UserError
-from finetune.modeling import is_adapter, load_final, trained_recipe
+from finetune.modeling import is_adapter, is_reward_model, load_final, trained_recipe
 from finetune.recipe import Recipe
 from finetune.shareable import write_shareable_recipe
 from finetune.tokenizer import load_tokenizer
@@ -21,6 +21,8 @@ def merge(recipe: Recipe) -> Path:
                         "load final/ directly")
     model = load_final(final).merge_and_unload()
     model.config.use_cache = True
+    if is_reward_model(model):
+        model.config.pad_token_id = None  # as train saves final/: transformers pools the last token (reward.py)
     run = recipe.run
     out, staging = run.merged, run.merged.with_name("merged.tmp")  # `push --merged` trusts a complete merged/
     run.claim(staging, out)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config,
+                          GPT2ForSequenceClassification, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerFast)
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import UserError, path_problem
@@ -54,35 +54,46 @@ def base_config(recipe: Recipe) -> PretrainedConfig:
 
 
 def load_base_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
-    """The recipe's base model: `model.base` through AutoModelForCausalLM, or a fresh GPT-2 from `model.init`."""
+    """The recipe's base model: `model.base` through AutoModelForCausalLM, or a fresh GPT-2 from `model.init`; for
+    `train.objective: reward` the same backbone under a scalar head (num_labels=1) initialised from the seed, so
+    the eval baseline's untrained head is the one training started from."""
     cfg = recipe.model
+    reward = recipe.train.objective == "reward"
     if cfg.dtype == "float16" and not torch.cuda.is_available():
         warnings.warn(f"{recipe.source}: 'model.dtype' float16 on a machine without CUDA: CPU float16 kernels are slow "
                       "and training in float16 without loss scaling can diverge; use float32 or bfloat16 here",
                       stacklevel=2)
+    head = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id} if reward else {}
+    if reward or cfg.init is not None:
+        torch.manual_seed(recipe.train.seed)
     if cfg.init is not None:
         config = GPT2Config(**{**cfg.init, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
-                               "eos_token_id": tokenizer.eos_token_id})  # model.init was checked at load
+                               "eos_token_id": tokenizer.eos_token_id, **head})  # model.init was checked at load
         config._attn_implementation = cfg.attn_implementation
-        torch.manual_seed(recipe.train.seed)
-        model = GPT2LMHeadModel(config)
+        model = (GPT2ForSequenceClassification if reward else GPT2LMHeadModel)(config)
         if cfg.dtype not in ("float32", "auto"):
             model = model.to(DTYPES[cfg.dtype])
         return _causal_lm(model)
     with loading_model(cfg.base):
-        model = AutoModelForCausalLM.from_pretrained(
+        model = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(
             cfg.base, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **head,
         )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return _causal_lm(model)
 
 
+def is_reward_model(model: torch.nn.Module) -> bool:
+    """A model with a sequence-classification head (`score`, as GPT2ForSequenceClassification's)."""
+    return hasattr(model, "score")
+
+
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """transformers 5 derives the loss from the class name and finds none in "GPT2LMHeadModel" (it warns, then
-    uses the causal-LM loss): name it."""
-    model.loss_type = "ForCausalLM"
+    uses the causal-LM loss): name it. (A reward model's loss is finetune/reward.py's.)"""
+    if not is_reward_model(model):
+        model.loss_type = "ForCausalLM"
     return model
 
 
@@ -125,7 +136,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> tuple[torch.nn.Module
     patterns = LORA_PRESETS.get(cfg.targets, [cfg.targets]) if isinstance(cfg.targets, str) else list(cfg.targets)
     peft_config = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=patterns, bias=cfg.bias,
-        fan_in_fan_out=conv1d, modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM",
+        fan_in_fan_out=conv1d, modules_to_save=cfg.modules_to_save,
+        task_type="SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",  # SEQ_CLS trains the head in full
     )
     with quiet_peft():
         return get_peft_model(model, peft_config), matched
@@ -148,7 +160,8 @@ def is_adapter(folder: Path) -> bool:
 
 
 def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A run's `final/` (or `merged/`): a PEFT adapter over its recorded base, or a full model."""
+    """A run's `final/` (or `merged/`): a PEFT adapter over its recorded base, or a full model; a reward model
+    (GPT2ForSequenceClassification) as one, its pad id set so it scores batches of packed rows."""
     folder = Path(folder)
     if problem := path_problem(folder, folder=True):
         hint = (": train the recipe first (finetune train RECIPE)" if problem == "not found"
@@ -157,13 +170,23 @@ def load_final(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.
     if is_adapter(folder):
         from peft import PeftModel
 
-        base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        base_path = adapter["base_model_name_or_path"]
+        reward = adapter.get("task_type") == "SEQ_CLS"
         with loading_model(base_path, "the adapter's base model"):
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+            base = (AutoModelForSequenceClassification.from_pretrained(base_path, dtype=dtype, num_labels=1)
+                    if reward else AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype))
         with quiet_peft():
-            return PeftModel.from_pretrained(base, folder)
-    with loading_model(folder, "the model folder"):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = PeftModel.from_pretrained(base, folder)
+    else:
+        with loading_model(folder, "the model folder"):
+            config = AutoConfig.from_pretrained(folder)
+            reward = any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+            model = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(
+                folder, dtype=dtype)
+    if reward:
+        model.config.pad_token_id = model.config.eos_token_id  # final/ saves none: see finetune/reward.py
+    return model
 
 
 def trained_recipe(recipe: Recipe, folder: Path) -> Recipe:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from finetune.recipe import PreferenceConfig
 
-REFERENCE_FREE = ("simpo",)
+REFERENCE_FREE = ("simpo", "reward")
 
 
 class PairLogps(NamedTuple):
@@ -75,9 +75,11 @@ def preference_margins(objective: str, logps: PairLogps) -> torch.Tensor:
     return logps.chosen - logps.rejected
 
 
-def pair_metrics(policy: PairLogps, result: PairLosses) -> dict[str, torch.Tensor]:
-    """Per-pair values of what is logged (averaged over pairs when logged)."""
-    return {"rewards/chosen": result.chosen_rewards, "rewards/rejected": result.rejected_rewards,
-            "rewards/margins": result.chosen_rewards - result.rejected_rewards,
-            "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float(),
-            "logps/chosen": policy.chosen.detach(), "logps/rejected": policy.rejected.detach()}
+def pair_metrics(policy: PairLogps | None, result: PairLosses) -> dict[str, torch.Tensor]:
+    """Per-pair values of what is logged (averaged over pairs when logged); no logps/* for a reward model."""
+    rewards = {"rewards/chosen": result.chosen_rewards, "rewards/rejected": result.rejected_rewards,
+               "rewards/margins": result.chosen_rewards - result.rejected_rewards,
+               "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float()}
+    if policy is None:
+        return rewards
+    return {**rewards, "logps/chosen": policy.chosen.detach(), "logps/rejected": policy.rejected.detach()}

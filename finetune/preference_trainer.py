@@ -1,4 +1,4 @@
-"""The Trainer of the preference objectives (`train.objective`: dpo, ipo, simpo) on packed pair rows.
+"""The Trainer of the preference objectives (`train.objective`: dpo, ipo, simpo, reward) on packed pair rows.
 
 Each row holds whole pairs (chosen, then rejected; positions restarting per sequence, so no sequence sees
 another); per-sequence log-probabilities of the response tokens come from the chunked loss (loss.sequence_logps),
@@ -19,6 +19,7 @@ from peft import PeftModel
 from finetune.loss import sequence_logps
 from finetune.objectives import PairLogps, needs_reference, pair_losses, pair_metrics
 from finetune.recipe import PreferenceConfig
+from finetune.reward import reward_losses, sequence_rewards
 from transformers.trainer_utils import EvalLoopOutput
 
 from finetune.trainer import PackedTrainer
@@ -70,6 +71,9 @@ class PreferenceTrainer(PackedTrainer):
             return pair_logps(model, batch, self._chunk())
 
     def pair_results(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        """(the policy's PairLogps, or None for a reward model; the PairLosses)"""
+        if self.objective == "reward":
+            return None, reward_losses(self.preference, sequence_rewards(model, batch))
         policy = pair_logps(model, batch, self._chunk())
         result = pair_losses(self.objective, self.preference, policy, self.reference_logps(batch))
         return policy, result

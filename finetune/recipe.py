@@ -92,7 +92,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo")  # train.objective; all but sft train on preference pairs
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "reward")  # train.objective; all but sft train on preference pairs
 
 
 @dataclass
@@ -101,6 +101,7 @@ class PreferenceConfig:
     beta: float = ranged(0.1, 0, low_ok=False)  # dpo, simpo: reward scale; ipo: the regularisation tau
     label_smoothing: float = ranged(0.0, 0, 0.5)  # dpo: the assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = ranged(0.5, 0)  # simpo: the target reward margin
+    center_rewards_coefficient: float | None = ranged(None, 0)  # reward: weight of mean (r_c + r_r)^2 (TRL's knob)
 
 
 @dataclass
@@ -586,6 +587,9 @@ def _check_train(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: 'train.objective' = {cfg.objective} " + (
             "trains on preference pairs: set 'data.format' to preference" if not paired else
             "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(OBJECTIVES[1:])))
+    if cfg.objective == "reward" and (recipe.eval.files or recipe.eval.harness):
+        raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
+                        "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")
     block = recipe.data.block_size
     if paired and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
         raise UserError(f"{where}: 'data.preference.max_prompt_tokens' must be at most half of data.block_size "

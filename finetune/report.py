@@ -10,7 +10,8 @@ from finetune.sources import describe_spec
 FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
            ("bits_per_byte", "bits per byte", "{:.4f}"), ("tokens", "scored tokens", "{:d}"),
            ("accuracy", "accuracy", "{:.2%}"), ("macro_f1", "macro-F1", "{:.4f}"),
-           ("exact_match", "exact match", "{:.2%}"), ("bleu", "BLEU", "{:.2f}")]
+           ("exact_match", "exact match", "{:.2%}"), ("bleu", "BLEU", "{:.2f}"),
+           ("pair_accuracy", "pair accuracy", "{:.2%}"), ("pair_margin", "pair margin", "{:.4f}")]
 
 
 def _cell(figures: dict | None, key: str, form: str) -> str:

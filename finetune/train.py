@@ -236,8 +236,8 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
 
 def objective_trainer(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> partial:
     """The Trainer class of `train.objective` with its objective-specific arguments bound: PackedTrainer for sft;
-    PreferenceTrainer otherwise, dropout off, with a frozen copy of `model` (the base, before any training) as
-    the reference when fine-tuning in full."""
+    PreferenceTrainer otherwise (reward included), dropout off, with a frozen copy of `model` (the base, before any
+    training) as the reference when fine-tuning in full."""
     cfg = recipe.train
     if cfg.objective == "sft":
         return partial(PackedTrainer, data_collator=PackedCollator(pad_token_id))
@@ -249,14 +249,20 @@ def objective_trainer(recipe: Recipe, model: torch.nn.Module, pad_token_id: int)
 
 def save_final(recipe: Recipe, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> Path:
     """`final/`: the adapter (PEFT format) or the full model (safetensors), the tokenizer and the resolved recipe;
-    its config has `use_cache` back on so generation uses a KV cache."""
+    its config has `use_cache` back on so generation uses a KV cache, and a reward model's no pad id (plain
+    transformers then scores a sequence at its last token, where it was trained: finetune/reward.py)."""
     run = recipe.run
     final, staging = run.final, run.final.with_name("final.tmp")
     main = is_main_process()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.config.use_cache = True
+    config = trainer.model.config
+    config.use_cache = True
+    pad = config.pad_token_id
+    if recipe.train.objective == "reward":
+        config.pad_token_id = None
     trainer.save_model(str(staging))
+    config.pad_token_id = pad
     if main:
         (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep it
         save_tokenizer(tokenizer, recipe.data, staging)

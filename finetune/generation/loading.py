@@ -6,7 +6,7 @@ import torch
 
 from finetune.errors import UserError
 from finetune.generation.generator import Generator
-from finetune.modeling import DTYPES, load_base_model, load_final, trained_recipe
+from finetune.modeling import DTYPES, is_reward_model, load_base_model, load_final, trained_recipe
 from finetune.recipe import Recipe
 from finetune.tokenizer import load_tokenizer, tokenizer_source
 
@@ -31,4 +31,7 @@ def load_generator(recipe: Recipe, base: bool = False) -> Generator:
         final = recipe.run.final
         model, data, name = load_final(final, dtype), trained_recipe(recipe, final).data, recipe.name
         tokenizer = load_tokenizer(str(final))
+        if is_reward_model(model):
+            raise UserError(f"{final} is a reward model (train.objective: reward): it scores text and does not "
+                            "generate; load it with AutoModelForSequenceClassification (README: Preference tuning)")
     return Generator(model.to(device), tokenizer, data, name)
