@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import WORDS, shared_path, subprocess_env, write_recipe_file
+from helpers import WORDS, shared_path, subprocess_env
+from preference_pairs import pair_rows, separable_pairs, write_run
 from finetune.collate import PairCollator
 from finetune.formats import data_format
 from finetune.formats.chat import chat_segments
@@ -30,37 +30,12 @@ from finetune.preference_trainer import disable_dropout, pair_logps
 from finetune.recipe import DataConfig, PreferenceConfig, load_recipe
 from finetune.train import build_model, build_trainer
 
-GOOD, BAD = WORDS[:12], WORDS[12:24]
 TRL_RELATIVE = 4e-6  # measured in test_dpo_loss_and_gradients_equal_trls
 # Per-sequence log-prob sums (float32, down to -80 here). Measured on this machine: packed rows, one pair per row,
 # one pair per padded row, and the adapter switched off against the base model agree bitwise, at 1 and 2 threads and
 # at chunks 1, 5, 7 and unchunked; each is up to 3.3e-6 (packed test) and 4.0e-6 (adapter test) from float64 forwards
 # of each sequence alone: the float32 rounding another CPU's summation order may move. 10x that:
 LOGP_ABSOLUTE = 4e-5
-
-
-def separable_pairs(n: int, seed: int) -> list[dict]:
-    """Prompts of random words; the chosen response of words from GOOD, the rejected one as many words from BAD."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        length = rng.randint(2, 5)
-        rows.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))),
-                     "chosen": " ".join(rng.choice(GOOD) for _ in range(length)),
-                     "rejected": " ".join(rng.choice(BAD) for _ in range(length))})
-    return rows
-
-
-def write_run(tmp_path: Path, model_dir: Path, rows: list[dict], lora: dict | None = None, name: str = "pref",
-              **train) -> Path:
-    data = tmp_path / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    raw = {"name": name, "model": {"base": str(model_dir)},
-           "data": {"train": str(data), "format": "preference", "block_size": 64, "validation_fraction": 0.2},
-           "lora": lora,
-           "train": {"objective": "dpo", "max_steps": 40, "lr": 3e-3, "batch_size": 8, "logging_steps": 5,
-                     "save_steps": 20, "scheduler": "constant", "seed": 0, "report_to": "none", **train}}
-    return write_recipe_file(tmp_path / f"{name}.yaml", raw)
 
 
 # --- the format ---------------------------------------------------------------------------------------------
@@ -186,25 +161,6 @@ def test_dpo_loss_is_log_2_at_initialisation(tmp_path: Path, tiny_model_dir: Pat
     assert torch.equal(result.chosen_rewards, torch.zeros_like(result.chosen_rewards))
     assert torch.equal(result.rejected_rewards, torch.zeros_like(result.rejected_rewards))
     assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(math.log(2), abs=1e-7)
-
-
-def pair_rows(tokenizer, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The pairs tokenized as prepare does (prompt, then each response's targets), as (TRL examples, our packed
-    row holding all of them)."""
-    from finetune.formats import encode_segments
-
-    fmt = data_format(DataConfig(format="preference"))
-    examples, row = [], {"input_ids": [], "labels": [], "position_ids": []}
-    for raw in rows:
-        prompt, chosen, rejected = (encode_segments(tokenizer, [segs])[0] for segs in
-                                    fmt.pair_segments(fmt.normalize(raw, "row")[0]))
-        examples.append({"prompt_ids": prompt[0], "chosen_ids": chosen[0], "rejected_ids": rejected[0]})
-        for response, _ in (chosen, rejected):
-            ids = prompt[0] + response
-            row["input_ids"] += ids
-            row["labels"] += [-100] * len(prompt[0]) + response
-            row["position_ids"] += list(range(len(ids)))
-    return examples, [row]
 
 
 def test_dpo_loss_and_gradients_equal_trls(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import subprocess_env
-from test_preference import pair_rows, separable_pairs, write_run
+from preference_pairs import pair_rows, separable_pairs, write_run
 from finetune.collate import PairCollator
 from finetune.modeling import without_kv_cache
 from finetune.preference_trainer import disable_dropout
