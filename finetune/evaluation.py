@@ -64,6 +64,7 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
             recipe.run.claim(recipe.run.eval_results, recipe.run.report)
         tokenizer = load_prepared_tokenizer(recipe)
         tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
+        digest = weights_digest(folder) if is_main_process() else None  # the weights as loaded; one reader
         evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
 
         def figures(model: torch.nn.Module, baseline: bool) -> dict:
@@ -74,7 +75,7 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
             accelerator.wait_for_everyone()
             return out
 
-        results = {"model": str(folder), "weights_digest": weights_digest(folder), "format": recipe.data.format,
+        results = {"model": str(folder), "weights_digest": digest, "format": recipe.data.format,
                    **figures(tuned, baseline=False)}
         if recipe.eval.baseline:
             with baseline_model(tuned, recipe, tokenizer, accelerator.device) as (base, description):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
-from helpers import WORDS, write_recipe_file
+from helpers import WORDS, subprocess_env, write_recipe_file
 
 from finetune.formats import data_format, encode_segments
 from finetune.recipe import DataConfig
@@ -54,3 +56,12 @@ def pair_rows(tokenizer, rows: list[dict]) -> tuple[list[dict], list[dict]]:
             row["labels"] += [-100] * len(prompt[0]) + response
             row["position_ids"] += list(range(len(ids)))
     return examples, [row]
+
+
+def train_and_evaluate(recipe: Path, run: Path) -> tuple[dict, list[dict]]:
+    """`finetune train` then `finetune eval` of `recipe` as subprocesses; the run's eval.json and metrics.jsonl."""
+    for stage in ("train", "eval"):
+        subprocess.run([sys.executable, "-m", "finetune", stage, str(recipe)], env=subprocess_env(), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run / "eval.json").read_text()), metrics

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import WORDS, shared_path, subprocess_env
-from preference_pairs import pair_rows, separable_pairs, write_run
+from helpers import WORDS, shared_path
+from preference_pairs import pair_rows, separable_pairs, train_and_evaluate, write_run
 from finetune.collate import PairCollator
 from finetune.formats import data_format
 from finetune.formats.chat import chat_segments
@@ -264,15 +262,11 @@ def test_adapter_off_log_probs_equal_the_base_models(tmp_path: Path, tiny_model_
 def test_tiny_model_learns_separable_pairs(tmp_path: Path, tiny_model_dir: Path, objective: str) -> None:
     recipe = write_run(tmp_path, tiny_model_dir, separable_pairs(240, seed=6), objective=objective, max_steps=100,
                        preference={"beta": 0.5})
-    for stage in ("train", "eval"):
-        subprocess.run([sys.executable, "-m", "finetune", stage, str(recipe)], env=subprocess_env(), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    results = json.loads((tmp_path / "pref" / "eval.json").read_text())
+    results, metrics = train_and_evaluate(recipe, tmp_path / "pref")
     assert results["pairs"] >= 40
     assert results["pair_accuracy"] > 0.9 and results["pair_margin"] > 0
     assert results["pair_accuracy"] > results["baseline"]["pair_accuracy"]
     assert results["reward_accuracy"] > 0.9
-    metrics = [json.loads(line) for line in (tmp_path / "pref" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # float32's log 2: policy == reference
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected"} <= set(metrics[0])

@@ -7,16 +7,12 @@ measured where it is used. A wrong position (one token off), sign or pairing mov
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import subprocess_env
-from preference_pairs import pair_rows, separable_pairs, write_run
+from preference_pairs import pair_rows, separable_pairs, train_and_evaluate, write_run
 from finetune.collate import PairCollator
 from finetune.modeling import without_kv_cache
 from finetune.preference_trainer import disable_dropout
@@ -165,14 +161,10 @@ def test_tiny_reward_model_learns_separable_pairs(tmp_path: Path, tiny_model_dir
 
     recipe = write_run(tmp_path, tiny_model_dir, separable_pairs(200, seed=6), objective="reward", max_steps=30,
                        lr=1e-3, save_steps=30)
-    for stage in ("train", "eval"):
-        subprocess.run([sys.executable, "-m", "finetune", stage, str(recipe)], env=subprocess_env(), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    results = json.loads((tmp_path / "pref" / "eval.json").read_text())
+    results, metrics = train_and_evaluate(recipe, tmp_path / "pref")
     assert results["pairs"] >= 40
     assert results["pair_accuracy"] > 0.9 and results["pair_margin"] > 0
     assert results["baseline"]["pair_accuracy"] < 0.9  # the untrained head
-    metrics = [json.loads(line) for line in (tmp_path / "pref" / "metrics.jsonl").read_text().splitlines()]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(metrics[0])
     # final/ loads with plain transformers and scores text: the pairs' sequences one at a time, ending in EOS
     final = tmp_path / "pref" / "final"
