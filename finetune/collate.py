@@ -47,3 +47,41 @@ class PairCollator(PackedCollator):
             batch["sequence_ids"][i, :n] = before + starts - 1
             before += int(starts[-1])
         return batch
+
+
+class FeedbackCollator(PairCollator):
+    """PackedCollator batches of rated completions (feedback data), with `sequence_ids` as PairCollator's,
+    `desirable` (each sequence's label) and `kl`: the batch's mismatched sequences, from which KTO estimates its
+    KL term. Sequence k's prompt is followed by sequence k - 1's completion (the last completion goes to the first
+    prompt), as TRL's KTOTrainer pairs them; each is cut to `block_size` and they are packed in order into rows of
+    at most `block_size`, positions restarting per sequence, with their own `sequence_ids`."""
+
+    def __init__(self, pad_token_id: int, block_size: int) -> None:
+        super().__init__(pad_token_id)
+        self.block_size = block_size
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        batch["desirable"] = torch.as_tensor([bool(d) for row in rows for d in row["desirable"]])
+        prompts, completions = [], []
+        for row in rows:
+            starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
+            for begin, end in zip(starts, starts[1:]):
+                ids, targets = list(row["input_ids"][begin:end]), [label != IGNORE for label in row["labels"][begin:end]]
+                cut = targets.index(True) if True in targets else len(ids)  # the prompt: what precedes the first target
+                prompts.append(ids[:cut])
+                completions.append(ids[cut:])
+        mismatched = []
+        for prompt, completion in zip(prompts, completions[-1:] + completions[:-1]):
+            ids = (prompt + completion)[:self.block_size]
+            head = max(len(prompt), 1)  # the first token of a packed sequence is never a target
+            mismatched.append({"input_ids": ids, "labels": [IGNORE] * head + ids[head:],
+                               "position_ids": list(range(len(ids)))})
+        packed: list[dict] = []
+        for sequence in mismatched:
+            if not packed or len(packed[-1]["input_ids"]) + len(sequence["input_ids"]) > self.block_size:
+                packed.append({key: [] for key in sequence})
+            for key, values in sequence.items():
+                packed[-1][key] += values
+        batch["kl"] = super().__call__(packed)
+        return batch
