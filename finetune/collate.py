@@ -63,25 +63,36 @@ class FeedbackCollator(PairCollator):
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__(rows)
         batch["desirable"] = torch.as_tensor([bool(d) for row in rows for d in row["desirable"]])
-        prompts, completions = [], []
-        for row in rows:
-            starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
-            for begin, end in zip(starts, starts[1:]):
-                ids, targets = list(row["input_ids"][begin:end]), [label != IGNORE for label in row["labels"][begin:end]]
-                cut = targets.index(True) if True in targets else len(ids)  # the prompt: what precedes the first target
-                prompts.append(ids[:cut])
-                completions.append(ids[cut:])
+        prompts, completions = zip(*(split for row in rows for split in prompt_and_completion(row)))
         mismatched = []
         for prompt, completion in zip(prompts, completions[-1:] + completions[:-1]):
             ids = (prompt + completion)[:self.block_size]
-            head = max(len(prompt), 1)  # the first token of a packed sequence is never a target
+            head = min(max(len(prompt), 1), len(ids))  # the first token of a packed sequence is never a target
             mismatched.append({"input_ids": ids, "labels": [IGNORE] * head + ids[head:],
                                "position_ids": list(range(len(ids)))})
-        packed: list[dict] = []
-        for sequence in mismatched:
-            if not packed or len(packed[-1]["input_ids"]) + len(sequence["input_ids"]) > self.block_size:
-                packed.append({key: [] for key in sequence})
-            for key, values in sequence.items():
-                packed[-1][key] += values
-        batch["kl"] = super().__call__(packed)
+        batch["kl"] = super().__call__(pack_in_order(mismatched, self.block_size))
         return batch
+
+
+def prompt_and_completion(row: dict) -> list[tuple[list[int], list[int]]]:
+    """Each sequence of a packed row as (prompt, completion) token ids: the completion begins at its first target."""
+    positions = list(row["position_ids"])
+    starts = [i for i, position in enumerate(positions) if position == 0] + [len(positions)]
+    out = []
+    for begin, end in zip(starts, starts[1:]):
+        ids = [int(token) for token in row["input_ids"][begin:end]]
+        targets = [label != IGNORE for label in row["labels"][begin:end]]
+        cut = targets.index(True) if True in targets else len(ids)
+        out.append((ids[:cut], ids[cut:]))
+    return out
+
+
+def pack_in_order(sequences: list[dict], block_size: int) -> list[dict]:
+    """Sequences (each at most `block_size` long) packed in their order into rows of at most `block_size`."""
+    rows: list[dict] = []
+    for sequence in sequences:
+        if not rows or len(rows[-1]["input_ids"]) + len(sequence["input_ids"]) > block_size:
+            rows.append({key: [] for key in sequence})
+        for key, values in sequence.items():
+            rows[-1][key] += values
+    return rows

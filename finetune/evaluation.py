@@ -3,9 +3,9 @@
 Figures: loss (token-weighted mean NLL over target tokens only), perplexity, bits per byte, for the validation
 split and each of `eval.files`; accuracy, macro-F1 and the confusion matrix for classification (label scoring);
 exact match and BLEU of greedy generations for instruction and chat data; pair accuracy and margin for preference
-pairs; for rated completions (feedback data) how the model scores desirable against undesirable ones. Under `accelerate launch` the work
-is sharded across processes; NLL sums and counts are reduced, predictions gathered, before anything is divided,
-so the figures depend neither on the number of processes nor on the batch size.
+pairs; for rated completions (feedback data) how the model scores desirable against undesirable ones. Under
+`accelerate launch` the work is sharded across processes; NLL sums and counts are reduced, predictions gathered,
+before anything is divided, so the figures depend neither on the number of processes nor on the batch size.
 """
 
 from __future__ import annotations
