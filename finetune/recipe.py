@@ -94,9 +94,8 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "reward", "kto")  # train.objective (see TRAINS_ON)
-# The data.format each objective trains on: kto on rated completions, the others but sft on preference pairs.
-TRAINS_ON = {"kto": "feedback", **{objective: "preference" for objective in ("dpo", "ipo", "simpo", "reward")}}
+OBJECTIVES = tuple(dict.fromkeys(o for fmt in FORMATS.values() for o in fmt.objectives))  # train.objective: sft,
+# dpo, ipo, simpo, reward (on preference pairs), kto (on feedback); each data format lists those it trains with
 
 
 @dataclass
@@ -593,10 +592,11 @@ def _check_train(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
                         "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")
     block = recipe.data.block_size
-    if recipe.data.format == "preference" and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
+    fmt = data_format(recipe.data)
+    if fmt.paired and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
         raise UserError(f"{where}: 'data.preference.max_prompt_tokens' must be at most half of data.block_size "
                         f"({block // 2}): a pair's two sequences share one row")
-    if recipe.data.format == "feedback" and (recipe.data.feedback.max_prompt_tokens or 0) > block:
+    if fmt.unpaired and (recipe.data.feedback.max_prompt_tokens or 0) > block:
         raise UserError(f"{where}: 'data.feedback.max_prompt_tokens' must be at most data.block_size ({block})")
     if cfg.objective == "kto" and cfg.batch_size < 2:
         raise UserError(f"{where}: 'train.batch_size' must be at least 2 with train.objective kto: its KL estimate "
@@ -604,15 +604,16 @@ def _check_train(recipe: Recipe, where: str) -> None:
 
 
 def _check_objective_data(recipe: Recipe, where: str) -> None:
-    """Each objective trains on one kind of data (TRAINS_ON); sft on every other kind."""
+    """The objective must be one its data format trains with (the format's `objectives`)."""
     objective, kind = recipe.train.objective, recipe.data.format
-    needs = TRAINS_ON.get(objective)
-    if needs == kind or (needs is None and kind not in TRAINS_ON.values()):
+    fits = data_format(recipe.data).objectives
+    if objective in fits:
         return
-    fits = [name for name, wanted in TRAINS_ON.items() if wanted == kind] or ["sft"]
+    needs = [name for name, fmt in FORMATS.items() if objective in fmt.objectives]
     raise UserError(f"{where}: 'train.objective' = {objective} does not train on data.format {kind}"
-                    + (f" (it needs data.format: {needs})" if needs else "") + f"; data.format {kind} trains with "
-                    + (" or ".join(fits) if len(fits) < 3 else ", ".join(fits[:-1]) + " or " + fits[-1]))
+                    + (f" (it needs data.format: {needs[0]})" if len(needs) == 1 else "")
+                    + f"; data.format {kind} trains with "
+                    + (fits[0] if len(fits) == 1 else ", ".join(fits[:-1]) + " or " + fits[-1]))
 
 
 def _check_train_extra(extra: dict, where: str) -> None:

@@ -36,6 +36,7 @@ class FeedbackFormat:
 class Feedback(Chat):
     name = "feedback"
     unpaired = True
+    objectives = ("kto",)
     has_reference = False
 
     def normalize(self, row: dict, where: Any) -> tuple[dict | None, str | None]:

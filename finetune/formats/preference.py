@@ -41,6 +41,7 @@ class PreferenceFormat:
 class Preference(Chat):
     name = "preference"
     paired = True
+    objectives = ("dpo", "ipo", "simpo", "reward")
     has_reference = False
 
     def normalize(self, row: dict, where: Any) -> tuple[dict | None, str | None]:
