@@ -121,10 +121,10 @@ def test_prepare_truncates_counts_every_drop_and_stores_labels(tmp_path: Path, t
 
 def test_kto_en_demo_prepares_and_trains(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The real sample (LLaMA-Factory's kto_en_demo: conversations whose last assistant turn is the rated
-    completion) prepares with nothing dropped and trains."""
+    completion) prepares with nothing dropped and trains, here with LoRA (the reference: the adapter switched off)."""
     path = shared_path("preference/kto_en_demo.json")
-    recipe = load_recipe(write_run(tmp_path, tiny_model_dir, [], data_kind="feedback", objective="kto", name="demo",
-                                   max_steps=2, eval_steps=0, logging_steps=1),
+    recipe = load_recipe(write_run(tmp_path, tiny_model_dir, [], {"r": 4, "alpha": 8}, data_kind="feedback",
+                                   objective="kto", name="demo", max_steps=2, eval_steps=0, logging_steps=1),
                          [f"data.train={path}", "data.block_size=128"])
     manifest = prepare(recipe)
     splits = [manifest[split] for split in ("train", "validation")]
@@ -134,7 +134,7 @@ def test_kto_en_demo_prepares_and_trains(tmp_path: Path, tiny_model_dir: Path) -
     metrics = [json.loads(line) for line in (recipe.run.metrics).read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
     assert metrics[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy == reference, z = 0: 1 - sigmoid(0)
-    assert (recipe.run.final / "model.safetensors").is_file()
+    assert (recipe.run.final / "adapter_model.safetensors").is_file()
 
 
 # --- the recipe -----------------------------------------------------------------------------------------------
