@@ -119,6 +119,24 @@ def test_prepare_truncates_counts_every_drop_and_stores_labels(tmp_path: Path, t
     assert sum(f.get("prompt_fills_block", 0) for f in figures) == 1
 
 
+def test_a_source_with_its_own_field_names_prepares(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`data.feedback` names the recipe's fields; a source of the list may name its own (here: all three)."""
+    renamed = [{"question": row["prompt"], "answer": row["completion"], "thumbs_up": row["label"]}
+               for row in separable_feedback(10, seed=2)]
+    other = tmp_path / "renamed.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in renamed))
+    recipe_file = write_run(tmp_path, tiny_model_dir, separable_feedback(10, seed=1), data_kind="feedback",
+                            objective="kto")
+    recipe = load_recipe(recipe_file, [f"data.train=[{tmp_path / 'pref.jsonl'}, {{path: {other}, "
+                                       "prompt_field: question, completion_field: answer, label_field: thumbs_up}]"])
+    manifest = prepare(recipe)
+    kept = {}
+    for figures in manifest["sources"]:
+        kept[Path(figures["source"]).name] = kept.get(Path(figures["source"]).name, 0) + figures["records_kept"]
+    assert kept == {"pref.jsonl": 20, "renamed.jsonl": 20}
+    assert sum(manifest[split]["desirable"] for split in ("train", "validation")) == 20
+
+
 def test_kto_en_demo_prepares_and_trains(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The real sample (LLaMA-Factory's kto_en_demo: conversations whose last assistant turn is the rated
     completion) prepares with nothing dropped and trains, here with LoRA (the reference: the adapter switched off)."""
