@@ -1,7 +1,6 @@
 """KTO (issue 22): the `feedback` format (single completions rated desirable or not), its preparation (truncation,
 drops by reason, labels stored per example), the mismatched sequences of the KL estimate, the KTO loss against its
-closed form and TRL's KTOTrainer, and a tiny GPT-2 learning separable feedback through `finetune train` and
-`finetune eval`.
+closed form and TRL's KTOTrainer, and a tiny GPT-2 learning separable feedback through the train and eval stages.
 
 TRL_RELATIVE (loss and gradients) and KL_ABSOLUTE (the KL estimate z) are float32 noise, measured in
 test_kto_loss_and_gradients_equal_trls. A wrong token, mask, sign or pairing moves these figures by > 1e-3."""
@@ -57,6 +56,8 @@ def test_three_input_shapes_give_the_same_record() -> None:
     assert renamed.normalize(row, "row")[0] == records[0]
     assert fmt.normalize(row, "row") == (None, "missing_field")  # the default names do not read it
 
+
+# --- prepare --------------------------------------------------------------------------------------------------
 
 def rows_with_every_drop() -> list[dict]:
     return [
