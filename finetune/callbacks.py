@@ -91,7 +91,8 @@ class Throughput(TrainerCallback):
         return (self.tokens - self.start_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-PREFERENCE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/")  # preference_trainer.py's
+PREFERENCE_METRICS = ("rewards/", "logps/", "kl", "eval_rewards/", "eval_logps/", "eval_kl")  # the preference
+# trainers' (preference_trainer.py, feedback_trainer.py)
 
 
 class MetricsFile(TrainerCallback):

@@ -11,7 +11,10 @@ FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity",
            ("bits_per_byte", "bits per byte", "{:.4f}"), ("tokens", "scored tokens", "{:d}"),
            ("accuracy", "accuracy", "{:.2%}"), ("macro_f1", "macro-F1", "{:.4f}"),
            ("exact_match", "exact match", "{:.2%}"), ("bleu", "BLEU", "{:.2f}"),
-           ("pair_accuracy", "pair accuracy", "{:.2%}"), ("pair_margin", "pair margin", "{:.4f}")]
+           ("pair_accuracy", "pair accuracy", "{:.2%}"), ("pair_margin", "pair margin", "{:.4f}"),
+           ("desirable_logp", "desirable completions (log-prob/token)", "{:.4f}"),
+           ("undesirable_logp", "undesirable completions (log-prob/token)", "{:.4f}"),
+           ("feedback_margin", "feedback margin (desirable - undesirable)", "{:.4f}")]
 
 
 def _cell(figures: dict | None, key: str, form: str) -> str:

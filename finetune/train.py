@@ -26,7 +26,7 @@ from transformers.trainer_utils import IntervalStrategy
 from finetune.callbacks import FollowNewSchedule, MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.checkpoints import clear_checkpoints, plan_resume, run_identity
-from finetune.collate import PackedCollator, PairCollator
+from finetune.collate import FeedbackCollator, PackedCollator, PairCollator
 from finetune.distributed import (is_main_process, main_print, process_group, same_on_every_rank, same_prepared_data,
                                   use_cpu)
 from finetune.errors import UserError, writing
@@ -40,6 +40,7 @@ from finetune.run_folder import RECIPE_FILE
 from finetune.tracking import environment as tracking_environment
 from finetune.tracking import guard as guard_trackers
 from finetune.objectives import needs_reference
+from finetune.feedback_trainer import FeedbackTrainer
 from finetune.preference_trainer import PreferenceTrainer, disable_dropout, frozen_copy
 from finetune.trainer import PackedTrainer
 
@@ -236,13 +237,16 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
 
 def objective_trainer(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> partial:
     """The Trainer class of `train.objective` with its objective-specific arguments bound: PackedTrainer for sft;
-    PreferenceTrainer otherwise (reward included), dropout off, with a frozen copy of `model` (the base, before any
-    training) as the reference when fine-tuning in full."""
+    FeedbackTrainer for kto; PreferenceTrainer otherwise (reward included); dropout off, with a frozen copy of
+    `model` (the base, before any training) as the reference when fine-tuning in full."""
     cfg = recipe.train
     if cfg.objective == "sft":
         return partial(PackedTrainer, data_collator=PackedCollator(pad_token_id))
     disable_dropout(model)
     reference = frozen_copy(model) if recipe.lora is None and needs_reference(cfg.objective) else None
+    if cfg.objective == "kto":
+        return partial(FeedbackTrainer, data_collator=FeedbackCollator(pad_token_id, recipe.data.block_size),
+                       objective=cfg.objective, preference=cfg.preference, reference_model=reference)
     return partial(PreferenceTrainer, data_collator=PairCollator(pad_token_id), objective=cfg.objective,
                    preference=cfg.preference, reference_model=reference)
 
