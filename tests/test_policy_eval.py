@@ -120,6 +120,7 @@ def test_kl_estimate_equals_a_direct_computation_on_the_same_samples(tmp_path: P
     assert lengths and max(lengths) < 60  # samples that ended are scored with their EOS
 
 
+@pytest.mark.slow
 def test_two_processes_draw_and_score_the_same_samples(tmp_path: Path, tiny_model_dir: Path) -> None:
     path = lora_run(tmp_path, tiny_model_dir, b_scale=0.3)
     command = ["-m", "finetune", "eval", str(path), *POLICY, "eval.policy.prompts=10", "eval.batch_size=3"]
