@@ -2,7 +2,9 @@
 
 Figures: loss (token-weighted mean NLL over target tokens only), perplexity, bits per byte, for the validation
 split and each of `eval.files`; accuracy, macro-F1 and the confusion matrix for classification (label scoring);
-exact match and BLEU of greedy generations for instruction and chat data. Under `accelerate launch` the work
+exact match and BLEU of greedy generations for instruction and chat data; held-out pair accuracy and margin for
+preference pairs, and for a preference policy its samples against its reference's, the KL estimate between them and
+bits per byte of held-out text (finetune/policy_eval.py). Under `accelerate launch` the work
 is sharded across processes; NLL sums and counts are reduced, predictions gathered, before anything is divided,
 so the figures depend neither on the number of processes nor on the batch size.
 """

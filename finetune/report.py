@@ -51,8 +51,16 @@ def _harness_table(tuned: dict, base: dict | None) -> list[str]:
     return lines
 
 
+def _kl_line(results: dict) -> str:
+    stderr = results["kl_to_reference_stderr"]
+    return (f"KL(tuned || reference) = {results['kl_to_reference']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None
+            else "") + f" nats (standard error; estimated from the tuned model's {results['kl_samples']} samples)")
+
+
 def summary_table(results: dict) -> str:
     lines = _table(results, results.get("baseline"))
+    if "kl_to_reference" in results:
+        lines += ["", _kl_line(results)]
     if "harness" in results:
         lines += ["", *_harness_table(results["harness"], (results.get("baseline") or {}).get("harness"))]
     return "\n".join(lines)
@@ -96,12 +104,9 @@ def _table_cell(text: str) -> str:
 
 def _policy_samples(results: dict) -> list[str]:
     """A policy's samples against its reference's, with the KL estimate drawn from them."""
-    stderr = results["kl_to_reference_stderr"]
     lines = ["## Samples: reference against tuned", "",
-             f"KL(tuned || reference) = {results['kl_to_reference']:.4f}"
-             + (f" ± {stderr:.4f}" if stderr is not None else "")
-             + f" nats (standard error; estimated from the tuned model's {results['kl_samples']} samples). "
-             "Both models sample each prompt with the same seed, at temperature 1 with no top-k or top-p.", "",
+             f"{_kl_line(results)}. Both models sample each prompt with the same seed, at temperature 1 with no top-k "
+             "or top-p.", "",
              "| # | prompt | reference sample | tuned sample |", "|---:|---|---|---|"]
     lines += [f"| {number} | {_table_cell(s['prompt'])} | {_table_cell(s['reference'])} | {_table_cell(s['tuned'])} |"
               for number, s in enumerate(results["policy_samples"], 1)]

@@ -7,6 +7,7 @@ Bounds: KL_ZERO and LOG_RATIO_ABSOLUTE are measured where they are used (see the
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from preference_pairs import separable_pairs, write_run
 from transformers import AutoModelForCausalLM
 
 from finetune.cli import main
+from finetune.errors import UserError
 from finetune.evaluation import Evaluator, baseline_model
 from finetune.modeling import apply_lora, context_length, load_final, without_kv_cache
 from finetune.prepare import prepare
@@ -84,6 +86,18 @@ def test_kl_is_zero_and_samples_agree_when_tuned_is_the_reference(tmp_path: Path
     results = run_eval(path, "lora=null")
     assert abs(results["kl_to_reference"]) <= KL_ZERO
     assert results["baseline"]["model"] == str(tiny_model_dir)
+
+
+def test_sampling_settings_are_checked(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_run(tmp_path, tiny_model_dir, separable_pairs(20, seed=13))
+    for override, message in (("eval.policy.prompts=1025", "'eval.policy.prompts' must be in [0, 1024], got 1025"),
+                              ("eval.policy.max_new_tokens=0",
+                               "'eval.policy.max_new_tokens' must be in [1, 1024], got 0")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_recipe(path, [override])
+    path = lora_run(tmp_path, tiny_model_dir, b_scale=0.0)
+    assert main(["eval", str(path), "eval.policy.max_new_tokens=128"]) == 2  # the tiny model's whole context
+    assert "'eval.policy.max_new_tokens' (128) leaves no room for the prompt" in capsys.readouterr().err
 
 
 @torch.no_grad()
