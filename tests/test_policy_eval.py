@@ -77,6 +77,8 @@ def test_kl_is_zero_and_samples_agree_when_tuned_is_the_reference(tmp_path: Path
     report = load_recipe(path).run.report.read_text()
     assert "| # | prompt | reference sample | tuned sample |" in report and "KL(tuned || reference) = 0.0000" in report
     assert "Held-out text (drift guard)" in report
+    rows = report.split("| # | prompt | reference sample | tuned sample |")[1].split("\n\n")[0].splitlines()[2:]
+    assert len(rows) == 6 and all(len(re.split(r"(?<!\\)\|", row)) == 6 for row in rows)  # text escaped: 4 cells
     # a full fine-tune scored against its base: final/ is the base itself
     full = load_recipe(path, ["lora=null"])
     full.run.final.rename(full.run.root / "adapter")
@@ -89,13 +91,12 @@ def test_kl_is_zero_and_samples_agree_when_tuned_is_the_reference(tmp_path: Path
 
 
 def test_sampling_settings_are_checked(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    path = write_run(tmp_path, tiny_model_dir, separable_pairs(20, seed=13))
+    path = lora_run(tmp_path, tiny_model_dir, b_scale=0.0)
     for override, message in (("eval.policy.prompts=1025", "'eval.policy.prompts' must be in [0, 1024], got 1025"),
                               ("eval.policy.max_new_tokens=0",
                                "'eval.policy.max_new_tokens' must be in [1, 1024], got 0")):
         with pytest.raises(UserError, match=re.escape(message)):
             load_recipe(path, [override])
-    path = lora_run(tmp_path, tiny_model_dir, b_scale=0.0)
     assert main(["eval", str(path), "eval.policy.max_new_tokens=128"]) == 2  # the tiny model's whole context
     assert "'eval.policy.max_new_tokens' (128) leaves no room for the prompt" in capsys.readouterr().err
 
