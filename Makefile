@@ -17,7 +17,7 @@ export MAKE_PROMPT := $(value PROMPT)
 export MAKE_REPO := $(value REPO)
 export MAKE_ACCELERATE_CONFIG := $(value ACCELERATE_CONFIG)
 
-.PHONY: setup test test-fast lint prepare train eval demo bench generate chat serve merge push
+.PHONY: setup test test-fast lint prepare train eval demo demo-preference bench generate chat serve merge push
 NPROC ?= 1
 
 $(VENV)/.installed: pyproject.toml
@@ -99,6 +99,14 @@ demo: setup
 	$(OFFLINE) $(PY) -m finetune eval recipes/demo-tune.yaml
 	$(OFFLINE) $(PY) -m finetune generate recipes/demo-pretrain.yaml --prompt "The kettle" --num-samples 2 --max-new-tokens 40 --seed 0
 	$(OFFLINE) $(PY) scripts/demo_summary.py
+
+# Preference tuning on the demo: DPO teaches the pretrained review writer to write positive reviews, judged before
+# and after by the classifier demo-tune trained (runs `make demo` first when its models are missing).
+demo-preference: setup
+	@test -f outputs/demo-tune/final/recipe.yaml || $(MAKE) demo
+	$(OFFLINE) $(PY) -m finetune train recipes/demo-dpo.yaml
+	$(OFFLINE) $(PY) -m finetune eval recipes/demo-dpo.yaml
+	$(OFFLINE) $(PY) scripts/demo_summary.py preference
 
 # Benchmarks (not part of the tests): each prints ratios against a baseline measured in the same run and
 # appends them to bench/results/.
