@@ -102,6 +102,7 @@ class PreferenceConfig:
     label_smoothing: float = ranged(0.0, 0, 0.5)  # dpo: the assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = ranged(0.5, 0)  # simpo: the target reward margin
     center_rewards_coefficient: float | None = ranged(None, 0)  # reward: weight of mean (r_c + r_r)^2 (TRL's knob)
+    precompute_reference: bool = False  # dpo, ipo: reference log-probs computed once, cached; no reference in memory
 
 
 @dataclass
@@ -587,6 +588,13 @@ def _check_train(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: 'train.objective' = {cfg.objective} " + (
             "trains on preference pairs: set 'data.format' to preference" if not paired else
             "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(OBJECTIVES[1:])))
+    if cfg.objective != "sft" and cfg.preference.precompute_reference:
+        from finetune.objectives import needs_reference
+
+        if not needs_reference(cfg.objective):
+            raise UserError(f"{where}: 'train.preference.precompute_reference' caches a reference model's "
+                            f"log-probabilities, and train.objective {cfg.objective} has no reference model: remove "
+                            "it, or use an objective with one (dpo, ipo)")
     if cfg.objective == "reward" and (recipe.eval.files or recipe.eval.harness):
         raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
                         "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")
