@@ -13,7 +13,9 @@ model object our train stage builds (with its LoRA adapter, or for full fine-tun
 rejected, positions restarting) and a batch holds the same pairs as TRL's batch of the same size, drawn in the same
 order (both Trainers shuffle with the same seeded sampler over the same number of pairs): the losses agree step
 by step up to float32 rounding. Each side runs in its own process; peak RSS is that process's getrusage maxrss.
-Timed: the end of the warm-up steps to the end of the last step, wall clock and process CPU time.
+Timed: the end of the warm-up steps to the end of the last step, wall clock and process CPU time. Full fine-tuning
+also runs ours with `train.preference.precompute_reference` (`cached`: the reference's log-probs computed once
+before the first step, outside the timed steps; no frozen copy in memory).
 Goal: ours >= 1.5x TRL's pairs/s at no more peak RSS.
 """
 
@@ -51,7 +53,8 @@ def make_recipe(args: argparse.Namespace, pairs: Path, tokenizer: Path, out: Pat
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0} if args.tuning == "lora" else None,
         "train": {"objective": "dpo", "max_steps": args.steps, "lr": LR, "scheduler": "constant",
                   "batch_size": args.batch, "logging_steps": 1, "eval_steps": 0, "save_steps": args.steps + 1,
-                  "resume": "never", "seed": 0, "report_to": "none", "preference": {"beta": 0.1}},
+                  "resume": "never", "seed": 0, "report_to": "none",
+                  "preference": {"beta": 0.1, "precompute_reference": args.side == "cached"}},
     })
 
 
@@ -100,7 +103,7 @@ def run_side(side: str, args: argparse.Namespace, recipe) -> dict:
 
     tokenizer = load_prepared_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
-    trainer = build_trainer(recipe, model, tokenizer) if side == "ours" else trl_trainer(recipe, model, tokenizer)
+    trainer = trl_trainer(recipe, model, tokenizer) if side == "trl" else build_trainer(recipe, model, tokenizer)
     clock, losses = StepClock(WARMUP, args.steps), StepLosses()
     trainer.add_callback(clock)
     trainer.add_callback(losses)
@@ -119,28 +122,41 @@ def side_in_subprocess(side: str, argv: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def max_difference(a: list[float], b: list[float]) -> float:
+    return float(f"{max(abs(x - y) for x, y in zip(a, b)):.3g}")
+
+
 def compare(args: argparse.Namespace, argv: list[str]) -> None:
     from finetune.prepare import prepare
 
     prepare(make_recipe(args, args.pairs, args.tokenizer, args.out))
     started = time.perf_counter()
-    ours, trl = side_in_subprocess("ours", argv), side_in_subprocess("trl", argv)
+    sides = ["ours", "trl"] + (["cached"] if args.tuning == "full" else [])
+    runs = {side: side_in_subprocess(side, argv) for side in sides}
+    ours, trl = runs["ours"], runs["trl"]
     print(f"DPO, {args.tuning} fine-tuning: {args.layers} layers x {args.width} wide, vocabulary 50257, block "
           f"{args.block}, batch {args.batch} pairs, {args.steps} steps ({WARMUP} warm-up), torch threads "
           f"{torch.get_num_threads()}; {time.perf_counter() - started:.0f} s")
-    print("  step  loss (ours)  loss (TRL)   difference")
-    for step, (a, b) in enumerate(zip(ours["losses"], trl["losses"]), start=1):
-        print(f"  {step:4d}  {a:.7f}    {b:.7f}    {a - b:+.2e}")
-    difference = max(abs(a - b) for a, b in zip(ours["losses"], trl["losses"]))
+    print("  step  " + "  ".join(f"{'loss (' + side + ')':<16}" for side in sides) + "ours - TRL")
+    for step, losses in enumerate(zip(*(runs[side]["losses"] for side in sides)), start=1):
+        print(f"  {step:4d}  " + "  ".join(f"{loss:<16.7f}" for loss in losses) + f"{losses[0] - losses[1]:+.2e}")
+    cached = runs.get("cached")
+    if cached:  # full fine-tuning with train.preference.precompute_reference: no frozen copy, no reference forward
+        cached = {"cached_max_loss_difference_vs_trl": max_difference(cached["losses"], trl["losses"]),
+                  "cached_pairs_per_s": round(cached["pairs_per_s"], 2),
+                  "cached_throughput_ratio": round(cached["pairs_per_s"] / trl["pairs_per_s"], 3),
+                  "cached_throughput_ratio_by_cpu_time": round(cached["pairs_per_s_cpu"] / trl["pairs_per_s_cpu"], 3),
+                  "cached_peak_rss_mb": round(cached["peak_rss_mb"]),
+                  "cached_rss_ratio": round(cached["peak_rss_mb"] / trl["peak_rss_mb"], 3)}
     record("dpo_throughput", {
         "tuning": args.tuning, "layers": args.layers, "width": args.width, "block": args.block, "batch": args.batch,
         "steps": args.steps, "torch_threads": torch.get_num_threads(),
-        "max_loss_difference": float(f"{difference:.3g}"),
+        "max_loss_difference": max_difference(ours["losses"], trl["losses"]),
         "ours_pairs_per_s": round(ours["pairs_per_s"], 2), "trl_pairs_per_s": round(trl["pairs_per_s"], 2),
         "throughput_ratio": round(ours["pairs_per_s"] / trl["pairs_per_s"], 3),
         "throughput_ratio_by_cpu_time": round(ours["pairs_per_s_cpu"] / trl["pairs_per_s_cpu"], 3),
         "ours_peak_rss_mb": round(ours["peak_rss_mb"]), "trl_peak_rss_mb": round(trl["peak_rss_mb"]),
-        "rss_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3)})
+        "rss_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3), **(cached or {})})
 
 
 def main() -> None:
@@ -152,7 +168,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "trl", "cached"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps <= WARMUP:

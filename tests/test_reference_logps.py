@@ -28,7 +28,7 @@ CACHED = {"preference": {"precompute_reference": True}}
 # to 4.0e-6 from a float64 forward (tests/test_preference.py), what another CPU's summation order may move. 10x that:
 LOGP_ABSOLUTE = 4e-5
 # Measured: the two 12-step runs' losses, validation losses and margins agree to 0.0 here. A reference moved by
-# LOGP_ABSOLUTE moves a DPO loss by at most beta * 2 * LOGP_ABSOLUTE / 4 = 2e-6 a step; with headroom for 12 steps:
+# LOGP_ABSOLUTE moves a DPO loss by at most sigmoid(-h) * beta * 2 * LOGP_ABSOLUTE = 4e-6 a step (h = 0, beta 0.1):
 LOSS_ABSOLUTE = 1e-5
 
 
