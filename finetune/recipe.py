@@ -591,10 +591,10 @@ def _check_train(recipe: Recipe, where: str) -> None:
     if cfg.objective != "sft" and cfg.preference.precompute_reference:
         from finetune.objectives import needs_reference
 
-        if not needs_reference(cfg.objective):
+        if not (paired and needs_reference(cfg.objective)):
             raise UserError(f"{where}: 'train.preference.precompute_reference' caches a reference model's "
-                            f"log-probabilities, and train.objective {cfg.objective} has no reference model: remove "
-                            "it, or use an objective with one (dpo, ipo)")
+                            f"log-probabilities of preference pairs, and train.objective {cfg.objective} has no "
+                            "reference model or no pairs: remove it, or use dpo or ipo")
     if cfg.objective == "reward" and (recipe.eval.files or recipe.eval.harness):
         raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
                         "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")

@@ -5,13 +5,18 @@ and never trusted for another base, other data, or a file a killed run tore."""
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import save_tiny_gpt2
+from helpers import save_tiny_gpt2, subprocess_env
 from preference_pairs import separable_pairs, write_run
 from finetune.errors import UserError
 from finetune.modeling import without_kv_cache
@@ -121,3 +126,46 @@ def test_precompute_reference_needs_an_objective_with_a_reference(tmp_path: Path
     recipe_file = write_run(tmp_path, tiny_model_dir, separable_pairs(4, seed=11), objective="simpo", **CACHED)
     with pytest.raises(UserError, match="precompute_reference.*simpo"):
         load_recipe(recipe_file)
+
+
+def losses(run: Path, key: str = "loss") -> dict[int, float]:
+    return {m["step"]: m[key] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in m}
+
+
+def finetune_train(recipe: Path, *overrides: str, processes: int = 1) -> subprocess.Popen:
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                str(processes), "--main_process_port", str(free_port())] if processes > 1 else [sys.executable]
+    return subprocess.Popen([*launcher, "-m", "finetune", "train", str(recipe), *overrides], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_cache_serves_several_processes_and_a_resume_after_sigkill(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = write_run(tmp_path, tiny_model_dir, separable_pairs(80, seed=12), max_steps=40, logging_steps=1,
+                       save_steps=4, **CACHED)
+    prepare(load_recipe(recipe))
+    runs = {name: tmp_path / name for name in ("whole", "killed", "two-cached", "two-frozen")}
+    assert finetune_train(recipe, f"output_dir={runs['whole']}").wait() == 0
+    killed = finetune_train(recipe, f"output_dir={runs['killed']}")
+    while not (runs["killed"] / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
+        assert killed.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    written = (runs["killed"] / "reference" / "logps.npz").stat().st_mtime_ns
+    assert finetune_train(recipe, f"output_dir={runs['killed']}").wait() == 0
+    assert (runs["killed"] / "reference" / "logps.npz").stat().st_mtime_ns == written  # read back, not recomputed
+    assert losses(runs["killed"]) == losses(runs["whole"])  # measured: equal to 0.0, as resume is exact
+    for name, cached in (("two-cached", "true"), ("two-frozen", "false")):
+        launched = finetune_train(recipe, f"output_dir={runs[name]}", "train.batch_size=4", "train.max_steps=8",
+                                  f"train.preference.precompute_reference={cached}", processes=2)
+        assert launched.wait(timeout=600) == 0
+    for key in ("loss", "eval_loss"):  # measured: equal to 0.0
+        cached, frozen = losses(runs["two-cached"], key), losses(runs["two-frozen"], key)
+        assert cached.keys() == frozen.keys() and max(abs(cached[s] - frozen[s]) for s in cached) <= LOSS_ABSOLUTE
