@@ -116,6 +116,7 @@ bench: setup
 	$(OFFLINE) $(PY) -m bench.long_records
 	$(OFFLINE) $(PY) -m bench.packing_efficiency
 	$(OFFLINE) $(PY) -m bench.train_throughput
+	$(OFFLINE) $(PY) -m bench.dpo_throughput
 	$(OFFLINE) $(PY) -m bench.train_vocab
 	$(OFFLINE) $(PY) -m bench.eval_vs_harness
 	$(OFFLINE) $(PY) -m bench.lora_params

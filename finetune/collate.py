@@ -35,7 +35,8 @@ class PackedCollator:
 class PairCollator(PackedCollator):
     """PackedCollator batches of preference rows (whole pairs, chosen then rejected, see packing.plan_pieces), with
     `sequence_ids`: for each token, the number of its sequence in the batch (-1 for padding). Sequence 2k is pair
-    k's chosen response, 2k + 1 its rejected one."""
+    k's chosen response, 2k + 1 its rejected one. Rows that carry `reference_logps` (one value per sequence,
+    finetune/reference_logps.py) give the batch `reference_logps` in the same sequence order."""
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__(rows)
@@ -46,6 +47,9 @@ class PairCollator(PackedCollator):
             starts = batch["position_ids"][i, :n].eq(0).cumsum(0)
             batch["sequence_ids"][i, :n] = before + starts - 1
             before += int(starts[-1])
+        if "reference_logps" in rows[0]:
+            batch["reference_logps"] = torch.cat([torch.as_tensor(row["reference_logps"], dtype=torch.float32)
+                                                  for row in rows])
         return batch
 
 

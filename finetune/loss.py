@@ -116,7 +116,14 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
         nll = torch.cat([_token_nll(states[start:start + chunk], weight, targets[start:start + chunk])
                          for start in range(0, len(targets), chunk)])
     logps = torch.zeros(count, dtype=torch.float32, device=nll.device).index_add(0, owner, -nll)
-    return logps, torch.zeros(count, dtype=torch.long, device=nll.device).index_add_(0, owner, torch.ones_like(owner))
+    return logps, sequence_target_counts(batch)
+
+
+def sequence_target_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per sequence of a PairCollator batch: the number of its target tokens."""
+    labels, sequence_ids = batch["labels"], batch["sequence_ids"]
+    owner = sequence_ids[:, 1:][labels[:, 1:].ne(IGNORE)]
+    return torch.bincount(owner, minlength=int(sequence_ids.max()) + 1)
 
 
 def _token_nll(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

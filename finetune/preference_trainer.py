@@ -4,7 +4,8 @@ Each row holds whole pairs (chosen, then rejected; positions restarting per sequ
 another); per-sequence log-probabilities of the response tokens come from the chunked loss (loss.sequence_logps),
 so the batch's full logits never exist. The reference is the model with its LoRA adapter switched off (no
 second copy), or for full fine-tuning a frozen copy of the base taken before training, which works for a
-from-scratch `model.init` base as for a Hub model.
+from-scratch `model.init` base as for a Hub model; with `train.preference.precompute_reference`, its
+log-probabilities computed once before training and carried by the batch (finetune/reference_logps.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from peft import PeftModel
 
-from finetune.loss import sequence_logps
+from finetune.loss import sequence_logps, sequence_target_counts
 from finetune.objectives import PairLogps, needs_reference, pair_losses, pair_metrics
 from finetune.recipe import PreferenceConfig
 from finetune.reward import reward_losses, sequence_rewards
@@ -74,6 +75,8 @@ class PreferenceTrainer(PackedTrainer):
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> PairLogps | None:
         if not needs_reference(self.objective):
             return None
+        if self.preference.precompute_reference:
+            return PairLogps.from_sequences(batch["reference_logps"], sequence_target_counts(batch))
         with self.reference() as model:
             return pair_logps(model, batch, self._chunk())
 

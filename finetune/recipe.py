@@ -107,6 +107,7 @@ class PreferenceConfig:
     center_rewards_coefficient: float | None = ranged(None, 0)  # reward: weight of mean (r_c + r_r)^2 (TRL's knob)
     desirable_weight: float = ranged(1.0, 0, low_ok=False)  # kto: weight of the desirable completions' losses
     undesirable_weight: float = ranged(1.0, 0, low_ok=False)  # kto: weight of the undesirable completions' losses
+    precompute_reference: bool = False  # dpo, ipo: reference log-probs computed once, cached; no reference in memory
 
 
 @dataclass
@@ -597,6 +598,10 @@ def _check_train(recipe: Recipe, where: str) -> None:
             raise UserError(f"{where}: 'train.scheduler' = {cfg.scheduler!r} is not a learning-rate schedule; use "
                             f"one of: {', '.join(schedules)}{did_you_mean(cfg.scheduler, schedules)}")
     _check_objective_data(recipe, where)
+    if cfg.preference.precompute_reference and cfg.objective not in ("dpo", "ipo"):
+        raise UserError(f"{where}: 'train.preference.precompute_reference' caches a reference model's "
+                        f"log-probabilities of preference pairs, and train.objective {cfg.objective} has no "
+                        "reference model or no pairs: remove it, or use dpo or ipo")
     if cfg.objective == "reward" and (recipe.eval.files or recipe.eval.harness):
         raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
                         "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")

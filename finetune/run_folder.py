@@ -19,7 +19,7 @@ IDENTITY_FILE = "run.json"  # beside checkpoints: what they were trained from
 OWNED_FILE = ".finetune-owned.json"  # the entries of the run folder that finetune wrote, so may replace or remove
 # What marks a run folder written before OWNED_FILE existed: its entries of the layout are then adopted.
 EARLIER_RUN_MARKS = ("prepared/manifest.json", "checkpoints/run.json", "final/recipe.yaml")
-LAYOUT = ("prepared", "prepared.partial", "checkpoints", "final", "base", "merged", "hub", "metrics.jsonl",
+LAYOUT = ("prepared", "prepared.partial", "checkpoints", "final", "base", "merged", "hub", "reference", "metrics.jsonl",
           "loss.png", "eval.json", "report.md", "tensorboard", ".prepare.lock", ".train.lock")
 
 
@@ -55,6 +55,12 @@ class RunFolder:
     def base(self) -> Path:
         """A from-scratch model as initialized, the base a LoRA adapter points at."""
         return self.root / "base"
+
+    @property
+    def reference_logps(self) -> Path:
+        """The reference model's log-probabilities of the prepared sequences, computed once
+        (`train.preference.precompute_reference`; finetune/reference_logps.py)."""
+        return self.root / "reference" / "logps.npz"
 
     @property
     def merged(self) -> Path:

@@ -218,11 +218,16 @@ class TokenStore:
         return (maps["tokens"][shard][offset:offset + length],
                 None if targets is None else targets[offset:offset + length])
 
-    def row_pieces(self, index: int) -> np.ndarray:
+    def row_span(self, index: int) -> tuple[int, int]:
+        """Where row `index`'s pieces are in the split's plan: pieces[first:end] (for pairs, its sequences)."""
         maps = self._open()
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return maps["pieces"][maps["rows"][index]:maps["rows"][index + 1]]
+        return int(maps["rows"][index]), int(maps["rows"][index + 1])
+
+    def row_pieces(self, index: int) -> np.ndarray:
+        first, end = self.row_span(index)
+        return self._open()["pieces"][first:end]
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         ids, labels, positions = [], [], []

@@ -34,7 +34,7 @@ from finetune.modeling import (apply_lora, base_config, context_length, load_bas
                                without_kv_cache)
 from finetune.plots import plot_loss
 from finetune.prepare import ensure_prepared
-from finetune.prepared import load_prepared, load_prepared_tokenizer
+from finetune.prepared import load_prepared, load_prepared_tokenizer, read_manifest
 from finetune.recipe import DEFAULT_DDP_TIMEOUT_S, STAGE_ARGUMENTS, TRAINING_ARGUMENTS, Recipe, save_recipe
 from finetune.run_folder import RECIPE_FILE
 from finetune.tracking import environment as tracking_environment
@@ -42,6 +42,7 @@ from finetune.tracking import guard as guard_trackers
 from finetune.objectives import needs_reference
 from finetune.feedback_trainer import FeedbackTrainer
 from finetune.preference_trainer import PreferenceTrainer, disable_dropout, frozen_copy
+from finetune.reference_logps import WithReference, cached_reference_logps
 from finetune.trainer import PackedTrainer
 
 
@@ -219,11 +220,19 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
     args = args or run_arguments(recipe)
     evaluate = args.eval_strategy != IntervalStrategy.NO
     throughput = Throughput()
-    trainer = objective_trainer(recipe, model, tokenizer.pad_token_id)(
+    make_trainer = objective_trainer(recipe, model, tokenizer.pad_token_id)
+    splits = {"train": load_prepared(recipe, "train"), **({"validation": load_prepared(recipe, "validation")}
+                                                          if evaluate else {})}
+    if cfg.objective != "sft" and cfg.preference.precompute_reference:
+        cached = cached_reference_logps(recipe.run, read_manifest(recipe)["fingerprint"], model, splits,
+                                        make_trainer.keywords["data_collator"], args.per_device_eval_batch_size,
+                                        cfg.loss_chunk)
+        splits = {split: WithReference(store, cached[split]) for split, store in splits.items()}
+    trainer = make_trainer(
         loss_chunk=cfg.loss_chunk,
         model=model, args=args,
-        train_dataset=load_prepared(recipe, "train"),
-        eval_dataset=load_prepared(recipe, "validation") if evaluate else None,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("validation"),
         callbacks=[StopWhenFinished(), FollowNewSchedule(), throughput, MetricsFile(recipe.run.metrics)],
     )  # no processing_class: Trainer would copy pad = EOS into the model config (final/ gets the tokenizer)
     if not trainer.args.disable_tqdm:
@@ -238,12 +247,14 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
 def objective_trainer(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> partial:
     """The Trainer class of `train.objective` with its objective-specific arguments bound: PackedTrainer for sft;
     FeedbackTrainer for kto; PreferenceTrainer otherwise (reward included); dropout off, with a frozen copy of
-    `model` (the base, before any training) as the reference when fine-tuning in full."""
+    `model` (the base, before any training) as the reference when fine-tuning in full, unless its log-probabilities
+    are computed once (train.preference.precompute_reference)."""
     cfg = recipe.train
     if cfg.objective == "sft":
         return partial(PackedTrainer, data_collator=PackedCollator(pad_token_id))
     disable_dropout(model)
-    reference = frozen_copy(model) if recipe.lora is None and needs_reference(cfg.objective) else None
+    in_memory = needs_reference(cfg.objective) and not cfg.preference.precompute_reference
+    reference = frozen_copy(model) if recipe.lora is None and in_memory else None
     if cfg.objective == "kto":
         return partial(FeedbackTrainer, data_collator=FeedbackCollator(pad_token_id, recipe.data.block_size),
                        objective=cfg.objective, preference=cfg.preference, reference_model=reference)
