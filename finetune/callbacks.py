@@ -91,12 +91,14 @@ class Throughput(TrainerCallback):
         return (self.tokens - self.start_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-PREFERENCE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/")  # preference_trainer.py's
+# the objectives' own metrics: preference_trainer.py's, then rl/trainer.py's
+OBJECTIVE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/",
+                     "reward", "frac_reward_zero_std", "kl", "entropy", "completions/")
 
 
 class MetricsFile(TrainerCallback):
     """`metrics.jsonl`: one JSON object per training log (step, loss, lr, grad_norm, tokens/s) or evaluation
-    (step, eval_loss), with the preference objectives' rewards and log-probabilities. A resumed run keeps the
+    (step, eval_loss), with the preference objectives' rewards and log-probabilities and reward RL's figures. A resumed run keeps the
     lines up to its checkpoint's step and appends after them."""
 
     def __init__(self, path: Path) -> None:
@@ -124,7 +126,7 @@ class MetricsFile(TrainerCallback):
             record.update(train_runtime=logs["train_runtime"], tokens=state.num_input_tokens_seen)
         else:
             return
-        record.update({key: value for key, value in logs.items() if key.startswith(PREFERENCE_METRICS)})
+        record.update({key: value for key, value in logs.items() if key.startswith(OBJECTIVE_METRICS)})
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -30,6 +30,8 @@ from finetune.formats.chat import ChatFormat
 from finetune.formats.classification import ClassificationFormat
 from finetune.formats.instruction import InstructionFormat
 from finetune.formats.preference import PreferenceFormat
+from finetune.formats.prompt import PromptFormat
+from finetune.rl.config import RL_OBJECTIVES, RLConfig, check_rl, resolve_reward_paths
 from finetune.run_folder import RunFolder
 from finetune.sources import HubSource, LocalSource, SourceSpec, check_sources  # noqa: F401 - the source types
 # are part of the recipe's types (importable from here)
@@ -80,6 +82,7 @@ class DataConfig:
     chat: ChatFormat = field(default_factory=ChatFormat)
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
     preference: PreferenceFormat = field(default_factory=PreferenceFormat)
+    prompt: PromptFormat = field(default_factory=PromptFormat)
 
 
 @dataclass
@@ -92,7 +95,8 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "reward")  # train.objective; all but sft train on preference pairs
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "reward")  # these train on preference pairs
+OBJECTIVES = ("sft", *PREFERENCE_OBJECTIVES, *RL_OBJECTIVES)  # train.objective
 
 
 @dataclass
@@ -133,7 +137,7 @@ class TrainConfig:
     report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
     run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
-    objective: Literal[OBJECTIVES] = "sft"  # all but sft train on preference pairs
+    objective: Literal[OBJECTIVES] = "sft"
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
@@ -193,6 +197,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -316,6 +321,8 @@ def _resolve_paths(data: dict, folder: Path, where: str) -> None:
                 resolved_source(value)
     if isinstance(data.get("output_dir"), str):
         data["output_dir"] = resolved(expand_user_path(data["output_dir"], f"{where}: 'output_dir'"))
+    if isinstance(section("rl").get("rewards"), list):
+        data["rl"]["rewards"] = resolve_reward_paths(data["rl"]["rewards"], resolved)
     if isinstance(section("eval").get("files"), list):
         data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
     if section("eval", "harness").get("include_path") is not None:
@@ -582,11 +589,17 @@ def _check_train(recipe: Recipe, where: str) -> None:
         if cfg.scheduler not in schedules:
             raise UserError(f"{where}: 'train.scheduler' = {cfg.scheduler!r} is not a learning-rate schedule; use "
                             f"one of: {', '.join(schedules)}{did_you_mean(cfg.scheduler, schedules)}")
-    paired = data_format(recipe.data).paired
-    if paired != (cfg.objective != "sft"):
+    fmt = data_format(recipe.data)
+    paired = fmt.paired
+    if fmt.prompts_only != (cfg.objective in RL_OBJECTIVES):
+        raise UserError(f"{where}: " + (
+            f"'train.objective' = {cfg.objective} learns from rewards on its own completions: set 'data.format' to "
+            "prompt" if not fmt.prompts_only else
+            "'data.format' = prompt holds prompts for reward RL: set 'train.objective' to grpo or rloo"))
+    if paired != (cfg.objective in PREFERENCE_OBJECTIVES):
         raise UserError(f"{where}: 'train.objective' = {cfg.objective} " + (
             "trains on preference pairs: set 'data.format' to preference" if not paired else
-            "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(OBJECTIVES[1:])))
+            "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(PREFERENCE_OBJECTIVES)))
     if cfg.objective == "reward" and (recipe.eval.files or recipe.eval.harness):
         raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
                         "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")
@@ -664,6 +677,7 @@ def _validate(recipe: Recipe, where: str) -> None:
     _check_report_to(recipe, where)
     _check_harness(recipe, where)
     _check_train(recipe, where)
+    check_rl(recipe.rl, recipe.train.objective, where)
     _check_eval(recipe, where)
     _check_generate_and_serve(recipe, where)
     if recipe.model.init is not None:

@@ -41,6 +41,9 @@ from finetune.tracking import environment as tracking_environment
 from finetune.tracking import guard as guard_trackers
 from finetune.objectives import needs_reference
 from finetune.preference_trainer import PreferenceTrainer, disable_dropout, frozen_copy
+from finetune.rl.config import RL_OBJECTIVES
+from finetune.rl.rewards import load_rewards
+from finetune.rl.trainer import RLTrainer
 from finetune.trainer import PackedTrainer
 
 
@@ -209,7 +212,8 @@ def run_arguments(recipe: Recipe) -> TrainingArguments:
     if recipe.train.early_stopping_patience and not validation:
         raise UserError(f"{recipe.source}: 'train.early_stopping_patience' needs evaluation, but the prepared data "
                         "has no validation split")
-    return training_arguments(recipe, validation and recipe.train.eval_steps != 0)
+    evaluate = validation and recipe.train.eval_steps != 0 and recipe.train.objective not in RL_OBJECTIVES
+    return training_arguments(recipe, evaluate)
 
 
 def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -218,7 +222,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
     args = args or run_arguments(recipe)
     evaluate = args.eval_strategy != IntervalStrategy.NO
     throughput = Throughput()
-    trainer = objective_trainer(recipe, model, tokenizer.pad_token_id)(
+    trainer = objective_trainer(recipe, model, tokenizer)(
         loss_chunk=cfg.loss_chunk,
         model=model, args=args,
         train_dataset=load_prepared(recipe, "train"),
@@ -234,14 +238,19 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
     return trainer
 
 
-def objective_trainer(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> partial:
+def objective_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> partial:
     """The Trainer class of `train.objective` with its objective-specific arguments bound: PackedTrainer for sft;
-    PreferenceTrainer otherwise (reward included), dropout off, with a frozen copy of `model` (the base, before any
-    training) as the reference when fine-tuning in full."""
+    PreferenceTrainer for the preference objectives (reward included) and RLTrainer for grpo and rloo, dropout off,
+    with a frozen copy of `model` (the base, before any training) as the reference when fine-tuning in full."""
     cfg = recipe.train
+    pad_token_id = tokenizer.pad_token_id
     if cfg.objective == "sft":
         return partial(PackedTrainer, data_collator=PackedCollator(pad_token_id))
     disable_dropout(model)
+    if cfg.objective in RL_OBJECTIVES:
+        rewards = load_rewards(recipe.rl.rewards, recipe.rl.reward_text == "full", PartialState().device)
+        return partial(RLTrainer, objective=cfg.objective, rl=recipe.rl, rewards=rewards, tokenizer=tokenizer,
+                       reference_model=frozen_copy(model) if recipe.lora is None else None)
     reference = frozen_copy(model) if recipe.lora is None and needs_reference(cfg.objective) else None
     return partial(PreferenceTrainer, data_collator=PairCollator(pad_token_id), objective=cfg.objective,
                    preference=cfg.preference, reference_model=reference)

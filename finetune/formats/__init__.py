@@ -14,6 +14,7 @@ from finetune.formats.chat import Chat
 from finetune.formats.classification import Classification
 from finetune.formats.instruction import Instruction
 from finetune.formats.preference import Preference
+from finetune.formats.prompt import Prompt
 from finetune.formats.text import Text
 from finetune.long_texts import TokenIds, encode_bounded
 
@@ -22,7 +23,8 @@ if TYPE_CHECKING:  # for annotations only: recipe.py imports the formats
 
 __all__ = ["FORMATS", "DataFormat", "Message", "Segment", "data_format", "encode_segments", "encode_texts"]
 
-FORMATS: dict[str, type[DataFormat]] = {fmt.name: fmt for fmt in (Text, Instruction, Chat, Classification, Preference)}
+FORMATS: dict[str, type[DataFormat]] = {fmt.name: fmt for fmt in (Text, Instruction, Chat, Classification, Preference,
+                                                                      Prompt)}
 
 
 def data_format(data: DataConfig) -> DataFormat:
