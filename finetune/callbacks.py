@@ -98,8 +98,8 @@ OBJECTIVE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/",
 
 class MetricsFile(TrainerCallback):
     """`metrics.jsonl`: one JSON object per training log (step, loss, lr, grad_norm, tokens/s) or evaluation
-    (step, eval_loss), with the preference objectives' rewards and log-probabilities and reward RL's figures. A resumed run keeps the
-    lines up to its checkpoint's step and appends after them."""
+    (step, eval_loss), with the objectives' own figures (OBJECTIVE_METRICS). A resumed run keeps the lines up to its
+    checkpoint's step and appends after them."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -164,12 +164,12 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: i
         hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         weight = output_weight(getattr(model, "module", model))
     states, targets, _ = _target_positions(hidden, labels)
-    step = len(targets) if chunk is None else chunk
+    step = chunk or max(len(targets), 1)
     pieces = [(states[start:start + step], targets[start:start + step]) for start in range(0, len(targets), step)]
     if weight is None:
         nll = F.cross_entropy(states.float(), targets, reduction="none")
     else:
-        nll = torch.cat([_token_nll(rows, weight, picked) for rows, picked in pieces]) if pieces else states.new_zeros(0)
+        nll = torch.cat([states.new_zeros(0)] + [_token_nll(rows, weight, picked) for rows, picked in pieces])
     keep = labels[:, 1:].ne(IGNORE)
     logps = torch.zeros(keep.shape, dtype=torch.float32, device=nll.device).masked_scatter(keep, -nll.float())
     if not entropy:
@@ -179,6 +179,6 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: i
         for rows, _ in pieces:
             logits = (rows if weight is None else rows @ weight.T).float()
             values.append(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1))
-        flat = torch.cat(values) if values else logps.new_zeros(0)
+        flat = torch.cat([logps.new_zeros(0), *values])
         entropies = torch.zeros_like(logps).masked_scatter(keep, flat)
     return logps, entropies

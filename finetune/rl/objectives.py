@@ -3,9 +3,10 @@ RLOOTrainer), for completions grouped by prompt: rewards and advantages are (pro
 tensors are (completions, completion positions) with `mask` marking the completion's tokens.
 
 - GRPO (Shao et al. 2024): advantage = (r - mean of the group) / (std of the group + 1e-4) (unscaled with
-  `scale_rewards: false`); per token, -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL, where KL is
-  the k3 estimator exp(ref - logp) - (ref - logp) - 1; the loss is the mean over completions of each one's token
-  mean.
+  `scale_rewards: false`); per token, -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * ratio * KL,
+  where KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 and the ratio (1 in value on-policy, but not in
+  its gradient) makes its gradient the unbiased reverse-KL one (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by
+  default); the loss is the mean over completions of each one's token mean.
 - RLOO (Ahmadian et al. 2024): the reward first pays beta times the sequence's log-ratio to the reference
   (sum over its tokens of old - ref); advantage = r - the mean of the other completions of its group (optionally
   standardised over the batch); loss = mean over completions of -min(ratio * A, clip(ratio) * A) with the
@@ -74,9 +75,10 @@ def _clipped(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float) -> t
 
 def grpo_loss(logps: TokenLogps, advantages: torch.Tensor, beta: float, epsilon: float) -> torch.Tensor:
     """`advantages` per completion (flattened groups)."""
-    per_token = _clipped(torch.exp(logps.policy - logps.old), advantages[:, None], epsilon)
+    ratio = torch.exp(logps.policy - logps.old)
+    per_token = _clipped(ratio, advantages[:, None], epsilon)
     if beta:
-        per_token = per_token + beta * k3_kl(logps)
+        per_token = per_token + beta * k3_kl(logps) * ratio
     mask = logps.mask
     return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
