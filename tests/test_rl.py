@@ -402,3 +402,16 @@ def test_a_reward_model_rewards_its_score_of_the_text_closed_by_eos(tmp_path: Pa
             expected = plain(torch.tensor([tokenizer.encode(text) + [tokenizer.eos_token_id]])).logits.item()
         assert abs(reward - expected) <= 1e-6
     assert len(set(rewards)) == 2
+
+
+def test_with_lora_the_reference_is_the_base_with_the_adapter_off(tmp_path: Path, tiny_model_dir: Path,
+                                                                   one_thread) -> None:
+    """A fresh adapter changes nothing (LoRA's B starts at 0), so the first step's KL is 0; after two updates the
+    policy has moved from the reference (the adapter switched off: KL 1.2e-3 at step 3, measured), and final/ is
+    the adapter."""
+    recipe = load_recipe(write_rl_run(tmp_path, tiny_model_dir, beta=0.5),
+                         ["train.max_steps=3", "lora={r: 4, alpha: 8, dropout: 0.1}", "train.lr=0.05"])
+    train(recipe)
+    kl = [json.loads(line)["kl"] for line in recipe.run.metrics.read_text().splitlines()[:3]]
+    assert kl[0] == 0.0 and kl[2] > 1e-4
+    assert (recipe.run.final / "adapter_config.json").is_file()
