@@ -31,7 +31,7 @@ from finetune.formats.classification import ClassificationFormat
 from finetune.formats.instruction import InstructionFormat
 from finetune.formats.preference import PreferenceFormat
 from finetune.formats.prompt import PromptFormat
-from finetune.rl.config import RL_OBJECTIVES, RLConfig, check_rl, resolve_reward_paths
+from finetune.rl.config import RL_OBJECTIVES, RewardSpec, RLConfig, check_rl, resolve_reward_paths
 from finetune.run_folder import RunFolder
 from finetune.sources import HubSource, LocalSource, SourceSpec, check_sources  # noqa: F401 - the source types
 # are part of the recipe's types (importable from here)
@@ -164,6 +164,7 @@ class EvalConfig:
     max_new_tokens: int = ranged(128, 1)
     seed: int = 42
     harness: HarnessConfig | None = None
+    rewards: list[RewardSpec] = field(default_factory=list)  # reward RL: held-out scorers (as rl.rewards)
 
 
 @dataclass
@@ -321,8 +322,9 @@ def _resolve_paths(data: dict, folder: Path, where: str) -> None:
                 resolved_source(value)
     if isinstance(data.get("output_dir"), str):
         data["output_dir"] = resolved(expand_user_path(data["output_dir"], f"{where}: 'output_dir'"))
-    if isinstance(section("rl").get("rewards"), list):
-        data["rl"]["rewards"] = resolve_reward_paths(data["rl"]["rewards"], resolved)
+    for owner in ("rl", "eval"):
+        if isinstance(section(owner).get("rewards"), list):
+            data[owner]["rewards"] = resolve_reward_paths(data[owner]["rewards"], resolved)
     if isinstance(section("eval").get("files"), list):
         data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
     if section("eval", "harness").get("include_path") is not None:
@@ -677,7 +679,7 @@ def _validate(recipe: Recipe, where: str) -> None:
     _check_report_to(recipe, where)
     _check_harness(recipe, where)
     _check_train(recipe, where)
-    check_rl(recipe.rl, recipe.train.objective, where)
+    check_rl(recipe.rl, recipe.eval.rewards, recipe.train.objective, where)
     _check_eval(recipe, where)
     _check_generate_and_serve(recipe, where)
     if recipe.model.init is not None:

@@ -11,7 +11,9 @@ FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity",
            ("bits_per_byte", "bits per byte", "{:.4f}"), ("tokens", "scored tokens", "{:d}"),
            ("accuracy", "accuracy", "{:.2%}"), ("macro_f1", "macro-F1", "{:.4f}"),
            ("exact_match", "exact match", "{:.2%}"), ("bleu", "BLEU", "{:.2f}"),
-           ("pair_accuracy", "pair accuracy", "{:.2%}"), ("pair_margin", "pair margin", "{:.4f}")]
+           ("pair_accuracy", "pair accuracy", "{:.2%}"), ("pair_margin", "pair margin", "{:.4f}"),
+           ("reward_mean", "reward (training rewards)", "{:.4f}"), ("heldout_reward_mean", "held-out reward", "{:.4f}"),
+           ("completion_length_mean", "completion tokens (mean)", "{:.1f}")]
 
 
 def _cell(figures: dict | None, key: str, form: str) -> str:

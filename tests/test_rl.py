@@ -20,6 +20,7 @@ from helpers import write_recipe_file
 from rl_runs import write_rl_run
 from finetune.cli import main
 from finetune.errors import UserError
+from finetune.evaluation import evaluate
 from finetune.formats import data_format
 from finetune.loss import token_logps
 from finetune.prepare import prepare
@@ -310,6 +311,17 @@ def test_a_tiny_gpt2_learns_a_reward_faster_without_the_kl_term(tmp_path: Path, 
     assert sum(held[-5:]) / 5 < sum(free[-5:]) / 5 - 0.3
     assert sum(held[-5:]) / 5 > sum(held[:3]) / 3 + 0.05  # still learning, held back by the KL term
     assert max(held_kl) < 0.6 < max(free_kl)
+    # eval: one completion per validation prompt, seeded alike for the tuned model and its base
+    recipe = load_recipe(tmp_path / "free" / "rl.yaml",
+                         [f"eval.rewards=[{{function: {tmp_path / 'free' / 'rewards.py'}:red_or_no_opinion}}]",
+                          "rl.beta=0.0"])
+    results = evaluate(recipe)
+    base = results["baseline"]
+    assert results["completions"] == base["completions"] == len(load_records(recipe, "validation"))
+    # measured: 1.0 tuned, 0.0 base on the 3 validation prompts; the base may have 1 of 3 on another CPU's samples
+    assert results["reward_mean"] > 0.85 > base["reward_mean"] + 0.5
+    assert results["heldout_reward_mean"] == 1.0  # rewards only completions with "red": None for the others
+    assert [s["prompt"] for s in results["samples"]] == [s["prompt"] for s in base["samples"]]
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path, tiny_model_dir: Path,

@@ -81,13 +81,15 @@ def resolve_reward_paths(rewards: list, resolved: Callable[[str], str]) -> list:
     return out
 
 
-def check_rl(cfg: RLConfig, objective: str, where: str) -> None:
+def check_rl(cfg: RLConfig, eval_rewards: list[RewardSpec], objective: str, where: str) -> None:
     if objective not in RL_OBJECTIVES:
-        if cfg.rewards:
-            raise UserError(f"{where}: 'rl.rewards' is for train.objective grpo or rloo, not {objective}")
+        for key, rewards in (("rl.rewards", cfg.rewards), ("eval.rewards", eval_rewards)):
+            if rewards:
+                raise UserError(f"{where}: '{key}' is for train.objective grpo or rloo, not {objective}")
         return
     if not cfg.rewards:
         raise UserError(f"{where}: train.objective {objective} needs at least one reward under 'rl.rewards' "
                         "({function: file.py:name, weight: 1} or {model: FOLDER, label: WORD})")
-    for i, spec in enumerate(cfg.rewards):
-        spec.check(f"{where}: 'rl.rewards[{i}]'")
+    for key, rewards in (("rl.rewards", cfg.rewards), ("eval.rewards", eval_rewards)):
+        for i, spec in enumerate(rewards):
+            spec.check(f"{where}: '{key}[{i}]'")

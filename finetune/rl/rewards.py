@@ -25,7 +25,7 @@ import importlib.util
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,12 @@ class Completions:
                 for p, c in zip(self.prompts, self.texts)]
 
 
+def completions_of(records: list[dict], texts: list[str], prompt_texts: Iterable[str]) -> Completions:
+    """The batch to score: completions `texts` of the prompts of prepared `prompt` records (one per completion)."""
+    return Completions(prompts=[r["prompt"] for r in records], prompt_texts=list(prompt_texts), texts=texts,
+                       columns=[r["columns"] for r in records])
+
+
 class Reward:
     """One entry of `rl.rewards`, callable on a batch: its values (None: no opinion) in completion order."""
 
@@ -75,6 +81,17 @@ class Reward:
             raise UserError(f"reward {self.name} returned {got} for {len(batch.texts)} completions; it must return "
                             "one number (or None) per completion")
         return [checked_value(value, self.name) for value in values]
+
+
+def reward_table(rewards: list[Reward], batch: Completions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(completions, rewards) values with NaN for None, and per completion their weighted sum (NaN where no
+    reward had an opinion), float64."""
+    values = torch.tensor([[float("nan") if v is None else v for v in reward(batch)] for reward in rewards],
+                          dtype=torch.float64).T
+    weights = torch.tensor([reward.weight for reward in rewards], dtype=torch.float64)
+    total = (values * weights).nansum(1)
+    total[values.isnan().all(1)] = float("nan")
+    return values, total
 
 
 def checked_value(value: object, name: str) -> float | None:

@@ -26,7 +26,7 @@ from finetune.preference_trainer import reference_context
 from finetune.rl.config import RLConfig
 from finetune.rl.objectives import (TokenLogps, grpo_advantages, grpo_loss, k3_kl, nanstd, rloo_advantages, rloo_loss,
                                     sequence_log_ratio)
-from finetune.rl.rewards import Completions, Reward
+from finetune.rl.rewards import Reward, completions_of, reward_table
 from finetune.store import TokenStore
 from finetune.trainer import PackedTrainer
 
@@ -55,6 +55,11 @@ def collate_prompts(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def rollout_seed(seed: int, step: int, prompt: int, sample: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{prompt}:{sample}".encode(), digest_size=8).digest(), "big")
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """A completion's or prompt's text as the rewards read it: special tokens and spaces kept as generated."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def rollout_batch(prompts: list[list[int]], completions: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
@@ -123,17 +128,12 @@ class RLTrainer(PackedTrainer):
                        texts=[r.text for r in requests], clipped=[r.finish_reason == "length" for r in requests])
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return decode(self.tokenizer, ids)
 
-    def score(self, indices: list[int], rollout: Rollout) -> torch.Tensor:
-        """(completions, rewards) values, NaN for None."""
+    def score(self, indices: list[int], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per completion: each reward's value (NaN for None) and their weighted sum."""
         records = [self.records[i] for i in indices for _ in range(self.rl.group_size)]
-        batch = Completions(prompts=[r["prompt"] for r in records],
-                            prompt_texts=[self.decode(ids) for ids in rollout.prompt_ids],
-                            texts=rollout.texts, columns=[r["columns"] for r in records])
-        values = [reward(batch) for reward in self.rewards]
-        return torch.tensor([[float("nan") if v is None else v for v in column] for column in values],
-                            dtype=torch.float64).T
+        return reward_table(self.rewards, completions_of(records, rollout.texts, map(self.decode, rollout.prompt_ids)))
 
     def logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[TokenLogps, torch.Tensor]:
         policy, entropy = token_logps(model, batch, self._chunk(), entropy=True)
@@ -146,10 +146,7 @@ class RLTrainer(PackedTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         indices = inputs["index"].tolist()
         rollout = self.sample(indices)
-        per_reward = self.score(indices, rollout)
-        weights = torch.tensor([reward.weight for reward in self.rewards], dtype=torch.float64)
-        rewards = (per_reward * weights).nansum(1)
-        rewards[per_reward.isnan().all(1)] = float("nan")
+        per_reward, rewards = self.score(indices, rollout)
         batch = rollout_batch(rollout.prompt_ids, rollout.completion_ids, self.tokenizer.eos_token_id)
         batch = {key: value.to(self.args.device) for key, value in batch.items()}
         logps, entropy = self.logps(model, batch)
