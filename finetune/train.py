@@ -115,11 +115,16 @@ def check_final_is_loadable(trainer: Trainer) -> None:
 
 
 def check_before_any_work(recipe: Recipe) -> None:
-    """Fail before prepare on a base that is not a model, or a block size the model cannot take."""
+    """Fail before prepare on a base that is not a model, or a block size (with reward RL: and a completion) the
+    model cannot take."""
     limit = context_length(base_config(recipe))
     if recipe.data.block_size > limit:
         raise UserError(f"{recipe.source}: 'data.block_size' = {recipe.data.block_size} is above the model's "
                         f"context length (n_positions = {limit}); use at most {limit}")
+    if recipe.train.objective in RL_OBJECTIVES and recipe.data.block_size + recipe.rl.max_completion_tokens > limit:
+        raise UserError(f"{recipe.source}: a prompt of up to 'data.block_size' ({recipe.data.block_size}) tokens and "
+                        f"'rl.max_completion_tokens' ({recipe.rl.max_completion_tokens}) exceed the model's context "
+                        f"length (n_positions = {limit}): lower one of them")
 
 
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:

@@ -96,6 +96,12 @@ def test_rl_recipe_mistakes_are_refused_at_load(tmp_path: Path, tiny_model_dir: 
         load_recipe(write_recipe_file(tmp_path / "changed.yaml", raw))
 
 
+def test_prompts_and_completions_must_fit_the_context(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = load_recipe(write_rl_run(tmp_path, tiny_model_dir, max_completion_tokens=97))  # block 32, 128 positions
+    with pytest.raises(UserError, match=r"'rl.max_completion_tokens' \(97\) exceed the model's context length"):
+        train(recipe)
+
+
 def test_reward_paths_are_relative_to_the_recipe(tmp_path: Path, tiny_model_dir: Path) -> None:
     recipe = load_recipe(write_rl_run(tmp_path, tiny_model_dir, rewards=[{"function": "rewards.py:has_red"},
                                                                          {"model": "scorer/final", "label": "good"}]))
