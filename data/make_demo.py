@@ -1,4 +1,4 @@
-"""Write the offline demo data: a small corpus of shop reviews and a labelled review task.
+"""Write the offline demo data: a small corpus of shop reviews, a labelled review task, and preference pairs.
 
 Everything here is generated from the word lists below (written for this project), with a fixed seed, so
 the files are the same on every machine. Run `python data/make_demo.py` to rewrite data/demo/.
@@ -43,6 +43,16 @@ def review(rng: random.Random, positive: bool) -> str:
     return " ".join(parts)
 
 
+def preference_pair(rng: random.Random) -> dict:
+    """A review's neutral opening as the prompt; a positive ending about the same product chosen over a negative one."""
+    product, shop = rng.choice(PRODUCTS), rng.choice(SHOPS)
+    endings = []
+    for words, events, close in ((PRAISE, GOOD_EVENTS, GOOD_CLOSE), (FAULT, BAD_EVENTS, BAD_CLOSE)):
+        first, second = rng.sample(words, 2)
+        endings.append(f"The {product} is {first} and {second}. Honestly, {rng.choice(events)}. {rng.choice(close)}")
+    return {"prompt": rng.choice(NEUTRAL).format(p=product, s=shop), "chosen": endings[0], "rejected": endings[1]}
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1234)
@@ -54,6 +64,10 @@ def main() -> None:
             positive = rng.random() < 0.5
             rows.append({"review": review(rng, positive), "label": "positive" if positive else "negative"})
         (OUT / f"sentiment_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rng = random.Random(5678)
+    for split, count in (("train", 800), ("validation", 100)):
+        rows = [preference_pair(rng) for _ in range(count)]
+        (OUT / f"preference_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

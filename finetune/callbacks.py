@@ -91,9 +91,10 @@ class Throughput(TrainerCallback):
         return (self.tokens - self.start_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-# the objectives' own metrics: preference_trainer.py's, then rl/trainer.py's
-OBJECTIVE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/",
-                     "reward", "frac_reward_zero_std", "kl", "entropy", "completions/")
+# the objectives' own metrics: the preference trainers' (preference_trainer.py, feedback_trainer.py), then reward
+# RL's (rl/trainer.py)
+OBJECTIVE_METRICS = ("rewards/", "logps/", "kl", "eval_rewards/", "eval_logps/", "eval_kl",
+                     "reward", "frac_reward_zero_std", "entropy", "completions/")
 
 
 class MetricsFile(TrainerCallback):

@@ -47,3 +47,52 @@ class PairCollator(PackedCollator):
             batch["sequence_ids"][i, :n] = before + starts - 1
             before += int(starts[-1])
         return batch
+
+
+class FeedbackCollator(PairCollator):
+    """PackedCollator batches of rated completions (feedback data), with `sequence_ids` as PairCollator's,
+    `desirable` (each sequence's label) and `kl`: the batch's mismatched sequences, from which KTO estimates its
+    KL term. Sequence k's prompt is followed by sequence k - 1's completion (the last completion goes to the first
+    prompt), as TRL's KTOTrainer pairs them; each is cut to `block_size` and they are packed in order into rows of
+    at most `block_size`, positions restarting per sequence, with their own `sequence_ids`."""
+
+    def __init__(self, pad_token_id: int, block_size: int) -> None:
+        super().__init__(pad_token_id)
+        self.block_size = block_size
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        batch["desirable"] = torch.as_tensor([bool(d) for row in rows for d in row["desirable"]])
+        prompts, completions = zip(*(split for row in rows for split in prompt_and_completion(row)))
+        mismatched = []
+        for prompt, completion in zip(prompts, completions[-1:] + completions[:-1]):
+            ids = (prompt + completion)[:self.block_size]
+            head = min(max(len(prompt), 1), len(ids))  # the first token of a packed sequence is never a target
+            mismatched.append({"input_ids": ids, "labels": [IGNORE] * head + ids[head:],
+                               "position_ids": list(range(len(ids)))})
+        batch["kl"] = super().__call__(pack_in_order(mismatched, self.block_size))
+        return batch
+
+
+def prompt_and_completion(row: dict) -> list[tuple[list[int], list[int]]]:
+    """Each sequence of a packed row as (prompt, completion) token ids: the completion begins at its first target."""
+    positions = list(row["position_ids"])
+    starts = [i for i, position in enumerate(positions) if position == 0] + [len(positions)]
+    out = []
+    for begin, end in zip(starts, starts[1:]):
+        ids = [int(token) for token in row["input_ids"][begin:end]]
+        targets = [label != IGNORE for label in row["labels"][begin:end]]
+        cut = targets.index(True) if True in targets else len(ids)
+        out.append((ids[:cut], ids[cut:]))
+    return out
+
+
+def pack_in_order(sequences: list[dict], block_size: int) -> list[dict]:
+    """Sequences (each at most `block_size` long) packed in their order into rows of at most `block_size`."""
+    rows: list[dict] = []
+    for sequence in sequences:
+        if not rows or len(rows[-1]["input_ids"]) + len(sequence["input_ids"]) > block_size:
+            rows.append({key: [] for key in sequence})
+        for key, values in sequence.items():
+            rows[-1][key] += values
+    return rows

@@ -61,11 +61,12 @@ class _Encoder:
 
 @dataclass
 class SplitPart:
-    """One batch's contribution to one split: per kept example its token ids, and unless every token is a target
-    its target runs, (length, is_target) pairs covering the example's tokens."""
+    """One batch's contribution to one split: per kept example its token ids, unless every token is a target its
+    target runs, (length, is_target) pairs covering the example's tokens, and for feedback data its label."""
 
     ids: list = field(default_factory=list)
     targets: list | None = None
+    desirable: list | None = None
     records: list | None = None
     records_in: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -81,8 +82,9 @@ class SplitPart:
             targets[np.cumsum(lengths, dtype=np.int64) - lengths] = 0  # nothing precedes an example's first token
         records = None if self.records is None else "".join(
             json.dumps(r, ensure_ascii=False) + "\n" for r in self.records).encode()
+        desirable = None if self.desirable is None else np.array(self.desirable, dtype=np.uint8)
         return {"tokens": flat, "docs": lengths, "targets": targets, "records": records, "records_in": self.records_in,
-                "dropped": self.dropped, "truncated": self.truncated}
+                "dropped": self.dropped, "truncated": self.truncated, "desirable": desirable}
 
 
 PARENT_CHECK_SECONDS = 0.5
@@ -122,7 +124,8 @@ def encode_batch(context: EncodeContext, batch: RowBatch, routes: np.ndarray) ->
             continue
         split = ROUTES[routes[i]]
         part = parts.setdefault(split, SplitPart(targets=None if fmt.every_token_target else [],
-                                                 records=[] if split in fmt.record_splits else None))
+                                                 records=[] if split in fmt.record_splits else None,
+                                                 desirable=[] if fmt.unpaired else None))
         part.records_in += 1
         where = RowRef(batch.source, batch.start + i, batch.line(i))
         record, reason = fmt.normalize(parse_row(raw, where), where)
@@ -134,6 +137,8 @@ def encode_batch(context: EncodeContext, batch: RowBatch, routes: np.ndarray) ->
         _encode_documents(context, kept, parts)
     elif fmt.paired:
         _encode_pairs(context, kept, parts)
+    elif fmt.unpaired:
+        _encode_feedback(context, kept, parts)
     elif fmt.prompts_only:
         _encode_prompts(context, kept, parts)
     else:
@@ -253,5 +258,36 @@ def _encode_pairs(context: EncodeContext, kept: list[tuple[str, dict]], parts: d
         for ids, runs in responses:
             part.ids.append(prompt + ids)
             part.targets.append([(len(prompt), False), *runs])
+        if part.records is not None:
+            part.records.append(record)
+
+
+def _encode_feedback(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
+    """Rated completions: prompt + completion, one sequence of at most a block, stored with its label. A prompt is
+    cut from the left to `data.feedback.max_prompt_tokens` (default half the block), then the completion from the
+    right to what is left, as for pairs. Dropped and counted: a prompt that fills the block."""
+    cfg = context.cfg
+    block = cfg.block_size
+    max_prompt = cfg.feedback.max_prompt_tokens or block // 2
+    segments = [(context.format.prompt_segments(record), context.format.completion_segments(record))
+                for _, record in kept]
+    texts = [text for both in segments for segs in both for text, _ in segs if text is not None]
+    pieces = iter(encode_texts(context.encoder, texts))
+    eos = [context.eos_token_id]
+    for (split, record), both in zip(kept, segments):
+        part = parts[split]
+        (prompt, _), (completion, runs) = [_flat([(eos if text is None else next(pieces), target)
+                                                  for text, target in segs]) for segs in both]
+        truncated = len(prompt) > max_prompt
+        prompt = prompt[len(prompt) - max_prompt:] if truncated else prompt
+        room = block - len(prompt)
+        if room < 1:
+            part.dropped["prompt_fills_block"] += 1
+            continue
+        truncated |= len(completion) > room
+        part.truncated += truncated
+        part.ids.append(prompt + completion[:room])
+        part.targets.append([(len(prompt), False), *_cut_runs(runs, room)])
+        part.desirable.append(record["label"])
         if part.records is not None:
             part.records.append(record)

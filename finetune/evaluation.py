@@ -2,9 +2,10 @@
 
 Figures: loss (token-weighted mean NLL over target tokens only), perplexity, bits per byte, for the validation
 split and each of `eval.files`; accuracy, macro-F1 and the confusion matrix for classification (label scoring);
-exact match and BLEU of greedy generations for instruction and chat data. Under `accelerate launch` the work
-is sharded across processes; NLL sums and counts are reduced, predictions gathered, before anything is divided,
-so the figures depend neither on the number of processes nor on the batch size.
+exact match and BLEU of greedy generations for instruction and chat data; pair accuracy and margin for preference
+pairs; for rated completions (feedback data) how the model scores desirable against undesirable ones. Under
+`accelerate launch` the work is sharded across processes; NLL sums and counts are reduced, predictions gathered,
+before anything is divided, so the figures depend neither on the number of processes nor on the batch size.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
                 results["baseline"] = {"model": description, **figures(base, baseline=True)}
             if evaluator.margins and needs_reference(recipe.train.objective):
                 results.update(evaluator.reward_figures())
+            if evaluator.completions:
+                results.update(evaluator.feedback_reward_figures())
         results["processes"] = accelerator.num_processes
         results["wall_seconds"] = round(time.perf_counter() - started, 3)
         if is_main_process():
@@ -213,6 +216,7 @@ class Evaluator:
             self.lm_sets[path] = self._windows([file_tokens(path, tokenizer)], self.cfg.stride or self.block)
         self.records = self._records() if "validation" in self.format.record_splits else []
         self.margins: dict[str, torch.Tensor] = {}  # role -> per-pair margins (paired formats)
+        self.completions: dict[str, torch.Tensor] = {}  # role -> per completion (log-prob, tokens, desirable)
         if self.format.prompts_only:
             full = recipe.rl.reward_text == "full"
             self.rewards = load_rewards(recipe.rl.rewards, full, accelerator.device)
@@ -257,6 +261,8 @@ class Evaluator:
                             for path in self.cfg.files}
         if self.format.paired:
             out.update(self.pair_figures(model, rows, role))
+        if self.format.unpaired:
+            out.update(self.feedback_figures(model, rows, role))
         if self.format.label_words():
             out.update(self.classify(model, self.cfg.shots if baseline else 0, self.cfg.calibrate and baseline, role))
         elif self.format.has_reference and self.cfg.generate_samples:
@@ -351,6 +357,41 @@ class Evaluator:
         reward_margin, the mean difference."""
         rewards = self.recipe.train.preference.beta * (self.margins["tuned"] - self.margins["base"])
         return {"reward_accuracy": (rewards > 0).double().mean().item(), "reward_margin": rewards.mean().item()}
+
+    @torch.inference_mode()
+    def feedback_figures(self, model: torch.nn.Module, rows: Sequence[dict], role: str) -> dict:
+        """Held-out rated completions: the model's mean log-probability per completion token over the desirable
+        ones (desirable_logp) and over the undesirable ones (undesirable_logp), and feedback_margin, the first minus
+        the second: how much more likely the model finds what raters liked."""
+        collate, device, mine = PairCollator(self.tokenizer.pad_token_id), self.accelerator.device, []
+        for indices in self._batches(self._mine(range(len(rows))), f"{role}: completions"):
+            batch = [rows[i] for i in indices]
+            logps, counts = sequence_logps(model, {k: v.to(device) for k, v in collate(batch).items()},
+                                           self.recipe.train.loss_chunk)
+            desirable = torch.as_tensor([float(d) for row in batch for d in row["desirable"]], dtype=torch.float64)
+            mine.append(torch.stack([logps.double().cpu(), counts.double().cpu(), desirable], dim=1))
+        completions = torch.cat(gather_object([torch.cat(mine) if mine else torch.zeros(0, 3, dtype=torch.float64)]))
+        self.completions[role] = completions
+        logps, counts, desirable = completions.T
+        per_token = {label: logps[desirable == value].sum().item() / max(counts[desirable == value].sum().item(), 1)
+                     for label, value in (("desirable", 1), ("undesirable", 0))}
+        return {"desirable_logp": per_token["desirable"], "undesirable_logp": per_token["undesirable"],
+                "feedback_margin": per_token["desirable"] - per_token["undesirable"],
+                "completions": len(completions), "desirable_completions": int(desirable.sum().item())}
+
+    def feedback_reward_figures(self) -> dict:
+        """The tuned model against the reference on held-out rated completions: desirable_favoured and
+        undesirable_favoured, the shares of desirable and of undesirable completions it makes more likely than
+        the reference does (KTO pushes the first up and the second down), and reward_margin, the mean implicit
+        reward beta * (log p_tuned - log p_reference) of the desirable completions minus that of the undesirable
+        ones."""
+        tuned, base = self.completions["tuned"], self.completions["base"]
+        rewards = self.recipe.train.preference.beta * (tuned[:, 0] - base[:, 0])
+        desirable = tuned[:, 2] == 1
+        favoured = rewards > 0
+        return {"desirable_favoured": favoured[desirable].double().mean().item(),
+                "undesirable_favoured": favoured[~desirable].double().mean().item(),
+                "reward_margin": (rewards[desirable].mean() - rewards[~desirable].mean()).item()}
 
     def _encode(self, batch: list[list[Segment]]) -> list[list[int]]:
         return [ids for ids, _ in encode_segments(self.tokenizer, batch)]

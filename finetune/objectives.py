@@ -6,8 +6,12 @@ write them:
 - ipo (Azar et al. 2023, eq. 17, log ratios averaged per token as TRL and the IPO authors do):
   loss = ((logp_c - ref_c) / n_c - (logp_r - ref_r) / n_r - 1 / (2 beta))^2
 - simpo (Meng et al. 2024, reference-free): loss = -log sigmoid(beta * (logp_c / n_c - logp_r / n_r) - gamma)
+- kto (Ethayarajh et al. 2024, eq. 7, on single completions rated desirable or not; TRL's loss_type "kto"): with
+  r = logp - ref and z the detached, clamped KL estimate (kl_estimate), a desirable completion's loss is
+  w_d * (1 - sigmoid(beta * (r - z))), an undesirable one's w_u * (1 - sigmoid(beta * (z - r)))
 
-The implicit rewards (what metrics.jsonl logs) are beta * (logp - ref) for dpo and ipo, beta * logp / n for simpo.
+The implicit rewards (what metrics.jsonl logs) are beta * (logp - ref) for dpo, ipo and kto, beta * logp / n for
+simpo.
 """
 
 from __future__ import annotations
@@ -83,3 +87,19 @@ def pair_metrics(policy: PairLogps | None, result: PairLosses) -> dict[str, torc
     if policy is None:
         return rewards
     return {**rewards, "logps/chosen": policy.chosen.detach(), "logps/rejected": policy.rejected.detach()}
+
+
+def kl_estimate(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z: the mean of log p - log p_ref over the mismatched (prompt, completion) sequences,
+    from their `total` and `count` summed over every process (so z is the same on all), clamped at 0, with no
+    gradient."""
+    return (total / count.clamp(min=1)).detach().clamp(min=0)
+
+
+def kto_losses(cfg: PreferenceConfig, policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
+               kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per completion: the KTO loss (weighted by its label's weight) and the implicit reward (detached)."""
+    ratio = policy - reference
+    losses = torch.where(desirable, cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (ratio - kl))),
+                         cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (kl - ratio))))
+    return losses, cfg.beta * ratio.detach()

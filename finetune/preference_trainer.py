@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from peft import PeftModel
@@ -63,11 +64,17 @@ class PreferenceTrainer(PackedTrainer):
     def _chunk(self) -> int | None:
         return self.loss_chunk if self._chunked() else None
 
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The reference model (the frozen copy, or this model with its adapter off), to score without gradients."""
+        model = self.reference_model if self.reference_model is not None else self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), reference_context(model):
+            yield model
+
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> PairLogps | None:
         if not needs_reference(self.objective):
             return None
-        model = self.reference_model if self.reference_model is not None else self.accelerator.unwrap_model(self.model)
-        with torch.no_grad(), reference_context(model):
+        with self.reference() as model:
             return pair_logps(model, batch, self._chunk())
 
     def pair_results(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):

@@ -340,7 +340,8 @@ class ChunkBuffer:
             fmt = self.context.format
             shard = ShardData(tokens=[p["tokens"] for p in parts], docs=[p["docs"] for p in parts],
                               targets=None if fmt.every_token_target else [p["targets"] for p in parts],
-                              records=[p["records"] for p in parts] if split in fmt.record_splits else None)
+                              records=[p["records"] for p in parts] if split in fmt.record_splits else None,
+                              desirable=[p["desirable"] for p in parts] if fmt.unpaired else None)
             entry = store.write_shard(self.work / split, name, shard)
             dropped = Counter()
             for p in parts:
@@ -350,6 +351,8 @@ class ChunkBuffer:
                               "dropped": dict(dropped), "truncated": sum(p["truncated"] for p in parts),
                               "target_tokens": None if fmt.every_token_target else
                               sum(int(p["targets"].sum()) for p in parts)}
+            if fmt.unpaired:
+                entry["stats"]["desirable"] = sum(int(p["desirable"].sum()) for p in parts)
             chunk["splits"][split] = entry
         write_atomic(self.work / "progress" / f"{name}.json", json.dumps(chunk).encode())
         return chunk
@@ -430,6 +433,10 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
     tokens, rows = info["tokens"], info["rows"]
     targets = tokens - info["pieces"] if every_token_target else sum(s["target_tokens"] for s in stats)
     on_disk = store.store_bytes(folder)
+    rated = {}
+    if fmt.unpaired:
+        desirable = sum(s["desirable"] for s in stats)
+        rated = {"desirable": desirable, "undesirable": kept - desirable}
     return {
         "records_in": sum(s["records_in"] for s in stats),
         "records_kept": kept,
@@ -442,6 +449,7 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
         "packing_efficiency": round(tokens / (rows * cfg.block_size), 4),
         "bytes_on_disk": on_disk,
         "bytes_per_token": round(on_disk / tokens, 3),
+        **rated,
     }
 
 

@@ -28,10 +28,11 @@ from finetune.fields import Bound, ranged
 from finetune.formats import FORMATS, data_format
 from finetune.formats.chat import ChatFormat
 from finetune.formats.classification import ClassificationFormat
+from finetune.formats.feedback import FeedbackFormat
 from finetune.formats.instruction import InstructionFormat
 from finetune.formats.preference import PreferenceFormat
 from finetune.formats.prompt import PromptFormat
-from finetune.rl.config import RL_OBJECTIVES, RewardSpec, RLConfig, check_rl, resolve_reward_paths
+from finetune.rl.config import RewardSpec, RLConfig, check_rl, resolve_reward_paths
 from finetune.run_folder import RunFolder
 from finetune.sources import HubSource, LocalSource, SourceSpec, check_sources  # noqa: F401 - the source types
 # are part of the recipe's types (importable from here)
@@ -82,6 +83,7 @@ class DataConfig:
     chat: ChatFormat = field(default_factory=ChatFormat)
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
     preference: PreferenceFormat = field(default_factory=PreferenceFormat)
+    feedback: FeedbackFormat = field(default_factory=FeedbackFormat)
     prompt: PromptFormat = field(default_factory=PromptFormat)
 
 
@@ -95,8 +97,9 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "reward")  # these train on preference pairs
-OBJECTIVES = ("sft", *PREFERENCE_OBJECTIVES, *RL_OBJECTIVES)  # train.objective
+OBJECTIVES = tuple(dict.fromkeys(o for fmt in FORMATS.values() for o in fmt.objectives))  # train.objective: sft,
+# dpo, ipo, simpo, reward (on preference pairs), kto (on feedback), grpo, rloo (on prompts); each data format lists
+# those it trains with
 
 
 @dataclass
@@ -106,6 +109,8 @@ class PreferenceConfig:
     label_smoothing: float = ranged(0.0, 0, 0.5)  # dpo: the assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = ranged(0.5, 0)  # simpo: the target reward margin
     center_rewards_coefficient: float | None = ranged(None, 0)  # reward: weight of mean (r_c + r_r)^2 (TRL's knob)
+    desirable_weight: float = ranged(1.0, 0, low_ok=False)  # kto: weight of the desirable completions' losses
+    undesirable_weight: float = ranged(1.0, 0, low_ok=False)  # kto: weight of the undesirable completions' losses
 
 
 @dataclass
@@ -137,7 +142,7 @@ class TrainConfig:
     report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
     run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
-    objective: Literal[OBJECTIVES] = "sft"
+    objective: Literal[OBJECTIVES] = "sft"  # the data format decides which apply (_check_objective_data)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
@@ -591,24 +596,33 @@ def _check_train(recipe: Recipe, where: str) -> None:
         if cfg.scheduler not in schedules:
             raise UserError(f"{where}: 'train.scheduler' = {cfg.scheduler!r} is not a learning-rate schedule; use "
                             f"one of: {', '.join(schedules)}{did_you_mean(cfg.scheduler, schedules)}")
-    fmt = data_format(recipe.data)
-    paired = fmt.paired
-    if fmt.prompts_only != (cfg.objective in RL_OBJECTIVES):
-        raise UserError(f"{where}: " + (
-            f"'train.objective' = {cfg.objective} learns from rewards on its own completions: set 'data.format' to "
-            "prompt" if not fmt.prompts_only else
-            "'data.format' = prompt holds prompts for reward RL: set 'train.objective' to grpo or rloo"))
-    if paired != (cfg.objective in PREFERENCE_OBJECTIVES):
-        raise UserError(f"{where}: 'train.objective' = {cfg.objective} " + (
-            "trains on preference pairs: set 'data.format' to preference" if not paired else
-            "cannot train on preference pairs: set 'train.objective' to one of " + ", ".join(PREFERENCE_OBJECTIVES)))
+    _check_objective_data(recipe, where)
     if cfg.objective == "reward" and (recipe.eval.files or recipe.eval.harness):
         raise UserError(f"{where}: a reward model (train.objective: reward) scores sequences and has no next-token "
                         "distribution: 'eval.files' and 'eval.harness' do not apply to it; remove them")
     block = recipe.data.block_size
-    if paired and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
+    fmt = data_format(recipe.data)
+    if fmt.paired and (recipe.data.preference.max_prompt_tokens or 0) > block // 2:
         raise UserError(f"{where}: 'data.preference.max_prompt_tokens' must be at most half of data.block_size "
                         f"({block // 2}): a pair's two sequences share one row")
+    if fmt.unpaired and (recipe.data.feedback.max_prompt_tokens or 0) > block:
+        raise UserError(f"{where}: 'data.feedback.max_prompt_tokens' must be at most data.block_size ({block})")
+    if cfg.objective == "kto" and cfg.batch_size < 2:
+        raise UserError(f"{where}: 'train.batch_size' must be at least 2 with train.objective kto: its KL estimate "
+                        "pairs each prompt with another example's completion from the same batch")
+
+
+def _check_objective_data(recipe: Recipe, where: str) -> None:
+    """The objective must be one its data format trains with (the format's `objectives`)."""
+    objective, kind = recipe.train.objective, recipe.data.format
+    fits = data_format(recipe.data).objectives
+    if objective in fits:
+        return
+    needs = [name for name, fmt in FORMATS.items() if objective in fmt.objectives]
+    raise UserError(f"{where}: 'train.objective' = {objective} does not train on data.format {kind}"
+                    + (f" (it needs data.format: {needs[0]})" if len(needs) == 1 else "")
+                    + f"; data.format {kind} trains with "
+                    + (fits[0] if len(fits) == 1 else ", ".join(fits[:-1]) + " or " + fits[-1]))
 
 
 def _check_train_extra(extra: dict, where: str) -> None:

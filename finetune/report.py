@@ -12,6 +12,9 @@ FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity",
            ("accuracy", "accuracy", "{:.2%}"), ("macro_f1", "macro-F1", "{:.4f}"),
            ("exact_match", "exact match", "{:.2%}"), ("bleu", "BLEU", "{:.2f}"),
            ("pair_accuracy", "pair accuracy", "{:.2%}"), ("pair_margin", "pair margin", "{:.4f}"),
+           ("desirable_logp", "desirable completions (log-prob/token)", "{:.4f}"),
+           ("undesirable_logp", "undesirable completions (log-prob/token)", "{:.4f}"),
+           ("feedback_margin", "feedback margin (desirable - undesirable)", "{:.4f}"),
            ("reward_mean", "reward (training rewards)", "{:.4f}"), ("heldout_reward_mean", "held-out reward", "{:.4f}"),
            ("completion_length_mean", "completion tokens (mean)", "{:.1f}")]
 

@@ -43,6 +43,7 @@ class SourceOptions:
     prompt_field: str | None = None
     chosen_field: str | None = None
     rejected_field: str | None = None
+    completion_field: str | None = None
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SourceOptions) if f.name.endswith("_field"))

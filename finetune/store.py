@@ -4,6 +4,7 @@
     <split>/a-00000.docs      uint32 length of each document / example in the shard, in order
     <split>/a-00000.targets   uint8 1 = the token is a target (only formats with prompts have it)
     <split>/a-00000.records   normalized source records as JSON lines (only where eval needs them)
+    <split>/a-00000.desirable uint8 per example: 1 = a desirable completion, 0 = an undesirable one (feedback data)
     <split>/plan.pieces           int64 (start, length) pairs: contiguous token runs of the split
     <split>/plan.rows             int64 offsets into the pieces: row i is pieces[rows[i]:rows[i + 1]]
     <split>/split.json            shard list with sizes and checksums, dtype, totals (written last)
@@ -64,6 +65,7 @@ class ShardData:
     docs: list[np.ndarray]
     targets: list[np.ndarray] | None = None
     records: list[bytes] | None = None
+    desirable: list[np.ndarray] | None = None
 
 
 def write_parts(path: Path, parts: list) -> dict:
@@ -88,6 +90,8 @@ def write_shard(folder: Path, name: str, shard: ShardData) -> dict:
         files["targets"] = [t.astype(np.uint8) for t in shard.targets]
     if shard.records is not None:
         files["records"] = shard.records
+    if shard.desirable is not None:
+        files["desirable"] = [d.astype(np.uint8) for d in shard.desirable]
     written = {kind: write_parts(folder / f"{name}.{kind}", parts) for kind, parts in files.items()}
     return {"name": name, "tokens": sum(len(t) for t in shard.tokens), "docs": sum(len(d) for d in shard.docs),
             "files": written}
@@ -154,7 +158,8 @@ def store_bytes(folder: Path) -> int:
 
 class TokenStore:
     """A prepared split, read lazily: `store[i]` assembles row i (input_ids, labels, position_ids as int64
-    arrays) from its pieces. Memory maps open on first use, so the object pickles cheaply (DataLoader workers)."""
+    arrays; for feedback data `desirable`, each piece's label) from its pieces. Memory maps open on first use, so
+    the object pickles cheaply (DataLoader workers)."""
 
     def __init__(self, folder: Path) -> None:
         problem = split_problem(folder)
@@ -181,6 +186,8 @@ class TokenStore:
                                        if has_targets else None)
             maps["pieces"] = self._map("plan.pieces", np.int64, self.info["pieces"] * 2).reshape(-1, 2)
             maps["rows"] = self._map("plan.rows", np.int64, self.info["rows"] + 1)
+            if shards and "desirable" in shards[0]["files"]:
+                maps["doc_starts"], maps["desirable"] = self._example_labels()
             self._maps = maps
         return self._maps
 
@@ -188,6 +195,16 @@ class TokenStore:
         if count == 0:
             return np.zeros(0, dtype=dtype)
         return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(count,))
+
+    def _example_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Feedback data: where each example starts in the split's token stream, and its label (one byte and one
+        int64 per example, read once: example data sets are small)."""
+        starts, labels = [], []
+        for entry, begin in zip(self.info["shards"], self.shard_starts):
+            lengths = np.fromfile(self.folder / f"{entry['name']}.docs", dtype=np.uint32).astype(np.int64)
+            starts.append(begin + np.cumsum(lengths) - lengths)
+            labels.append(np.fromfile(self.folder / f"{entry['name']}.desirable", dtype=np.uint8))
+        return np.concatenate(starts), np.concatenate(labels).astype(bool)
 
     def __len__(self) -> int:
         return self.info["rows"]
@@ -209,7 +226,8 @@ class TokenStore:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         ids, labels, positions = [], [], []
-        for start, length in self.row_pieces(int(index)).tolist():
+        pieces = self.row_pieces(int(index))
+        for start, length in pieces.tolist():
             piece, targets = self._run(start, length)
             piece = piece.astype(np.int64)
             label = piece.copy() if targets is None else np.where(targets.astype(bool), piece, IGNORE)
@@ -217,8 +235,12 @@ class TokenStore:
             ids.append(piece)
             labels.append(label)
             positions.append(np.arange(length, dtype=np.int64))
-        return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels),
-                "position_ids": np.concatenate(positions)}
+        row = {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels),
+               "position_ids": np.concatenate(positions)}
+        maps = self._open()
+        if "desirable" in maps:  # a piece of an example is the whole example
+            row["desirable"] = maps["desirable"][np.searchsorted(maps["doc_starts"], pieces[:, 0])]
+        return row
 
     def documents(self) -> Iterator[np.ndarray]:
         """Each document's token ids (int64), in order."""

@@ -26,7 +26,7 @@ from transformers.trainer_utils import IntervalStrategy
 from finetune.callbacks import FollowNewSchedule, MetricsFile, RunFinished, StopWhenFinished, Throughput, TokenProgress
 from finetune.chat_template import save_tokenizer
 from finetune.checkpoints import clear_checkpoints, plan_resume, run_identity
-from finetune.collate import PackedCollator, PairCollator
+from finetune.collate import FeedbackCollator, PackedCollator, PairCollator
 from finetune.distributed import (is_main_process, main_print, process_group, same_on_every_rank, same_prepared_data,
                                   use_cpu)
 from finetune.errors import UserError, writing
@@ -40,6 +40,7 @@ from finetune.run_folder import RECIPE_FILE
 from finetune.tracking import environment as tracking_environment
 from finetune.tracking import guard as guard_trackers
 from finetune.objectives import needs_reference
+from finetune.feedback_trainer import FeedbackTrainer
 from finetune.preference_trainer import PreferenceTrainer, disable_dropout, frozen_copy
 from finetune.rl.config import RL_OBJECTIVES
 from finetune.rl.rewards import load_rewards
@@ -245,7 +246,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
 
 def objective_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> partial:
     """The Trainer class of `train.objective` with its objective-specific arguments bound: PackedTrainer for sft;
-    PreferenceTrainer for the preference objectives (reward included) and RLTrainer for grpo and rloo, dropout off,
+    FeedbackTrainer for kto; RLTrainer for grpo and rloo; PreferenceTrainer otherwise (reward included); dropout off,
     with a frozen copy of `model` (the base, before any training) as the reference when fine-tuning in full."""
     cfg = recipe.train
     pad_token_id = tokenizer.pad_token_id
@@ -257,6 +258,9 @@ def objective_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrai
         return partial(RLTrainer, objective=cfg.objective, rl=recipe.rl, rewards=rewards, tokenizer=tokenizer,
                        reference_model=frozen_copy(model) if recipe.lora is None else None)
     reference = frozen_copy(model) if recipe.lora is None and needs_reference(cfg.objective) else None
+    if cfg.objective == "kto":
+        return partial(FeedbackTrainer, data_collator=FeedbackCollator(pad_token_id, recipe.data.block_size),
+                       objective=cfg.objective, preference=cfg.preference, reference_model=reference)
     return partial(PreferenceTrainer, data_collator=PairCollator(pad_token_id), objective=cfg.objective,
                    preference=cfg.preference, reference_model=reference)
 

@@ -1,5 +1,6 @@
-"""Preference pairs for the tests of the preference objectives (test_preference.py, test_reward.py): separable
-synthetic pairs, a recipe file training on them, and pairs tokenized as prepare does."""
+"""Preference pairs for the tests of the preference objectives (test_preference.py, test_reward.py,
+test_feedback.py): separable synthetic pairs (and the same rated one completion at a time), a recipe file training
+on them, and pairs tokenized as prepare does."""
 
 from __future__ import annotations
 
@@ -29,12 +30,19 @@ def separable_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def separable_feedback(n: int, seed: int) -> list[dict]:
+    """The separable pairs unpaired: each pair's chosen response a desirable completion of its prompt, its rejected
+    one an undesirable completion (KTO's data, `data.format: feedback`)."""
+    return [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+            for pair in separable_pairs(n, seed) for side in ("chosen", "rejected")]
+
+
 def write_run(tmp_path: Path, model_dir: Path, rows: list[dict], lora: dict | None = None, name: str = "pref",
-              **train) -> Path:
+              data_kind: str = "preference", **train) -> Path:
     data = tmp_path / f"{name}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     raw = {"name": name, "model": {"base": str(model_dir)},
-           "data": {"train": str(data), "format": "preference", "block_size": 64, "validation_fraction": 0.2},
+           "data": {"train": str(data), "format": data_kind, "block_size": 64, "validation_fraction": 0.2},
            "lora": lora,
            "train": {"objective": "dpo", "max_steps": 40, "lr": 3e-3, "batch_size": 8, "logging_steps": 5,
                      "save_steps": 20, "scheduler": "constant", "seed": 0, "report_to": "none", **train}}

@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import ROOT, SCRATCH, corpus_lines, subprocess_env, write_recipe_file
+from preference_pairs import separable_pairs
 from finetune.errors import UserError
 from finetune.prepare import ensure_prepared, prepare
 from finetune.recipe import load_recipe
@@ -92,7 +93,18 @@ def assert_same_run(run: Path, reference: Path, loss_bound: float = LOSS_BOUND,
     weights_file = next((reference / "final").glob("*.safetensors")).name
     got, want = load_file(run / "final" / weights_file), load_file(reference / "final" / weights_file)
     for name, tensor in want.items():
-        torch.testing.assert_close(got[name], tensor, atol=weight_bound, rtol=0, msg=name)
+        torch.testing.assert_close(without_key_bias(name, got[name]), without_key_bias(name, tensor),
+                                   atol=weight_bound, rtol=0, msg=name)
+
+
+def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The attention's key bias has no true gradient (it adds the same amount to every score of a query, which
+    softmax cancels), so Adam turns its rounding noise into full-size steps: 1e-4 apart after 20 steps of a reward
+    model (1 vs 2 processes) while the rest of the weights agree to 5e-6. It is left out of the comparison."""
+    if not name.endswith("attn.c_attn.bias"):
+        return tensor
+    query, _, value = tensor.chunk(3)
+    return torch.cat([query, value])
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +163,23 @@ def test_a_two_process_launch_trains_what_one_process_trains(runs, tokenizer_dir
         assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied, as trained
 
 
+def kill_after_first_checkpoint(recipe: Path, options: list[str], log: Path) -> Path:
+    """Launch `recipe` on 2 processes and SIGKILL the launcher and both ranks once a checkpoint is complete; that
+    checkpoint."""
+    process = launch(recipe, *options, log=log)
+    run = load_recipe(recipe).run
+    deadline = time.monotonic() + 300
+    while newest_checkpoint(run.checkpoints) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for doomed in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        doomed.kill()  # the launcher and both ranks (in sessions of their own)
+    process.wait()
+    assert not run.final.exists(), "the run finished before it could be killed"
+    survivor = newest_checkpoint(run.checkpoints)
+    assert survivor is not None, messages(log.read_text())
+    return survivor
+
+
 def test_fsdp_killed_after_a_checkpoint_resumes_to_where_an_uninterrupted_run_ends(runs, tokenizer_dir):
     reference = runs / "fsdp-full"
     if not (reference / "final").is_dir():
@@ -158,22 +187,48 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_where_an_uninterrupted_run_en
     recipe = write_recipe(runs, tokenizer_dir, "fsdp-killed", 4)
     prepare(load_recipe(recipe))
     options = ["--config_file", str(SETUPS / "fsdp.yaml")]
-    process = launch(recipe, *options, log=runs / "fsdp-killed.log")
-    checkpoints = runs / "fsdp-killed" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while newest_checkpoint(checkpoints) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for doomed in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
-        doomed.kill()  # the launcher and both ranks (in sessions of their own), once a checkpoint is complete
-    process.wait()
-    output = (runs / "fsdp-killed.log").read_text()
-    assert not (runs / "fsdp-killed" / "final").exists(), "the run finished before it could be killed"
-    survivor = newest_checkpoint(checkpoints)
-    assert survivor is not None, messages(output)
+    survivor = kill_after_first_checkpoint(recipe, options, runs / "fsdp-killed.log")
     result = launch(recipe, *options)
     assert result.returncode == 0, messages(result.stdout, result.stderr)
     assert f"resuming from {survivor}" in result.stdout
     assert_same_run(runs / "fsdp-killed", reference, loss_bound=1e-6, weight_bound=1e-6)
+
+
+def write_pairs_recipe(folder: Path, tokenizer_dir: Path, name: str, batch_size: int, objective: str,
+                       lora: dict | None) -> Path:
+    """`write_recipe` on separable preference pairs, trained with `objective`."""
+    data = folder / "pairs.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(row) + "\n" for row in separable_pairs(160, seed=3)))
+    recipe = write_recipe(folder, tokenizer_dir, name, batch_size, lora, objective=objective)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"] = {"train": str(data), "format": "preference", "block_size": 48, "validation_fraction": 0.1}
+    raw["train"]["eval_steps"] = 5
+    return write_recipe_file(recipe, raw)
+
+
+@pytest.mark.parametrize("objective, lora, killed", [("dpo", LORA, False), ("reward", None, False),
+                                                     ("dpo", None, True)],
+                         ids=["dpo-lora", "reward-full", "dpo-full-killed-and-resumed"])
+def test_preference_objectives_on_two_processes_train_what_one_process_trains(tmp_path, tokenizer_dir, objective,
+                                                                              lora, killed):
+    """DDP of the preference trainer: both ranks' pairs in the loss and the logged pair metrics, the reference
+    the adapter switched off (LoRA) or a frozen copy of the base taken before a resume loads the checkpoint."""
+    one = write_pairs_recipe(tmp_path, tokenizer_dir, "one", 8, objective, lora)
+    train(load_recipe(one))
+    two = write_pairs_recipe(tmp_path, tokenizer_dir, "two", 4, objective, lora)
+    prepare(load_recipe(two))
+    if killed:
+        survivor = kill_after_first_checkpoint(two, ["--multi_gpu"], tmp_path / "killed.log")
+    result = launch(two, "--multi_gpu")
+    assert result.returncode == 0, messages(result.stdout, result.stderr)
+    if killed:
+        assert f"resuming from {survivor}" in result.stdout
+    assert_same_run(tmp_path / "two", tmp_path / "one")
+    logged = [[row["rewards/margins"] for row in metrics(run) if "loss" in row] for run in (tmp_path / "two",
+                                                                                            tmp_path / "one")]
+    torch.testing.assert_close(torch.tensor(logged[0]), torch.tensor(logged[1]), atol=LOSS_BOUND, rtol=0)
+    assert logged[0][-1] > logged[0][0] + 0.05, logged[0]  # and it learned: the chosen rewarded over the rejected
 
 
 def test_two_machines_train_what_one_process_trains_and_write_the_run_once(runs, tokenizer_dir):

@@ -17,6 +17,7 @@ ROWS = {  # per prompted format, a raw row whose user text is USER_TEXT
     "chat": {"messages": [{"role": "user", "content": USER_TEXT}, {"role": "assistant", "content": "gamma"}]},
     "classification": {"text": USER_TEXT, "label": "1"},
     "preference": {"prompt": USER_TEXT, "chosen": "gamma", "rejected": "delta"},
+    "feedback": {"prompt": USER_TEXT, "completion": "gamma", "label": False},
 }
 
 

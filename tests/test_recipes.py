@@ -27,6 +27,8 @@ HUB_STAND_INS = {
                                                 "data.instruction.output_field=ref"]),
     "gpt2-alpaca": ("alpaca/alpaca_en_demo.json", []),
     "gpt2-chat": ("chat/dummy_conversation.json", []),
+    "gpt2-dpo-hh": ("preference/hh-rlhf-harmless-base-test.jsonl.gz", ["data.preference.max_prompt_tokens=64"]),
+    "gpt2-reward-hh": ("preference/hh-rlhf-harmless-base-test.jsonl.gz", ["data.preference.max_prompt_tokens=64"]),
     "gpt2-grpo-no-errors": ("alpaca/alpaca_en_demo.json", ["data.block_size=96", "rl.max_completion_tokens=8",
                                                             "rl.group_size=2"]),
 }
@@ -79,6 +81,8 @@ def test_hub_recipe_runs_offline_with_stand_ins(name, tmp_path, tiny_gpt2_vocab_
                  "data.max_records=80", "data.block_size=256", *columns]
     figures = run(name, tmp_path / name, stand_ins)
     assert "baseline" in figures
+    if shipped(name)["data"]["format"] == "preference":
+        assert 0 <= figures["pair_accuracy"] <= 1 and figures["pairs"] > 0, figures
 
 
 def test_demo_recipes_run_in_sequence(tmp_path):

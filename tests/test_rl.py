@@ -84,8 +84,10 @@ def test_prepare_stores_one_prompt_per_row_and_counts_the_dropped(tmp_path: Path
      "weight' must be a finite number"),
     ({"rl": {"group_size": 1}}, "'rl.group_size' must be at least 2"),
     ({"rl": {"beta": -0.1}}, "'rl.beta' must be at least 0"),
-    ({"data": {"format": "text"}}, "learns from rewards on its own completions: set 'data.format' to prompt"),
-    ({"train": {"objective": "sft"}}, "holds prompts for reward RL: set 'train.objective' to grpo or rloo"),
+    ({"data": {"format": "text"}},
+     r"'train.objective' = grpo does not train on data.format text \(it needs data.format: prompt\)"),
+    ({"train": {"objective": "sft"}},
+     "does not train on data.format prompt; data.format prompt trains with grpo or rloo"),
 ])
 def test_rl_recipe_mistakes_are_refused_at_load(tmp_path: Path, tiny_model_dir: Path, change: dict,
                                                  message: str) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.formats.base import DataFormat, Message, Segment
 from finetune.formats.chat import Chat
 from finetune.formats.classification import Classification
+from finetune.formats.feedback import Feedback
 from finetune.formats.instruction import Instruction
 from finetune.formats.preference import Preference
 from finetune.formats.prompt import Prompt
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # for annotations only: recipe.py imports the formats
 __all__ = ["FORMATS", "DataFormat", "Message", "Segment", "data_format", "encode_segments", "encode_texts"]
 
 FORMATS: dict[str, type[DataFormat]] = {fmt.name: fmt for fmt in (Text, Instruction, Chat, Classification, Preference,
-                                                                      Prompt)}
+                                                                   Feedback, Prompt)}
 
 
 def data_format(data: DataConfig) -> DataFormat:

@@ -22,7 +22,7 @@ from typing import Any
 from finetune.errors import UserError
 from finetune.fields import ranged
 from finetune.formats.base import EOS, Message, Segment
-from finetune.formats.chat import Chat, chat_segments, parse_messages
+from finetune.formats.chat import Chat, ChatFormat, chat_segments, parse_messages
 
 ASSISTANT = "\n\nAssistant:"
 TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -41,6 +41,7 @@ class PreferenceFormat:
 class Preference(Chat):
     name = "preference"
     paired = True
+    objectives = ("dpo", "ipo", "simpo", "reward")
     has_reference = False
 
     def normalize(self, row: dict, where: Any) -> tuple[dict | None, str | None]:
@@ -66,7 +67,7 @@ class Preference(Chat):
         return prompt, self._response(record["chosen"]), self._response(record["rejected"])
 
     def _response(self, text: str) -> list[Segment]:
-        return [(self.data.chat.assistant_content.format(content=text), True), (EOS, True)]
+        return response_segments(self.data.chat, text)
 
     def segments(self, record: dict) -> list[Segment]:
         """The prompt and the chosen response (the conversation the pair prefers)."""
@@ -75,6 +76,11 @@ class Preference(Chat):
 
     def prompt_segments(self, record: dict) -> list[Segment]:
         return self.pair_segments(record)[0]
+
+
+def response_segments(chat: ChatFormat, text: str) -> list[Segment]:
+    """A response as a target closed by EOS, written as the chat template writes an assistant reply."""
+    return [(chat.assistant_content.format(content=text), True), (EOS, True)]
 
 
 def pair_record(prompt: list[Message], chosen: str, rejected: str) -> tuple[dict | None, str | None]:

@@ -17,6 +17,7 @@ from typing import Any
 from finetune.errors import UserError
 from finetune.formats.base import Segment, required_field
 from finetune.formats.chat import Chat, chat_segments, parse_messages
+from finetune.rl.config import RL_OBJECTIVES
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Prompt(Chat):
     name = "prompt"
     card_example = "Once upon a time"
     prompts_only = True
+    objectives = RL_OBJECTIVES
     record_splits = ("train", "validation")  # training samples completions for the records' prompts
     has_reference = False
 
