@@ -347,7 +347,8 @@ class Evaluator:
                    "completion_length_mean": mean([row[2] for row in rows])}
         if self.heldout_rewards:
             figures["heldout_reward_mean"] = mean([row[4] for row in rows])
-        figures["samples"] = [{"prompt": decode(self.tokenizer, prompts[i]), "completion": text, "reward": reward}
+        figures["samples"] = [{"prompt": decode(self.tokenizer, prompts[i]), "completion": text,
+                               "reward": reward if reward == reward else None}  # NaN: no opinion
                               for i, text, _, reward, _ in rows[:4]]
         return figures
 

@@ -1,4 +1,5 @@
-"""report.md for a run: what was trained, base against tuned, the loss curve and sample generations."""
+"""report.md for a run: what was trained, base against tuned, the loss curve and sample generations (or, for reward
+RL, sampled completions with their rewards)."""
 
 from __future__ import annotations
 
@@ -119,4 +120,17 @@ def write_report(path: Path, recipe: Recipe, results: dict) -> None:
                       _quote(sample["reference"]), "", "Tuned:", "", _quote(sample["output"]), ""]
             if number <= len(base_outputs):
                 lines += ["Base:", "", _quote(base_outputs[number - 1]), ""]
+    if results.get("samples"):  # reward RL: completions sampled with the same seed for both models
+        lines += ["## Sample completions (sampled, the same seed per prompt for both models)", ""]
+        base_samples = (base or {}).get("samples", [])
+        for number, sample in enumerate(results["samples"], 1):
+            lines += [f"### Sample {number}", "", "Prompt:", "", _quote(sample["prompt"]), "",
+                      f"Tuned (reward {_reward(sample)}):", "", _quote(sample["completion"]), ""]
+            if number <= len(base_samples):
+                lines += [f"Base (reward {_reward(base_samples[number - 1])}):", "",
+                          _quote(base_samples[number - 1]["completion"]), ""]
     path.write_text("\n".join(lines))
+
+
+def _reward(sample: dict) -> str:
+    return "no opinion" if sample["reward"] is None else f"{sample['reward']:.4g}"
