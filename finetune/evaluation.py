@@ -2,10 +2,12 @@
 
 Figures: loss (token-weighted mean NLL over target tokens only), perplexity, bits per byte, for the validation
 split and each of `eval.files`; accuracy, macro-F1 and the confusion matrix for classification (label scoring);
-exact match and BLEU of greedy generations for instruction and chat data; pair accuracy and margin for preference
-pairs; for rated completions (feedback data) how the model scores desirable against undesirable ones. Under
-`accelerate launch` the work is sharded across processes; NLL sums and counts are reduced, predictions gathered,
-before anything is divided, so the figures depend neither on the number of processes nor on the batch size.
+exact match and BLEU of greedy generations for instruction and chat data; held-out pair accuracy and margin for
+preference pairs, and for a preference policy its samples against its reference's, the KL estimate between them and
+bits per byte of held-out text (finetune/policy_eval.py); for rated completions (feedback data) how the model scores
+desirable against undesirable ones. Under `accelerate launch` the work is sharded across processes; NLL sums and
+counts are reduced, predictions gathered, before anything is divided, so the figures depend neither on the number
+of processes nor on the batch size.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from finetune.loss import sequence_logps
 from finetune.modeling import DTYPES, context_length, load_base_model, load_final, without_kv_cache
 from finetune.objectives import PairLogps, needs_reference, preference_margins
 from finetune.packing import IGNORE, best_fit_decreasing
+from finetune.policy_eval import Completion, completion_logps, is_policy, kl_figures, sample
 from finetune.prepare import ensure_prepared
 from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
@@ -89,6 +92,8 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
                 results.update(evaluator.reward_figures())
             if evaluator.completions:
                 results.update(evaluator.feedback_reward_figures())
+            if evaluator.policy_samples:
+                results.update(evaluator.policy_figures())
         results["processes"] = accelerator.num_processes
         results["wall_seconds"] = round(time.perf_counter() - started, 3)
         if is_main_process():
@@ -217,6 +222,11 @@ class Evaluator:
         self.records = self._records() if "validation" in self.format.record_splits else []
         self.margins: dict[str, torch.Tensor] = {}  # role -> per-pair margins (paired formats)
         self.completions: dict[str, torch.Tensor] = {}  # role -> per completion (log-prob, tokens, desirable)
+        self.policy = is_policy(recipe.train.objective)
+        # a policy's drift guard: eval.files when given, else the validation pairs' prompt + chosen text
+        self.heldout_text = self._heldout_text() if self.policy and not self.cfg.files else None
+        self._tuned_samples: list[tuple[int, Completion, float]] = []  # this process's: (prompt index, sample, logp)
+        self.policy_samples: list[dict] = []  # all processes', after the reference was scored
         if self.format.prompts_only:
             full = recipe.rl.reward_text == "full"
             self.rewards = load_rewards(recipe.rl.rewards, full, accelerator.device)
@@ -231,6 +241,10 @@ class Evaluator:
                 cfg.max_new_tokens >= self.max_context:
             raise UserError(f"{where}: 'eval.max_new_tokens' ({cfg.max_new_tokens}) leaves no room for the prompt "
                             f"in the model's {self.max_context}-token context")
+        if is_policy(self.recipe.train.objective) and cfg.policy.prompts and \
+                cfg.policy.max_new_tokens >= self.max_context:
+            raise UserError(f"{where}: 'eval.policy.max_new_tokens' ({cfg.policy.max_new_tokens}) leaves no room for "
+                            f"the prompt in the model's {self.max_context}-token context")
 
     def _validation_rows(self) -> tuple[Sequence[dict], str]:
         prepared = load_prepared(self.recipe, "validation")
@@ -241,6 +255,15 @@ class Evaluator:
 
     def _records(self) -> list[dict]:
         return load_records(self.recipe, "validation")[:self.cfg.max_examples]
+
+    def _heldout_text(self) -> tuple[list[dict], str]:
+        """What the policy should still write well: prompt + chosen response of each validation pair, or prompt +
+        completion of each desirable validation completion (feedback data)."""
+        liked = [record for record in self.records if record.get("label", True)]
+        docs = self._encode([self.format.segments(record) for record in liked])
+        rows, method = self._windows(docs, self.cfg.stride or self.block)
+        what = "desirable completion" if self.format.unpaired else "pair's chosen response"
+        return rows, f"prompt + each validation {what}, every token scored; {method}"
 
     def _windows(self, docs: list[list[int]], stride: int) -> tuple[list[dict], str]:
         rows = document_windows(docs, self.block, stride)[:self.cfg.max_examples]
@@ -263,6 +286,10 @@ class Evaluator:
             out.update(self.pair_figures(model, rows, role))
         if self.format.unpaired:
             out.update(self.feedback_figures(model, rows, role))
+        if self.heldout_text is not None:
+            out["heldout_text"] = self.lm_figures(model, *self.heldout_text, f"{role}: held-out text")
+        if self.policy and self.cfg.baseline and self.cfg.policy.prompts:
+            self.sample_policy(model, baseline)
         if self.format.label_words():
             out.update(self.classify(model, self.cfg.shots if baseline else 0, self.cfg.calibrate and baseline, role))
         elif self.format.has_reference and self.cfg.generate_samples:
@@ -394,6 +421,42 @@ class Evaluator:
                 "undesirable_favoured": favoured[~desirable].double().mean().item(),
                 "reward_margin": (rewards[desirable].mean() - rewards[~desirable].mean()).item()}
 
+    def _policy_batches(self) -> list[list[tuple[int, list[int]]]]:
+        """This process's batches of (index, fitted prompt ids): whole batches dealt round-robin, so that a batch
+        holds the same prompts for any number of processes."""
+        cfg = self.cfg.policy
+        prompts = self._encode([self.format.prompt_segments(r) for r in self.records[:cfg.prompts]])
+        items = [(i, fit_prompt(ids, self.max_context, cfg.max_new_tokens)) for i, ids in enumerate(prompts)]
+        batches = [items[start:start + self.cfg.batch_size] for start in range(0, len(items), self.cfg.batch_size)]
+        return batches[self.accelerator.process_index::self.accelerator.num_processes]
+
+    def sample_policy(self, model: torch.nn.Module, reference: bool) -> None:
+        """The tuned model (first): its samples and their log-probabilities. The reference (then): its own samples
+        of the same prompts with the same seeds, and the log-probabilities of the tuned model's samples; the
+        samples of all processes are then gathered into `policy_samples`."""
+        cfg, pad, chunk = self.cfg.policy, self.tokenizer.pad_token_id, self.recipe.train.loss_chunk
+        mine = []
+        for batch in self._policy_batches():
+            indices, prompts = [i for i, _ in batch], [ids for _, ids in batch]
+            completions = sample(model, self.tokenizer, prompts, [self.cfg.seed + i for i in indices],
+                                 cfg.max_new_tokens)
+            if not reference:
+                logps = completion_logps(model, completions, pad, chunk)
+                self._tuned_samples += zip(indices, completions, logps)
+                continue
+            tuned = [entry for entry in self._tuned_samples if entry[0] in indices]
+            reference_logps = completion_logps(model, [c for _, c, _ in tuned], pad, chunk)
+            mine += [{"index": i, "seed": self.cfg.seed + i, "reference": ref.text, "tuned": c.text,
+                      "tuned_tokens": len(c.ids), "log_ratio": logp - ref_logp}
+                     for (i, c, logp), ref, ref_logp in zip(tuned, completions, reference_logps)]
+        if reference:
+            self.policy_samples = [{"prompt": self._prompt_text(self.records[entry["index"]]), **entry}
+                                   for entry in sorted(gather_object(mine), key=lambda s: s["index"])]
+
+    def policy_figures(self) -> dict:
+        """The KL estimate from the tuned model's samples (policy_eval.kl_figures) and the samples of both."""
+        return {**kl_figures([s["log_ratio"] for s in self.policy_samples]), "policy_samples": self.policy_samples}
+
     def _encode(self, batch: list[list[Segment]]) -> list[list[int]]:
         return [ids for ids, _ in encode_segments(self.tokenizer, batch)]
 
@@ -442,10 +505,14 @@ class Evaluator:
             mine += [(i, text) for (i, _), text in zip(batch, texts)]
         outputs = [text for _, text in sorted(gather_object(mine))]
         references = [self.format.reference(record) for record in records]
-        eos = self.tokenizer.eos_token
-        samples = [{"prompt": "".join(eos if text is None else text for text, _ in segs), "reference": ref,
-                    "output": out} for segs, ref, out in zip(prompts, references, outputs)]
+        samples = [{"prompt": self._prompt_text(record), "reference": ref, "output": out}
+                   for record, ref, out in zip(records, references, outputs)]
         return {**generation_figures(outputs, references), "generations": samples}
+
+    def _prompt_text(self, record: dict) -> str:
+        """A record's prompt as text (the end-of-text token written out)."""
+        eos = self.tokenizer.eos_token
+        return "".join(eos if text is None else text for text, _ in self.format.prompt_segments(record))
 
 
 def greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from finetune.chat_template import save_tokenizer
 from finetune.errors import UserError
 from finetune.eval_results import check_current, read_eval_results
-from finetune.modeling import is_adapter, load_final, quiet_peft, trained_recipe
+from finetune.modeling import is_adapter, is_reward_model, load_final, quiet_peft, trained_recipe
 from finetune.merge import merge
 from finetune.model_card import model_card
 from finetune.recipe import Recipe
@@ -61,23 +61,27 @@ def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 def check_loads(folder: Path, final: Path, adapter: bool, base: str | None) -> None:
-    """Load the upload folder the way a user would (peft / transformers) and compare with the run's model."""
+    """Load the upload folder the way a user would (peft / transformers; a reward model as a sequence classifier
+    with one label) and compare with the run's model."""
+    expected = load_final(final)
+    reward = is_reward_model(expected)
+    auto, options = (AutoModelForSequenceClassification, {"num_labels": 1}) if reward else (AutoModelForCausalLM, {})
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if adapter:
             from peft import PeftModel
 
             with quiet_peft():
-                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+                model = PeftModel.from_pretrained(auto.from_pretrained(base, **options), folder)
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder)
+            model = auto.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - whatever stops a user from loading it stops the push
         raise UserError(f"the upload folder {folder} does not load back: {type(exc).__name__}: {exc}") from None
     reference_tokenizer = load_tokenizer(str(final))
     ids = reference_tokenizer(PROBE)["input_ids"]
     if tokenizer(PROBE)["input_ids"] != ids:
         raise UserError(f"the tokenizer in {folder} encodes differently from the one in {final}")
-    gap = (_logits(model, ids) - _logits(load_final(final), ids)).abs().max().item()
+    gap = (_logits(model, ids) - _logits(expected, ids)).abs().max().item()
     if gap > 1e-3:
         raise UserError(f"the model in {folder} does not reproduce {final} (logits differ by up to {gap:.3g})")
 

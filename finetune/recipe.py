@@ -156,6 +156,14 @@ class HarnessConfig:
 
 
 @dataclass
+class PolicySamplesConfig:
+    """`eval.policy`: a preference policy (train.objective dpo, ipo, simpo, kto) sampled against its reference
+    (finetune/policy_eval.py)."""
+    prompts: int = ranged(16, 0, 1024, high_ok=True)  # held-out prompts, one completion each from both models; 0 = off
+    max_new_tokens: int = ranged(64, 1, 1024, high_ok=True)
+
+
+@dataclass
 class EvalConfig:
     files: list = field(default_factory=list)
     stride: int | None = None
@@ -169,6 +177,7 @@ class EvalConfig:
     max_new_tokens: int = ranged(128, 1)
     seed: int = 42
     harness: HarnessConfig | None = None
+    policy: PolicySamplesConfig = field(default_factory=PolicySamplesConfig)
     rewards: list[RewardSpec] = field(default_factory=list)  # reward RL: held-out scorers (as rl.rewards)
 
 

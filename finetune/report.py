@@ -3,6 +3,7 @@ RL, sampled completions with their rewards)."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from finetune.recipe import Recipe
@@ -56,8 +57,16 @@ def _harness_table(tuned: dict, base: dict | None) -> list[str]:
     return lines
 
 
+def _kl_line(results: dict) -> str:
+    stderr = results["kl_to_reference_stderr"]
+    return (f"KL(tuned || reference) = {results['kl_to_reference']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None
+            else "") + f" nats (standard error; estimated from the tuned model's {results['kl_samples']} samples)")
+
+
 def summary_table(results: dict) -> str:
     lines = _table(results, results.get("baseline"))
+    if "kl_to_reference" in results:
+        lines += ["", _kl_line(results)]
     if "harness" in results:
         lines += ["", *_harness_table(results["harness"], (results.get("baseline") or {}).get("harness"))]
     return "\n".join(lines)
@@ -93,6 +102,23 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
 
 
+def _table_cell(text: str) -> str:
+    """Text as one markdown table cell: HTML special characters escaped, `|` escaped, lines joined with <br>."""
+    escaped = html.escape(text.strip() or "(empty)", quote=False).replace("|", "\\|")
+    return "<br>".join(escaped.splitlines())
+
+
+def _policy_samples(results: dict) -> list[str]:
+    """A policy's samples against its reference's, with the KL estimate drawn from them."""
+    lines = ["## Samples: reference against tuned", "",
+             f"{_kl_line(results)}. Both models sample each prompt with the same seed, at temperature 1 with no top-k "
+             "or top-p.", "",
+             "| # | prompt | reference sample | tuned sample |", "|---:|---|---|---|"]
+    lines += [f"| {number} | {_table_cell(s['prompt'])} | {_table_cell(s['reference'])} | {_table_cell(s['tuned'])} |"
+              for number, s in enumerate(results["policy_samples"], 1)]
+    return lines + [""]
+
+
 def write_report(path: Path, recipe: Recipe, results: dict) -> None:
     base = results.get("baseline")
     lines = [f"# {recipe.name}: evaluation", "", *_recipe_summary(recipe), "",
@@ -107,6 +133,11 @@ def write_report(path: Path, recipe: Recipe, results: dict) -> None:
     for file, figures in results.get("files", {}).items():
         base_figures = (base or {}).get("files", {}).get(file)
         lines += [f"### {file}", "", figures["method"], "", *_table(figures, base_figures), ""]
+    if "heldout_text" in results:
+        lines += ["### Held-out text (drift guard)", "", results["heldout_text"]["method"], "",
+                  *_table(results["heldout_text"], (base or {}).get("heldout_text")), ""]
+    if results.get("policy_samples"):
+        lines += _policy_samples(results)
     if "confusion_matrix" in results:
         lines += ["## Confusion matrices", "", *_confusion(results, "Tuned")]
         lines += _confusion(base, "Base") if base else []

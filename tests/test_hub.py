@@ -6,22 +6,30 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, constants
-from helpers import RECITAL
+from helpers import RECITAL, subprocess_env
+from preference_pairs import separable_pairs, write_run
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.cli import main
+from finetune.collate import PairCollator
 from finetune.errors import UserError
 from finetune.eval_results import weights_digest
 from finetune.hub import push
+from finetune.formats import data_format, encode_segments
+from finetune.model_card import model_card
 from finetune.modeling import load_final
 from finetune.recipe import Recipe, load_recipe
+from finetune.reward import sequence_rewards
+from finetune.tokenizer import load_tokenizer
 
 HUB_BASE = "someuser/recital-gpt2"
 EVAL = {"loss": 0.42, "perplexity": 1.52, "bits_per_byte": 0.61, "tokens": 900,
@@ -190,3 +198,74 @@ def test_a_failed_upload_is_a_user_error_without_the_token(lora: Recipe, hub_cop
     with pytest.raises(UserError, match="upload to me/tiny-lora failed") as failure:
         push(lora, "me/tiny-lora", base_model=HUB_BASE, api=unreachable)
     assert "hf_secret_never_printed" not in str(failure.value)
+
+
+# --- runs of the preference objectives ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def preference_runs(recital_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Recipe files of two short runs of `finetune train` over the recital base on separable preference pairs: `dpo`
+    (a LoRA adapter) and `reward` (a full reward model)."""
+    folder = tmp_path_factory.mktemp("preference")
+    pairs = separable_pairs(40, seed=12)
+    paths = {"dpo": write_run(folder, recital_base, pairs, {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all"},
+                              name="tiny-dpo", max_steps=10, save_steps=10),
+             "reward": write_run(folder, recital_base, pairs, name="tiny-reward", objective="reward", max_steps=10,
+                                 save_steps=10)}
+    runs = [subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], env=subprocess_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for path in paths.values()]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err.decode()[-3000:]
+    return paths
+
+
+@pytest.mark.slow  # the two training runs: 20 to 70 s on a shared 2-core machine
+def test_a_lora_dpo_run_merges_generates_and_pushes_a_card_saying_how_it_was_trained(
+        preference_runs, recital_base: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    recipe = load_recipe(preference_runs["dpo"])
+    assert main(["merge", str(preference_runs["dpo"])]) == 0
+    ids = probe_ids(recipe)
+    adapter = logits(load_final(recipe.run.final), ids)
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(recipe.run.merged), ids), adapter, atol=1e-5)
+    assert (logits(AutoModelForCausalLM.from_pretrained(recital_base), ids) - adapter).abs().max() > 1e-3  # trained
+    capsys.readouterr()
+    assert main(["generate", str(preference_runs["dpo"]), "--prompt", "alpha beta", "--max-new-tokens", "8",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip()
+    monkeypatch.chdir(tmp_path)
+    assert main(["push", str(preference_runs["dpo"]), "--repo", "me/tiny-dpo", "--merged", "--dry-run"]) == 0
+    card = ModelCard.load(recipe.run.hub / "README.md")
+    assert {"dpo", "preference"} <= set(card.data.tags) and card.data.pipeline_tag == "text-generation"
+    assert ("- objective: DPO (Rafailov et al. 2023, sigmoid loss) on pairs of chosen and rejected responses "
+            "(`preference` format); train.preference: beta 0.1, label_smoothing 0.0") in card.text
+    assert "- reference model: the base model with the adapter switched off" in card.text
+    assert run_usage_snippet(recipe.run.hub, "me/tiny-dpo", capsys).strip()
+    figures = {"pair_accuracy": 0.9, "kl_to_reference": 1.25, "baseline": {"pair_accuracy": 0.5}}
+    text = model_card(recipe, "me/tiny-dpo", False, None, figures).text
+    assert "| pair_accuracy | 0.9 | 0.5 |" in text and "| kl_to_reference | 1.25 | |" in text
+
+
+@pytest.mark.slow
+def test_a_reward_model_pushes_with_a_card_that_scores_as_trained(preference_runs, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    recipe = load_recipe(preference_runs["reward"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["push", str(preference_runs["reward"]), "--repo", "me/tiny-reward", "--dry-run"]) == 0
+    folder = recipe.run.hub
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "text-classification" and "reward-model" in card.data.tags
+    assert "a reward model: GPT-2 with a scalar head" in card.text and "Bradley-Terry" in card.text
+    assert "AutoModelForSequenceClassification.from_pretrained('me/tiny-reward')" in card.text
+    capsys.readouterr()
+    printed = float(run_usage_snippet(folder, "me/tiny-reward", capsys))
+    # the snippet's reward is the one training reads: the reply as prepare tokenizes it, scored in a packed row
+    fmt = data_format(recipe.data)
+    record, _ = fmt.normalize({"prompt": fmt.card_example, "chosen": "A reply to score.", "rejected": "-"}, "row")
+    prompt, chosen, _ = (encode_segments(load_tokenizer(str(recipe.run.final)), [s])[0][0]
+                         for s in fmt.pair_segments(record))
+    row = {"input_ids": prompt + chosen, "labels": [-100] * len(prompt) + chosen,
+           "position_ids": list(range(len(prompt) + len(chosen)))}
+    with torch.no_grad():
+        trained = sequence_rewards(load_final(recipe.run.final).eval(), PairCollator(0)([row]))
+    assert printed == pytest.approx(trained.item(), abs=1e-5)  # float32 rounding (test_reward: 6e-6 measured)

@@ -165,6 +165,7 @@ def test_tiny_reward_model_learns_separable_pairs(tmp_path: Path, tiny_model_dir
     assert results["pairs"] >= 40
     assert results["pair_accuracy"] > 0.9 and results["pair_margin"] > 0
     assert results["baseline"]["pair_accuracy"] < 0.9  # the untrained head
+    assert not {"kl_to_reference", "policy_samples", "heldout_text"} & (set(results) | set(results["baseline"]))
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(metrics[0])
     # final/ loads with plain transformers and scores text: the pairs' sequences one at a time, ending in EOS
     final = tmp_path / "pref" / "final"
