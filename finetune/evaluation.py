@@ -374,9 +374,9 @@ class Evaluator:
                    "completion_length_mean": mean([row[2] for row in rows])}
         if self.heldout_rewards:
             figures["heldout_reward_mean"] = mean([row[4] for row in rows])
-        figures["samples"] = [{"prompt": decode(self.tokenizer, prompts[i]), "completion": text,
-                               "reward": reward if reward == reward else None}  # NaN: no opinion
-                              for i, text, _, reward, _ in rows[:4]]
+        figures["reward_samples"] = [{"prompt": decode(self.tokenizer, prompts[i]), "completion": text,
+                                      "reward": reward if reward == reward else None}  # NaN: no opinion
+                                     for i, text, _, reward, _ in rows[:4]]
         return figures
 
     def reward_figures(self) -> dict:

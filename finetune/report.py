@@ -151,10 +151,10 @@ def write_report(path: Path, recipe: Recipe, results: dict) -> None:
                       _quote(sample["reference"]), "", "Tuned:", "", _quote(sample["output"]), ""]
             if number <= len(base_outputs):
                 lines += ["Base:", "", _quote(base_outputs[number - 1]), ""]
-    if results.get("samples"):  # reward RL: completions sampled with the same seed for both models
+    if results.get("reward_samples"):  # reward RL: completions sampled with the same seed for both models
         lines += ["## Sample completions (sampled, the same seed per prompt for both models)", ""]
-        base_samples = (base or {}).get("samples", [])
-        for number, sample in enumerate(results["samples"], 1):
+        base_samples = (base or {}).get("reward_samples", [])
+        for number, sample in enumerate(results["reward_samples"], 1):
             lines += [f"### Sample {number}", "", "Prompt:", "", _quote(sample["prompt"]), "",
                       f"Tuned (reward {_reward(sample)}):", "", _quote(sample["completion"]), ""]
             if number <= len(base_samples):

@@ -329,10 +329,10 @@ def test_a_tiny_gpt2_learns_a_reward_faster_without_the_kl_term(tmp_path: Path, 
     # measured: 1.0 tuned, 0.0 base on the 3 validation prompts; the base may have 1 of 3 on another CPU's samples
     assert results["reward_mean"] > 0.85 > base["reward_mean"] + 0.5
     assert results["heldout_reward_mean"] == 1.0  # rewards only completions with "red": None for the others
-    assert [s["prompt"] for s in results["samples"]] == [s["prompt"] for s in base["samples"]]
+    assert [s["prompt"] for s in results["reward_samples"]] == [s["prompt"] for s in base["reward_samples"]]
     report = recipe.run.report.read_text()
     assert f"| reward (training rewards) | {base['reward_mean']:.4f} | {results['reward_mean']:.4f} |" in report
-    assert f"Tuned (reward {results['samples'][0]['reward']:.4g}):" in report
+    assert f"Tuned (reward {results['reward_samples'][0]['reward']:.4g}):" in report
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path, tiny_model_dir: Path,
