@@ -91,14 +91,16 @@ class Throughput(TrainerCallback):
         return (self.tokens - self.start_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-PREFERENCE_METRICS = ("rewards/", "logps/", "kl", "eval_rewards/", "eval_logps/", "eval_kl")  # the preference
-# trainers' (preference_trainer.py, feedback_trainer.py)
+# the objectives' own metrics: the preference trainers' (preference_trainer.py, feedback_trainer.py), then reward
+# RL's (rl/trainer.py)
+OBJECTIVE_METRICS = ("rewards/", "logps/", "kl", "eval_rewards/", "eval_logps/", "eval_kl",
+                     "reward", "frac_reward_zero_std", "entropy", "completions/")
 
 
 class MetricsFile(TrainerCallback):
     """`metrics.jsonl`: one JSON object per training log (step, loss, lr, grad_norm, tokens/s) or evaluation
-    (step, eval_loss), with the preference objectives' rewards and log-probabilities. A resumed run keeps the
-    lines up to its checkpoint's step and appends after them."""
+    (step, eval_loss), with the objectives' own figures (OBJECTIVE_METRICS). A resumed run keeps the lines up to its
+    checkpoint's step and appends after them."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -125,7 +127,7 @@ class MetricsFile(TrainerCallback):
             record.update(train_runtime=logs["train_runtime"], tokens=state.num_input_tokens_seen)
         else:
             return
-        record.update({key: value for key, value in logs.items() if key.startswith(PREFERENCE_METRICS)})
+        record.update({key: value for key, value in logs.items() if key.startswith(OBJECTIVE_METRICS)})
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -139,6 +139,8 @@ def encode_batch(context: EncodeContext, batch: RowBatch, routes: np.ndarray) ->
         _encode_pairs(context, kept, parts)
     elif fmt.unpaired:
         _encode_feedback(context, kept, parts)
+    elif fmt.prompts_only:
+        _encode_prompts(context, kept, parts)
     else:
         _encode_examples(context, kept, parts)
     return {split: part.arrays(context.dtype) for split, part in parts.items()}
@@ -193,6 +195,20 @@ def _encode_examples(context: EncodeContext, kept: list[tuple[str, dict]], parts
         part.targets.append(runs)
         if part.records is not None:
             part.records.append(record)
+
+
+def _encode_prompts(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
+    """Prompts (reward RL): whole, no token a target; one longer than the block is dropped, not cut (the
+    completion continues its end)."""
+    for split, record, pieces in _tokenized(context, kept):
+        part = parts[split]
+        ids = list(chain.from_iterable(piece for piece, _ in pieces))
+        if len(ids) > context.cfg.block_size:
+            part.dropped["prompt_too_long"] += 1
+            continue
+        part.ids.append(ids)
+        part.targets.append([(len(ids), False)])
+        part.records.append(record)
 
 
 def _flat(pieces: list[tuple[list[int], bool]]) -> tuple[list[int], list[tuple[int, bool]]]:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from finetune.eval_results import weights_digest, write_eval_results
 from finetune.formats import DataFormat, Segment, data_format, encode_segments
 from finetune.generation.engine import Engine, Request
 from finetune.generation.params import SamplingParams
-from finetune.generation.window import fit_prompt
+from finetune.generation.window import fit_prompt, reply_reserve
 from finetune.metrics import (NllSums, batch_sums, classification_figures, generation_figures, label_loglikelihoods,
                               token_byte_lengths)
 from finetune.loss import sequence_logps
@@ -48,6 +50,8 @@ from finetune.prepare import ensure_prepared
 from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
 from finetune.reward import sequence_rewards
+from finetune.rl.rewards import completions_of, load_rewards, reward_table
+from finetune.rl.trainer import decode, rollout_seed
 from finetune.run_folder import IDENTITY_FILE
 
 DEMO_SEPARATOR = "\n\n"
@@ -223,6 +227,10 @@ class Evaluator:
         self.heldout_text = self._heldout_text() if self.policy and not self.cfg.files else None
         self._tuned_samples: list[tuple[int, Completion, float]] = []  # this process's: (prompt index, sample, logp)
         self.policy_samples: list[dict] = []  # all processes', after the reference was scored
+        if self.format.prompts_only:
+            full = recipe.rl.reward_text == "full"
+            self.rewards = load_rewards(recipe.rl.rewards, full, accelerator.device)
+            self.heldout_rewards = load_rewards(recipe.eval.rewards, full, accelerator.device)
 
     def _check_settings(self) -> None:
         cfg, where = self.cfg, self.recipe.source
@@ -267,7 +275,10 @@ class Evaluator:
         if self.recipe.train.objective == "reward":  # a scalar head, no next-token distribution
             return {"method": "held-out pairs, each sequence's reward at its last token",
                     **self.pair_figures(model, rows, role)}
-        out = self.lm_figures(model, rows, method, f"{role}: validation")
+        if self.format.prompts_only:  # prompts have no targets: the figures are the rewards of sampled completions
+            out = self.rollout_figures(model, role)
+        else:
+            out = self.lm_figures(model, rows, method, f"{role}: validation")
         if self.cfg.files:
             out["files"] = {path: self.lm_figures(model, *self.lm_sets[path], f"{role}: {Path(path).name}")
                             for path in self.cfg.files}
@@ -330,6 +341,43 @@ class Evaluator:
         self.margins[role] = margins
         return {"pair_accuracy": (margins > 0).double().mean().item(), "pair_margin": margins.mean().item(),
                 "pairs": len(margins)}
+
+    def rollout_figures(self, model: torch.nn.Module, role: str) -> dict:
+        """Reward RL: one completion per validation prompt, sampled as in training (rl.temperature, at most
+        rl.max_completion_tokens) with a seed per prompt from eval.seed, the same for the tuned and the base
+        model; reward_mean under the training rewards, heldout_reward_mean under eval.rewards (training never saw
+        them: a gap between the two shows reward hacking), and the completions' mean length in tokens."""
+        rl, eos = self.recipe.rl, self.tokenizer.eos_token_id
+        params = SamplingParams(max_new_tokens=rl.max_completion_tokens, temperature=rl.temperature, top_p=1.0,
+                                top_k=0, repetition_penalty=1.0, stop=())
+        reserve = reply_reserve(self.max_context, rl.max_completion_tokens)
+        prompts = self._encode([self.format.prompt_segments(record) for record in self.records])
+        mine = []
+        for batch in self._batches(self._mine(list(enumerate(prompts))), f"{role}: completions"):
+            requests = [Request(fit_prompt(ids, self.max_context, reserve), replace(params, seed=rollout_seed(
+                self.cfg.seed, 0, i, 0))) for i, ids in batch]
+            Engine(model, {eos}, partial(decode, self.tokenizer)).run(requests)
+            completions = completions_of([self.records[i] for i, _ in batch], [r.text for r in requests],
+                                         (decode(self.tokenizer, r.prompt_ids) for r in requests))
+            totals = [reward_table(rewards, completions)[1].tolist() if rewards else [None] * len(batch)
+                      for rewards in (self.rewards, self.heldout_rewards)]
+            mine += [(i, r.text, len(r.token_ids) + (r.finish_reason == "stop"), *values)
+                     for (i, _), r, *values in zip(batch, requests, *totals)]
+        rows = sorted(gather_object(mine))
+
+        def mean(values: list) -> float | None:
+            kept = [v for v in values if v is not None and v == v]  # NaN: no reward had an opinion
+            return sum(kept) / len(kept) if kept else None
+
+        figures = {"method": f"one sampled completion per validation prompt (seeds from eval.seed {self.cfg.seed})",
+                   "completions": len(rows), "reward_mean": mean([row[3] for row in rows]),
+                   "completion_length_mean": mean([row[2] for row in rows])}
+        if self.heldout_rewards:
+            figures["heldout_reward_mean"] = mean([row[4] for row in rows])
+        figures["reward_samples"] = [{"prompt": decode(self.tokenizer, prompts[i]), "completion": text,
+                                      "reward": reward if reward == reward else None}  # NaN: no opinion
+                                     for i, text, _, reward, _ in rows[:4]]
+        return figures
 
     def reward_figures(self) -> dict:
         """The objective's implicit reward beta * (log p_tuned - log p_reference) on held-out pairs (what training

@@ -154,3 +154,38 @@ def final_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
     return model.get_output_embeddings().weight
+
+
+def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | None, entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row of a padded batch with an attention mask (`input_ids`, `attention_mask`, `position_ids`, `labels`):
+    the log-probability of each target token, laid out as `labels[:, 1:]` (0 where there is no target; float32,
+    with gradients when they are enabled), and with `entropy` the entropy of the model's next-token distribution
+    there (no gradients). With `chunk`, logits exist for that many target positions at a time; without, they come
+    from the model's own forward (FSDP, DeepSpeed)."""
+    labels = batch["labels"]
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    if chunk is None:
+        hidden, weight = model(**inputs, use_cache=False).logits, None
+    else:
+        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        weight = output_weight(getattr(model, "module", model))
+    states, targets, _ = _target_positions(hidden, labels)
+    step = chunk or max(len(targets), 1)
+    pieces = [(states[start:start + step], targets[start:start + step]) for start in range(0, len(targets), step)]
+    if weight is None:
+        nll = F.cross_entropy(states.float(), targets, reduction="none")
+    else:
+        nll = torch.cat([states.new_zeros(0)] + [_token_nll(rows, weight, picked) for rows, picked in pieces])
+    keep = labels[:, 1:].ne(IGNORE)
+    logps = torch.zeros(keep.shape, dtype=torch.float32, device=nll.device).masked_scatter(keep, -nll.float())
+    if not entropy:
+        return logps, None
+    with torch.no_grad():
+        values = []
+        for rows, _ in pieces:
+            logits = (rows if weight is None else rows @ weight.T).float()
+            values.append(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1))
+        flat = torch.cat([logps.new_zeros(0), *values])
+        entropies = torch.zeros_like(logps).masked_scatter(keep, flat)
+    return logps, entropies

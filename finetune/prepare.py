@@ -428,7 +428,8 @@ def _finish(folder: Path, chunks: list[dict], dtype: np.dtype, cfg: DataConfig, 
         raise UserError(f"{where}: the {name} split is empty after filtering ({reasons})")
     fmt = data_format(cfg)
     every_token_target = fmt.every_token_target
-    info = finish_split(folder, chunks, dtype, cfg.block_size, every_token_target, cfg.packing, fmt.paired)
+    info = finish_split(folder, chunks, dtype, cfg.block_size, every_token_target,
+                        cfg.packing and not fmt.prompts_only, fmt.paired)
     tokens, rows = info["tokens"], info["rows"]
     targets = tokens - info["pieces"] if every_token_target else sum(s["target_tokens"] for s in stats)
     on_disk = store.store_bytes(folder)

@@ -31,6 +31,8 @@ from finetune.formats.classification import ClassificationFormat
 from finetune.formats.feedback import FeedbackFormat
 from finetune.formats.instruction import InstructionFormat
 from finetune.formats.preference import PreferenceFormat
+from finetune.formats.prompt import PromptFormat
+from finetune.rl.config import RewardSpec, RLConfig, check_rl, resolve_reward_paths
 from finetune.run_folder import RunFolder
 from finetune.sources import HubSource, LocalSource, SourceSpec, check_sources  # noqa: F401 - the source types
 # are part of the recipe's types (importable from here)
@@ -82,6 +84,7 @@ class DataConfig:
     classification: ClassificationFormat = field(default_factory=ClassificationFormat)
     preference: PreferenceFormat = field(default_factory=PreferenceFormat)
     feedback: FeedbackFormat = field(default_factory=FeedbackFormat)
+    prompt: PromptFormat = field(default_factory=PromptFormat)
 
 
 @dataclass
@@ -95,7 +98,8 @@ class LoraConfig:
 
 
 OBJECTIVES = tuple(dict.fromkeys(o for fmt in FORMATS.values() for o in fmt.objectives))  # train.objective: sft,
-# dpo, ipo, simpo, reward (on preference pairs), kto (on feedback); each data format lists those it trains with
+# dpo, ipo, simpo, reward (on preference pairs), kto (on feedback), grpo, rloo (on prompts); each data format lists
+# those it trains with
 
 
 @dataclass
@@ -139,7 +143,7 @@ class TrainConfig:
     report_to: Union[str, list] = "tensorboard"  # a REPORTERS key or a list of them (finetune/tracking.py)
     run_name: str | None = None  # the run's name in the trackers; default: the recipe's name
     extra: dict = field(default_factory=dict)  # any other TrainingArguments argument, passed through
-    objective: Literal[OBJECTIVES] = "sft"  # all but sft train on preference pairs, kto on feedback
+    objective: Literal[OBJECTIVES] = "sft"  # the data format decides which apply (_check_objective_data)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
@@ -175,6 +179,7 @@ class EvalConfig:
     seed: int = 42
     harness: HarnessConfig | None = None
     policy: PolicySamplesConfig = field(default_factory=PolicySamplesConfig)
+    rewards: list[RewardSpec] = field(default_factory=list)  # reward RL: held-out scorers (as rl.rewards)
 
 
 @dataclass
@@ -208,6 +213,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -331,6 +337,9 @@ def _resolve_paths(data: dict, folder: Path, where: str) -> None:
                 resolved_source(value)
     if isinstance(data.get("output_dir"), str):
         data["output_dir"] = resolved(expand_user_path(data["output_dir"], f"{where}: 'output_dir'"))
+    for owner in ("rl", "eval"):
+        if isinstance(section(owner).get("rewards"), list):
+            data[owner]["rewards"] = resolve_reward_paths(data[owner]["rewards"], resolved)
     if isinstance(section("eval").get("files"), list):
         data["eval"]["files"] = [resolved(f) for f in data["eval"]["files"]]
     if section("eval", "harness").get("include_path") is not None:
@@ -698,6 +707,7 @@ def _validate(recipe: Recipe, where: str) -> None:
     _check_report_to(recipe, where)
     _check_harness(recipe, where)
     _check_train(recipe, where)
+    check_rl(recipe.rl, recipe.eval.rewards, recipe.train.objective, where)
     _check_eval(recipe, where)
     _check_generate_and_serve(recipe, where)
     if recipe.model.init is not None:

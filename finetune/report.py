@@ -1,4 +1,5 @@
-"""report.md for a run: what was trained, base against tuned, the loss curve and sample generations."""
+"""report.md for a run: what was trained, base against tuned, the loss curve and sample generations (or, for reward
+RL, sampled completions with their rewards)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity",
            ("pair_accuracy", "pair accuracy", "{:.2%}"), ("pair_margin", "pair margin", "{:.4f}"),
            ("desirable_logp", "desirable completions (log-prob/token)", "{:.4f}"),
            ("undesirable_logp", "undesirable completions (log-prob/token)", "{:.4f}"),
-           ("feedback_margin", "feedback margin (desirable - undesirable)", "{:.4f}")]
+           ("feedback_margin", "feedback margin (desirable - undesirable)", "{:.4f}"),
+           ("reward_mean", "reward (training rewards)", "{:.4f}"), ("heldout_reward_mean", "held-out reward", "{:.4f}"),
+           ("completion_length_mean", "completion tokens (mean)", "{:.1f}")]
 
 
 def _cell(figures: dict | None, key: str, form: str) -> str:
@@ -148,4 +151,17 @@ def write_report(path: Path, recipe: Recipe, results: dict) -> None:
                       _quote(sample["reference"]), "", "Tuned:", "", _quote(sample["output"]), ""]
             if number <= len(base_outputs):
                 lines += ["Base:", "", _quote(base_outputs[number - 1]), ""]
+    if results.get("reward_samples"):  # reward RL: completions sampled with the same seed for both models
+        lines += ["## Sample completions (sampled, the same seed per prompt for both models)", ""]
+        base_samples = (base or {}).get("reward_samples", [])
+        for number, sample in enumerate(results["reward_samples"], 1):
+            lines += [f"### Sample {number}", "", "Prompt:", "", _quote(sample["prompt"]), "",
+                      f"Tuned (reward {_reward(sample)}):", "", _quote(sample["completion"]), ""]
+            if number <= len(base_samples):
+                lines += [f"Base (reward {_reward(base_samples[number - 1])}):", "",
+                          _quote(base_samples[number - 1]["completion"]), ""]
     path.write_text("\n".join(lines))
+
+
+def _reward(sample: dict) -> str:
+    return "no opinion" if sample["reward"] is None else f"{sample['reward']:.4g}"

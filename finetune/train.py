@@ -43,6 +43,9 @@ from finetune.objectives import needs_reference
 from finetune.feedback_trainer import FeedbackTrainer
 from finetune.preference_trainer import PreferenceTrainer, disable_dropout, frozen_copy
 from finetune.reference_logps import WithReference, cached_reference_logps
+from finetune.rl.config import RL_OBJECTIVES
+from finetune.rl.rewards import load_rewards
+from finetune.rl.trainer import RLTrainer
 from finetune.trainer import PackedTrainer
 
 
@@ -114,11 +117,16 @@ def check_final_is_loadable(trainer: Trainer) -> None:
 
 
 def check_before_any_work(recipe: Recipe) -> None:
-    """Fail before prepare on a base that is not a model, or a block size the model cannot take."""
+    """Fail before prepare on a base that is not a model, or a block size (with reward RL: and a completion) the
+    model cannot take."""
     limit = context_length(base_config(recipe))
     if recipe.data.block_size > limit:
         raise UserError(f"{recipe.source}: 'data.block_size' = {recipe.data.block_size} is above the model's "
                         f"context length (n_positions = {limit}); use at most {limit}")
+    if recipe.train.objective in RL_OBJECTIVES and recipe.data.block_size + recipe.rl.max_completion_tokens > limit:
+        raise UserError(f"{recipe.source}: a prompt of up to 'data.block_size' ({recipe.data.block_size}) tokens and "
+                        f"'rl.max_completion_tokens' ({recipe.rl.max_completion_tokens}) exceed the model's context "
+                        f"length (n_positions = {limit}): lower one of them")
 
 
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
@@ -211,7 +219,8 @@ def run_arguments(recipe: Recipe) -> TrainingArguments:
     if recipe.train.early_stopping_patience and not validation:
         raise UserError(f"{recipe.source}: 'train.early_stopping_patience' needs evaluation, but the prepared data "
                         "has no validation split")
-    return training_arguments(recipe, validation and recipe.train.eval_steps != 0)
+    evaluate = validation and recipe.train.eval_steps != 0 and recipe.train.objective not in RL_OBJECTIVES
+    return training_arguments(recipe, evaluate)
 
 
 def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -220,7 +229,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
     args = args or run_arguments(recipe)
     evaluate = args.eval_strategy != IntervalStrategy.NO
     throughput = Throughput()
-    make_trainer = objective_trainer(recipe, model, tokenizer.pad_token_id)
+    make_trainer = objective_trainer(recipe, model, tokenizer)
     splits = {"train": load_prepared(recipe, "train"), **({"validation": load_prepared(recipe, "validation")}
                                                           if evaluate else {})}
     if cfg.objective != "sft" and cfg.preference.precompute_reference:
@@ -244,15 +253,20 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedT
     return trainer
 
 
-def objective_trainer(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> partial:
+def objective_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> partial:
     """The Trainer class of `train.objective` with its objective-specific arguments bound: PackedTrainer for sft;
-    FeedbackTrainer for kto; PreferenceTrainer otherwise (reward included); dropout off, with a frozen copy of
-    `model` (the base, before any training) as the reference when fine-tuning in full, unless its log-probabilities
-    are computed once (train.preference.precompute_reference)."""
+    FeedbackTrainer for kto; RLTrainer for grpo and rloo; PreferenceTrainer otherwise (reward included); dropout off,
+    with a frozen copy of `model` (the base, before any training) as the reference when fine-tuning in full, unless
+    its log-probabilities are computed once (train.preference.precompute_reference)."""
     cfg = recipe.train
+    pad_token_id = tokenizer.pad_token_id
     if cfg.objective == "sft":
         return partial(PackedTrainer, data_collator=PackedCollator(pad_token_id))
     disable_dropout(model)
+    if cfg.objective in RL_OBJECTIVES:
+        rewards = load_rewards(recipe.rl.rewards, recipe.rl.reward_text == "full", PartialState().device)
+        return partial(RLTrainer, objective=cfg.objective, rl=recipe.rl, rewards=rewards, tokenizer=tokenizer,
+                       reference_model=frozen_copy(model) if recipe.lora is None else None)
     in_memory = needs_reference(cfg.objective) and not cfg.preference.precompute_reference
     reference = frozen_copy(model) if recipe.lora is None and in_memory else None
     if cfg.objective == "kto":

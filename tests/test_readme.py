@@ -17,7 +17,7 @@ from finetune.recipe import Recipe
 from finetune.sources import HubSource, LocalSource, SourceOptions
 
 SECTIONS = {name: typing.get_type_hints(Recipe)[name] for name in
-            ("model", "tokenizer", "data", "lora", "train", "eval", "generate", "serve")}
+            ("model", "tokenizer", "data", "lora", "train", "rl", "eval", "generate", "serve")}
 NOT_DOCUMENTED_HERE = {"data.train", "data.validation"}  # documented, as one row; their keys in the `sources` table
 
 

@@ -29,6 +29,8 @@ HUB_STAND_INS = {
     "gpt2-chat": ("chat/dummy_conversation.json", []),
     "gpt2-dpo-hh": ("preference/hh-rlhf-harmless-base-test.jsonl.gz", ["data.preference.max_prompt_tokens=64"]),
     "gpt2-reward-hh": ("preference/hh-rlhf-harmless-base-test.jsonl.gz", ["data.preference.max_prompt_tokens=64"]),
+    "gpt2-grpo-no-errors": ("alpaca/alpaca_en_demo.json", ["data.block_size=96", "rl.max_completion_tokens=8",
+                                                            "rl.group_size=2"]),
 }
 SHORT = ["train.max_steps=2", "train.save_steps=2", "train.eval_steps=2", "train.batch_size=2",
          "train.report_to=none", "eval.max_examples=8", "eval.generate_samples=2", "eval.max_new_tokens=4"]

@@ -15,6 +15,7 @@ from finetune.formats.classification import Classification
 from finetune.formats.feedback import Feedback
 from finetune.formats.instruction import Instruction
 from finetune.formats.preference import Preference
+from finetune.formats.prompt import Prompt
 from finetune.formats.text import Text
 from finetune.long_texts import TokenIds, encode_bounded
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # for annotations only: recipe.py imports the formats
 __all__ = ["FORMATS", "DataFormat", "Message", "Segment", "data_format", "encode_segments", "encode_texts"]
 
 FORMATS: dict[str, type[DataFormat]] = {fmt.name: fmt for fmt in (Text, Instruction, Chat, Classification, Preference,
-                                                                   Feedback)}
+                                                                   Feedback, Prompt)}
 
 
 def data_format(data: DataConfig) -> DataFormat:

@@ -34,6 +34,7 @@ class DataFormat:
     record_splits: ClassVar[tuple[str, ...]] = ("validation",)  # splits whose records prepare keeps for eval
     has_reference: ClassVar[bool] = False  # eval compares greedy generations with each record's `reference`
     paired: ClassVar[bool] = False  # records are preference pairs, each stored as two sequences (see pair_segments)
+    prompts_only: ClassVar[bool] = False  # records are prompts for reward RL: no targets, one prompt per row
     unpaired: ClassVar[bool] = False  # records are completions rated desirable or not, stored with their label (KTO)
     objectives: ClassVar[tuple[str, ...]] = ("sft",)  # the values of train.objective that train on this data
 
