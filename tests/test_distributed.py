@@ -202,7 +202,8 @@ def write_pairs_recipe(folder: Path, tokenizer_dir: Path, name: str, batch_size:
         data.write_text("".join(json.dumps(row) + "\n" for row in separable_pairs(160, seed=3)))
     recipe = write_recipe(folder, tokenizer_dir, name, batch_size, lora, objective=objective)
     raw = yaml.safe_load(recipe.read_text())
-    raw["data"] = {"train": str(data), "format": "preference", "block_size": 48, "validation_fraction": 0.1}
+    # rows of 64 tokens hold 1 to 3 pairs: the processes' batches hold different numbers of pairs
+    raw["data"] = {"train": str(data), "format": "preference", "block_size": 64, "validation_fraction": 0.1}
     raw["train"]["eval_steps"] = 5
     return write_recipe_file(recipe, raw)
 
@@ -227,7 +228,8 @@ def test_preference_objectives_on_two_processes_train_what_one_process_trains(tm
     assert_same_run(tmp_path / "two", tmp_path / "one")
     logged = [[row["rewards/margins"] for row in metrics(run) if "loss" in row] for run in (tmp_path / "two",
                                                                                             tmp_path / "one")]
-    torch.testing.assert_close(torch.tensor(logged[0]), torch.tensor(logged[1]), atol=LOSS_BOUND, rtol=0)
+    # the margins reach ~3 (reward model), where 1 and 2 processes differ by up to 4e-5 of their size: 5x headroom
+    torch.testing.assert_close(torch.tensor(logged[0]), torch.tensor(logged[1]), atol=LOSS_BOUND, rtol=2e-4)
     assert logged[0][-1] > logged[0][0] + 0.05, logged[0]  # and it learned: the chosen rewarded over the rejected
 
 
