@@ -50,7 +50,7 @@ from finetune.prepare import ensure_prepared
 from finetune.prepared import load_prepared, load_prepared_tokenizer, load_records
 from finetune.recipe import Recipe
 from finetune.reward import sequence_rewards
-from finetune.rl.rewards import completions_of, load_rewards, reward_table
+from finetune.rl.rewards import Completions, completions_of, load_rewards, reward_table
 from finetune.rl.trainer import decode, rollout_seed
 from finetune.run_folder import IDENTITY_FILE
 
@@ -94,6 +94,10 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
                 results.update(evaluator.feedback_reward_figures())
             if evaluator.policy_samples:
                 results.update(evaluator.policy_figures())
+                if evaluator.heldout_rewards:
+                    judged = evaluator.judge_policy_samples()
+                    results["heldout_reward_mean"] = judged["tuned"]
+                    results["baseline"]["heldout_reward_mean"] = judged["reference"]
         results["processes"] = accelerator.num_processes
         results["wall_seconds"] = round(time.perf_counter() - started, 3)
         if is_main_process():
@@ -227,10 +231,10 @@ class Evaluator:
         self.heldout_text = self._heldout_text() if self.policy and not self.cfg.files else None
         self._tuned_samples: list[tuple[int, Completion, float]] = []  # this process's: (prompt index, sample, logp)
         self.policy_samples: list[dict] = []  # all processes', after the reference was scored
+        full = recipe.rl.reward_text == "full"
         if self.format.prompts_only:
-            full = recipe.rl.reward_text == "full"
             self.rewards = load_rewards(recipe.rl.rewards, full, accelerator.device)
-            self.heldout_rewards = load_rewards(recipe.eval.rewards, full, accelerator.device)
+        self.heldout_rewards = load_rewards(recipe.eval.rewards, full, accelerator.device)
 
     def _check_settings(self) -> None:
         cfg, where = self.cfg, self.recipe.source
@@ -456,6 +460,22 @@ class Evaluator:
     def policy_figures(self) -> dict:
         """The KL estimate from the tuned model's samples (policy_eval.kl_figures) and the samples of both."""
         return {**kl_figures([s["log_ratio"] for s in self.policy_samples]), "policy_samples": self.policy_samples}
+
+    def judge_policy_samples(self) -> dict[str, float | None]:
+        """eval.rewards on the policy samples: per side (tuned, reference) the mean held-out reward of its
+        completions (None: no reward had an opinion); each sample also gets its two values."""
+        records = [self.records[entry["index"]] for entry in self.policy_samples]
+        means = {}
+        for side in ("tuned", "reference"):
+            batch = Completions(prompts=[r["prompt"] for r in records], columns=[{} for _ in records],
+                                prompt_texts=[entry["prompt"] for entry in self.policy_samples],
+                                texts=[entry[side] for entry in self.policy_samples])
+            _, totals = reward_table(self.heldout_rewards, batch)
+            for entry, value in zip(self.policy_samples, totals.tolist()):
+                entry[f"{side}_heldout_reward"] = value if value == value else None  # NaN: no opinion
+            judged = totals[~totals.isnan()]
+            means[side] = judged.mean().item() if len(judged) else None
+        return means
 
     def _encode(self, batch: list[list[Segment]]) -> list[list[int]]:
         return [ids for ids, _ in encode_segments(self.tokenizer, batch)]

@@ -26,9 +26,7 @@ from finetune.generation.engine import Engine, Request
 from finetune.generation.params import SamplingParams
 from finetune.loss import target_nll
 from finetune.packing import IGNORE
-
-POLICY_OBJECTIVES = ("dpo", "ipo", "simpo", "kto")
-
+from finetune.rl.config import POLICY_OBJECTIVES
 
 def is_policy(objective: str) -> bool:
     """A model tuned on preferences that generates (not a reward model, not supervised fine-tuning)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 OUTPUTS = Path("outputs")
@@ -44,7 +45,28 @@ def main() -> None:
           'a day early. Five stars."')
     print("  make serve RECIPE=recipes/demo-tune.yaml        # then POST http://127.0.0.1:8000/generate")
     print("  make eval RECIPE=recipes/demo-pretrain.yaml     # perplexity and bits per byte of the pretrained model")
+    print("  make demo-preference                            # DPO: the review writer learns to write positive reviews")
+
+
+def preference() -> None:
+    dpo = figures("demo-dpo")
+    base = dpo.get("baseline", {})
+    print("\n=== gpt2-finetune demo: preference tuning ===")
+    print("DPO on 800 pairs (a review's opening, a positive ending chosen over a negative one) -> outputs/demo-dpo")
+    print(f"\n  {'held-out':<22}{'before':>12}{'after':>12}")
+    print(line("positive reviews", base.get("heldout_reward_mean"), dpo.get("heldout_reward_mean"), ".1%"))
+    print(line("pair accuracy", base.get("pair_accuracy"), dpo.get("pair_accuracy"), ".1%"))
+    print(line("bits per byte", base.get("heldout_text", {}).get("bits_per_byte"),
+               dpo.get("heldout_text", {}).get("bits_per_byte"), ".3f"))
+    print(f"  positive reviews: demo-tune's probability of 'positive' for each of {dpo.get('kl_samples', 0)} reviews "
+          "written from held-out openings (mean)")
+    print(f"  KL(tuned || before) = {dpo.get('kl_to_reference', float('nan')):.3f} "
+          f"± {dpo.get('kl_to_reference_stderr') or float('nan'):.3f} nats per review")
+    for sample in dpo.get("policy_samples", [])[:2]:
+        print(f"\n  prompt: {sample['prompt']}\n    before: {sample['reference'].strip()}"
+              f"\n    after:  {sample['tuned'].strip()}")
+    print("\n  outputs/demo-dpo/report.md holds the samples of both; metrics.jsonl the rewards and margins per step")
 
 
 if __name__ == "__main__":
-    main()
+    preference() if sys.argv[1:] == ["preference"] else main()

@@ -86,11 +86,15 @@ def test_hub_recipe_runs_offline_with_stand_ins(name, tmp_path, tiny_gpt2_vocab_
 
 
 def test_demo_recipes_run_in_sequence(tmp_path):
-    """demo-pretrain trains a model from scratch; demo-tune (and demo-tune-harness) tune it with LoRA."""
+    """demo-pretrain trains a model from scratch; demo-tune (and demo-tune-harness) tune it with LoRA; demo-dpo tunes
+    it with DPO, judged by demo-tune's classifier."""
     run("demo-pretrain", tmp_path / "demo-pretrain", ["data.max_records=400"])
     tuned = [f"model.base={tmp_path / 'demo-pretrain' / 'final'}", "data.max_records=80", "eval.shots=2"]
     figures = run("demo-tune", tmp_path / "demo-tune", tuned)
     assert 0 <= figures["accuracy"] <= 1
+    judge = f"eval.rewards=[{{model: {tmp_path / 'demo-tune' / 'final'}, label: positive}}]"
+    figures = run("demo-dpo", tmp_path / "demo-dpo", [*tuned[:2], "eval.policy.prompts=4", judge])
+    assert 0 <= figures["heldout_reward_mean"] <= 1 and 0 <= figures["baseline"]["heldout_reward_mean"] <= 1
     if importlib.util.find_spec("lm_eval") is None:
         pytest.skip("lm-eval is not installed (pip install -e '.[harness]'): demo-tune-harness not run")
     figures = run("demo-tune-harness", tmp_path / "demo-tune-harness", [*tuned, "eval.harness.limit=4"])
@@ -102,5 +106,5 @@ def test_scratch_recipe_runs(tmp_path):
 
 
 def test_every_shipped_recipe_has_a_run_here():
-    tested = {*HUB_STAND_INS, "demo-pretrain", "demo-tune", "demo-tune-harness", "scratch-text"}
+    tested = {*HUB_STAND_INS, "demo-pretrain", "demo-tune", "demo-tune-harness", "demo-dpo", "scratch-text"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested

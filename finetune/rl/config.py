@@ -13,6 +13,7 @@ from finetune.errors import UserError
 from finetune.fields import ranged
 
 RL_OBJECTIVES = ("grpo", "rloo")
+POLICY_OBJECTIVES = ("dpo", "ipo", "simpo", "kto")  # preference policies: eval samples them against their reference
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -83,9 +84,13 @@ def resolve_reward_paths(rewards: list, resolved: Callable[[str], str]) -> list:
 
 def check_rl(cfg: RLConfig, eval_rewards: list[RewardSpec], objective: str, where: str) -> None:
     if objective not in RL_OBJECTIVES:
-        for key, rewards in (("rl.rewards", cfg.rewards), ("eval.rewards", eval_rewards)):
-            if rewards:
-                raise UserError(f"{where}: '{key}' is for train.objective grpo or rloo, not {objective}")
+        if cfg.rewards:
+            raise UserError(f"{where}: 'rl.rewards' is for train.objective grpo or rloo, not {objective}")
+        if eval_rewards and objective not in POLICY_OBJECTIVES:
+            raise UserError(f"{where}: 'eval.rewards' judges sampled completions: it is for train.objective "
+                            f"{', '.join(RL_OBJECTIVES + POLICY_OBJECTIVES)}, not {objective}")
+        for i, spec in enumerate(eval_rewards):
+            spec.check(f"{where}: 'eval.rewards[{i}]'")
         return
     if not cfg.rewards:
         raise UserError(f"{where}: train.objective {objective} needs at least one reward under 'rl.rewards' "
