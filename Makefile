@@ -29,12 +29,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each test file in one of them; most tests use one thread.
+TEST_WORKERS ?= 2
 test: setup
-	$(OFFLINE) $(PY) -m pytest tests --durations=25 $(ARGS)
+	$(OFFLINE) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=25 $(ARGS)
 
 # The edit loop: the suite without the tests marked slow (kills and resumes, several processes, whole recipes).
 test-fast: setup
-	$(OFFLINE) $(PY) -m pytest tests -m "not slow" $(ARGS)
+	$(OFFLINE) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check finetune tests bench scripts data

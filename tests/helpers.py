@@ -83,3 +83,11 @@ def write_recipe(tmp_path: Path, model: dict, name: str = "run", **sections) -> 
     for key, value in sections.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
     return write_recipe_file(tmp_path / f"{name}.yaml", raw)
+
+
+def trl_deprecations(test):
+    """TRL 1.16's configs and trainers still use transformers' deprecated `gradient_checkpointing` names: their
+    FutureWarnings are TRL's, not ours."""
+    for message in ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated"):
+        test = pytest.mark.filterwarnings(f"ignore:{message}:FutureWarning")(test)
+    return test

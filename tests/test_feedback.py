@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import WORDS, shared_path
+from helpers import WORDS, shared_path, trl_deprecations
 from preference_pairs import separable_feedback, write_run
 from finetune.collate import FeedbackCollator
 from finetune.errors import UserError
@@ -246,6 +246,7 @@ def test_mismatched_sequences_pair_each_prompt_with_the_previous_completion(tiny
     assert (short["sequence_ids"] == 1).sum().item() == len(examples[1]["prompt_ids"]) + 2  # cut to the block
 
 
+@trl_deprecations
 def test_kto_loss_and_gradients_equal_trls(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The same rated completions, tokenized once, through TRL 1.16's KTOTrainer (its collator: one right-padded
     sequence per row for the completions and for the KL sequences, which its dataset map rotates by one within a

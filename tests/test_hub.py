@@ -107,6 +107,7 @@ def test_push_refuses_an_adapter_whose_base_is_only_a_local_folder(run_paths, ca
     assert "--base-model" in err and "--merged" in err
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's
 def test_push_dry_run_of_the_adapter(lora: Recipe, run_paths, hub_copy: Path, capsys) -> None:
     assert main(["push", str(run_paths["lora"]), "--repo", "me/tiny-lora", "--dry-run",
                  "--base-model", HUB_BASE]) == 0

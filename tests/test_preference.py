@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import WORDS, shared_path
+from helpers import WORDS, shared_path, trl_deprecations
 from preference_pairs import pair_rows, separable_pairs, train_and_evaluate, write_run
 from finetune.collate import PairCollator
 from finetune.formats import data_format
@@ -161,6 +161,7 @@ def test_dpo_loss_is_log_2_at_initialisation(tmp_path: Path, tiny_model_dir: Pat
     assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(math.log(2), abs=1e-7)
 
 
+@trl_deprecations
 def test_dpo_loss_and_gradients_equal_trls(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The same pairs, tokenized once, through TRL 1.16's DPOTrainer (its collator: one right-padded sequence per
     row, attention mask) and through ours (all pairs packed in one row), on the same policy and reference objects.

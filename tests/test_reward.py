@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import trl_deprecations
 from preference_pairs import pair_rows, separable_pairs, train_and_evaluate, write_run
 from finetune.collate import PairCollator
 from finetune.modeling import without_kv_cache
@@ -39,6 +40,7 @@ def unused_token(rows: list[dict], vocab_size: int) -> int:
     return next(i for i in range(vocab_size) if i not in used)
 
 
+@trl_deprecations
 def test_reward_loss_and_gradients_equal_trls(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The same pairs, tokenized once, through TRL 1.16's RewardTrainer.compute_loss (its collator: chosen
     sequences then rejected ones, right-padded, attention mask; GPT-2's pooling at the last non-pad token) and

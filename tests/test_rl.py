@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_recipe_file
+from helpers import trl_deprecations, write_recipe_file
 from rl_runs import write_rl_run
 from finetune.cli import main
 from finetune.errors import UserError
@@ -180,6 +180,7 @@ def _trl_loss(trainer, policy: torch.Tensor, inputs: dict) -> torch.Tensor:
         del trainer._get_per_token_logps_and_entropies  # TRL's own method again
 
 
+@trl_deprecations
 def test_losses_and_gradients_equal_trls(trl_trainers: dict) -> None:
     """Four completions of up to 6 tokens with random log-probs, sampling-time log-probs far enough from them that
     the clip acts (ratios from 0.5 to 2), a reference, and advantages of both signs; gradients with respect to the
