@@ -29,6 +29,7 @@ HUB_STAND_INS = {
     "gpt2-chat": ("chat/dummy_conversation.json", []),
     "gpt2-dpo-hh": ("preference/hh-rlhf-harmless-base-test.jsonl.gz", ["data.preference.max_prompt_tokens=64"]),
     "gpt2-reward-hh": ("preference/hh-rlhf-harmless-base-test.jsonl.gz", ["data.preference.max_prompt_tokens=64"]),
+    "gpt2-kto": ("preference/kto_en_demo.json", ["data.feedback.max_prompt_tokens=128"]),
     "gpt2-grpo-no-errors": ("alpaca/alpaca_en_demo.json", ["data.block_size=96", "rl.max_completion_tokens=8",
                                                             "rl.group_size=2"]),
 }
@@ -83,6 +84,8 @@ def test_hub_recipe_runs_offline_with_stand_ins(name, tmp_path, tiny_gpt2_vocab_
     assert "baseline" in figures
     if shipped(name)["data"]["format"] == "preference":
         assert 0 <= figures["pair_accuracy"] <= 1 and figures["pairs"] > 0, figures
+    if shipped(name)["data"]["format"] == "feedback":
+        assert 0 <= figures["desirable_favoured"] <= 1 and figures["completions"] > 0, figures
 
 
 def test_demo_recipes_run_in_sequence(tmp_path):
