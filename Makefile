@@ -17,7 +17,7 @@ export MAKE_PROMPT := $(value PROMPT)
 export MAKE_REPO := $(value REPO)
 export MAKE_ACCELERATE_CONFIG := $(value ACCELERATE_CONFIG)
 
-.PHONY: setup test test-fast lint prepare train eval demo demo-preference bench generate chat serve merge push
+.PHONY: setup test test-fast lint prepare train eval demo demo-preference demo-reward bench generate chat serve merge push
 NPROC ?= 1
 
 $(VENV)/.installed: pyproject.toml
@@ -109,6 +109,14 @@ demo-preference: setup
 	$(OFFLINE) $(PY) -m finetune train recipes/demo-dpo.yaml
 	$(OFFLINE) $(PY) -m finetune eval recipes/demo-dpo.yaml
 	$(OFFLINE) $(PY) scripts/demo_summary.py preference
+
+# Tuning with a reward on the demo: GRPO teaches the review writer to write reviews demo-tune's classifier calls
+# positive, judged also by a word list training never saw (runs `make demo` first when its models are missing).
+demo-reward: setup
+	@test -f outputs/demo-tune/final/recipe.yaml || $(MAKE) demo
+	$(OFFLINE) $(PY) -m finetune train recipes/demo-grpo.yaml
+	$(OFFLINE) $(PY) -m finetune eval recipes/demo-grpo.yaml
+	$(OFFLINE) $(PY) scripts/demo_summary.py reward
 
 # Benchmarks (not part of the tests): each prints ratios against a baseline measured in the same run and
 # appends them to bench/results/.

@@ -46,6 +46,7 @@ def main() -> None:
     print("  make serve RECIPE=recipes/demo-tune.yaml        # then POST http://127.0.0.1:8000/generate")
     print("  make eval RECIPE=recipes/demo-pretrain.yaml     # perplexity and bits per byte of the pretrained model")
     print("  make demo-preference                            # DPO: the review writer learns to write positive reviews")
+    print("  make demo-reward                                # GRPO: the same, from the classifier's reward")
 
 
 def preference() -> None:
@@ -68,5 +69,34 @@ def preference() -> None:
     print("\n  outputs/demo-dpo/report.md holds the samples of both; metrics.jsonl the rewards and margins per step")
 
 
+def last_logged(run: str, key: str) -> float | None:
+    path = OUTPUTS / run / "metrics.jsonl"
+    rows = [json.loads(row) for row in path.read_text().splitlines()] if path.is_file() else []
+    return next((row[key] for row in reversed(rows) if key in row), None)
+
+
+def reward() -> None:
+    grpo = figures("demo-grpo")
+    base = grpo.get("baseline", {})
+    print("\n=== gpt2-finetune demo: tuning with a reward ===")
+    print("GRPO on 800 review openings, rewarded by demo-tune's probability of 'positive' -> outputs/demo-grpo")
+    print(f"\n  {'held-out openings':<22}{'before':>12}{'after':>12}")
+    print(line("reward (classifier)", base.get("reward_mean"), grpo.get("reward_mean"), ".1%"))
+    print(line("held-out (word list)", base.get("heldout_reward_mean"), grpo.get("heldout_reward_mean"), ".1%"))
+    print(line("review tokens", base.get("completion_length_mean"), grpo.get("completion_length_mean"), ".1f"))
+    print(f"  reward: demo-tune's probability of 'positive' for each of {grpo.get('completions', 0)} reviews written "
+          "from held-out openings (mean)\n  held-out: the share of praise among their praise and fault words "
+          "(recipes/rewards/review_words.py, unseen in training)")
+    if "kl_to_reference" in grpo:
+        print(f"  KL(tuned || before) = {grpo['kl_to_reference']:.3f} nats per review")
+    kl = last_logged("demo-grpo", "kl")
+    if kl is not None:
+        print(f"  KL to the base at the last logged training step: {kl:.3f} nats per token")
+    for tuned, before in list(zip(grpo.get("reward_samples", []), base.get("reward_samples", [])))[:3]:
+        print(f"\n  prompt: {tuned['prompt']}\n    before: {before['completion'].strip()}"
+              f"\n    after:  {tuned['completion'].strip()}")
+    print("\n  outputs/demo-grpo/report.md holds the samples of both; metrics.jsonl the rewards and KL per step")
+
+
 if __name__ == "__main__":
-    preference() if sys.argv[1:] == ["preference"] else main()
+    {"preference": preference, "reward": reward}.get(sys.argv[1] if sys.argv[1:] else "", main)()

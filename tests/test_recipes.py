@@ -90,7 +90,8 @@ def test_hub_recipe_runs_offline_with_stand_ins(name, tmp_path, tiny_gpt2_vocab_
 
 def test_demo_recipes_run_in_sequence(tmp_path):
     """demo-pretrain trains a model from scratch; demo-tune (and demo-tune-harness) tune it with LoRA; demo-dpo tunes
-    it with DPO, judged by demo-tune's classifier."""
+    it with DPO, judged by demo-tune's classifier; demo-grpo tunes it with GRPO, rewarded by that classifier and
+    judged by a word list."""
     run("demo-pretrain", tmp_path / "demo-pretrain", ["data.max_records=400"])
     tuned = [f"model.base={tmp_path / 'demo-pretrain' / 'final'}", "data.max_records=80", "eval.shots=2"]
     figures = run("demo-tune", tmp_path / "demo-tune", tuned)
@@ -98,10 +99,26 @@ def test_demo_recipes_run_in_sequence(tmp_path):
     judge = f"eval.rewards=[{{model: {tmp_path / 'demo-tune' / 'final'}, label: positive}}]"
     figures = run("demo-dpo", tmp_path / "demo-dpo", [*tuned[:2], "eval.policy.prompts=4", judge])
     assert 0 <= figures["heldout_reward_mean"] <= 1 and 0 <= figures["baseline"]["heldout_reward_mean"] <= 1
+    reward = f"rl.rewards=[{{model: {tmp_path / 'demo-tune' / 'final'}, label: positive}}]"
+    figures = run("demo-grpo", tmp_path / "demo-grpo", [*tuned[:2], reward, "rl.group_size=2",
+                                                        "rl.max_completion_tokens=8"])
+    for side in (figures, figures["baseline"]):
+        assert 0 <= side["reward_mean"] <= 1 and 0 <= side["heldout_reward_mean"] <= 1, figures
     if importlib.util.find_spec("lm_eval") is None:
         pytest.skip("lm-eval is not installed (pip install -e '.[harness]'): demo-tune-harness not run")
     figures = run("demo-tune-harness", tmp_path / "demo-tune-harness", [*tuned, "eval.harness.limit=4"])
     assert set(figures["harness"]) >= {"demo_sentiment", "demo_reviews_bpb"}
+
+
+def test_demo_grpo_word_judge_agrees_with_the_demo_labels():
+    """demo-grpo's held-out judge calls every labelled demo review what its label says (all praise: 1, all fault: 0)
+    and a review with neither word list's words undecided (0.5)."""
+    spec = importlib.util.spec_from_file_location("review_words", RECIPES / "rewards" / "review_words.py")
+    judge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(judge)
+    rows = [json.loads(line) for line in (ROOT / "data" / "demo" / "sentiment_validation.jsonl").open()]
+    assert [judge.praise_share(row["review"]) for row in rows] == [float(row["label"] == "positive") for row in rows]
+    assert judge.praise_share("The lamp is dimmer and sturdy. Not worth") == 0.5  # "dimmer" is not "dim"
 
 
 def test_scratch_recipe_runs(tmp_path):
@@ -109,5 +126,6 @@ def test_scratch_recipe_runs(tmp_path):
 
 
 def test_every_shipped_recipe_has_a_run_here():
-    tested = {*HUB_STAND_INS, "demo-pretrain", "demo-tune", "demo-tune-harness", "demo-dpo", "scratch-text"}
+    tested = {*HUB_STAND_INS, "demo-pretrain", "demo-tune", "demo-tune-harness", "demo-dpo", "demo-grpo",
+              "scratch-text"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested
