@@ -208,21 +208,24 @@ def write_pairs_recipe(folder: Path, tokenizer_dir: Path, name: str, batch_size:
     return write_recipe_file(recipe, raw)
 
 
-@pytest.mark.parametrize("objective, lora, killed", [("dpo", LORA, False), ("reward", None, False),
-                                                     ("dpo", None, True)],
-                         ids=["dpo-lora", "reward-full", "dpo-full-killed-and-resumed"])
+@pytest.mark.parametrize("objective, lora, killed, setup", [
+    ("dpo", LORA, False, "--multi_gpu"), ("reward", None, False, "--multi_gpu"), ("dpo", None, True, "--multi_gpu"),
+    ("dpo", None, False, "fsdp.yaml")], ids=["dpo-lora", "reward-full", "dpo-full-killed-and-resumed", "dpo-fsdp"])
 def test_preference_objectives_on_two_processes_train_what_one_process_trains(tmp_path, tokenizer_dir, objective,
-                                                                              lora, killed):
-    """DDP of the preference trainer: both ranks' pairs in the loss and the logged pair metrics, the reference
-    the adapter switched off (LoRA) or a frozen copy of the base taken before a resume loads the checkpoint."""
+                                                                              lora, killed, setup):
+    """DDP (and FSDP) of the preference trainer: both ranks' pairs in the loss and the logged pair metrics, the
+    reference the adapter switched off (LoRA) or a frozen copy of the base taken before a resume loads the
+    checkpoint."""
     one = write_pairs_recipe(tmp_path, tokenizer_dir, "one", 8, objective, lora)
     train(load_recipe(one))
     two = write_pairs_recipe(tmp_path, tokenizer_dir, "two", 4, objective, lora)
     prepare(load_recipe(two))
+    options = [setup] if setup.startswith("--") else ["--config_file", str(SETUPS / setup)]
     if killed:
-        survivor = kill_after_first_checkpoint(two, ["--multi_gpu"], tmp_path / "killed.log")
-    result = launch(two, "--multi_gpu")
+        survivor = kill_after_first_checkpoint(two, options, tmp_path / "killed.log")
+    result = launch(two, *options)
     assert result.returncode == 0, messages(result.stdout, result.stderr)
+    assert f"2 processes, {'FSDP' if 'fsdp' in setup else 'MULTI_CPU'} over gloo" in result.stdout
     if killed:
         assert f"resuming from {survivor}" in result.stdout
     assert_same_run(tmp_path / "two", tmp_path / "one")
