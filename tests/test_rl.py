@@ -20,7 +20,7 @@ from helpers import trl_deprecations, write_recipe_file
 from rl_runs import write_rl_run
 from finetune.cli import main
 from finetune.errors import UserError
-from finetune.evaluation import evaluate
+from finetune.evaluation import distinct_bigrams, evaluate
 from finetune.formats import data_format
 from finetune.loss import token_logps
 from finetune.prepare import prepare
@@ -358,6 +358,63 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path, tiny
     rewards = [[json.loads(line).get("reward") for line in lines[:4]]
                for lines in (logged, recipe.run.metrics.read_text().splitlines())]
     assert rewards[0] == rewards[1] and None not in rewards[0]
+
+
+def test_distinct_2_counts_distinct_token_bigrams_over_all_completions() -> None:
+    # bigrams (1,2) (2,1) (1,2) | (1,2) (2,3): 3 distinct of 5; a one-token completion has none
+    assert distinct_bigrams([[1, 2, 1, 2], [1, 2, 3], [7]]) == 3 / 5
+    assert distinct_bigrams([[5], []]) is None
+
+
+def _eval_against_base(folder: Path, tiny_model_dir: Path, noise: float) -> dict:
+    """`finetune eval` of a reward-RL run whose final/ is the base with Gaussian `noise` added to every weight,
+    rewarded by a checksum of the completion's characters, which different texts rarely tie on (3 validation
+    prompts, so reward_samples shows them all)."""
+    from transformers import AutoModelForCausalLM
+
+    recipe_path = write_rl_run(folder, tiny_model_dir, temperature=0.7)
+    (folder / "checksum.py").write_text("def checksum(text):\n    return float(sum(map(ord, text)) % 97)\n")
+    recipe = load_recipe(recipe_path, [f"rl.rewards=[{{function: {folder / 'checksum.py'}:checksum}}]",
+                                       f"eval.rewards=[{{function: {folder / 'rewards.py'}:has_red}}]"])
+    prepare(recipe)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(noise * torch.randn_like(parameter))
+    model.save_pretrained(recipe.run.final)
+    for name in tiny_model_dir.iterdir():
+        if "token" in name.name or name.name in ("vocab.json", "merges.txt"):
+            shutil.copy(name, recipe.run.final)
+    return evaluate(recipe)
+
+
+def test_rl_eval_of_the_reference_itself_ties_every_prompt_at_zero_kl(tmp_path: Path, tiny_model_dir: Path,
+                                                                       one_thread) -> None:
+    results = _eval_against_base(tmp_path, tiny_model_dir, noise=0.0)
+    base = results["baseline"]
+    assert results["reward_samples"] == base["reward_samples"]  # the same completions, seeded alike
+    assert results["win_rate"] == results["heldout_win_rate"] == 0.5  # every prompt a tie
+    assert results["win_rate_prompts"] == results["heldout_win_rate_prompts"] == results["completions"] == 3
+    assert results["kl_to_reference"] == 0.0 and results["kl_samples"] == 3  # the same log-probs, to the bit
+    assert results["distinct_2"] == base["distinct_2"] and 0 < results["distinct_2"] <= 1
+    assert results["completion_length_mean"] == base["completion_length_mean"]
+
+
+def test_rl_eval_wins_per_prompt_and_estimates_kl_for_a_moved_policy(tmp_path: Path, tiny_model_dir: Path,
+                                                                     one_thread) -> None:
+    """The base with noise of 0.05 on every weight: its completions differ, so the win rate is the hand count over
+    the 3 prompts (all in reward_samples; measured 2/3: one win, two prompts completed alike) and the KL estimate,
+    the mean over its completions of log p_tuned - log p_ref, moves away from the 0 of the reference itself
+    (measured: 0.82 +- 0.63 nats; sampled at rl.temperature 0.7 it need not be a true KL)."""
+    results = _eval_against_base(tmp_path, tiny_model_dir, noise=0.05)
+    rewards = [(s["reward"], b["reward"]) for s, b in zip(results["reward_samples"],
+                                                          results["baseline"]["reward_samples"])]
+    assert len(rewards) == 3 and any(tuned != base for tuned, base in rewards)
+    assert results["win_rate"] == sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in rewards) / 3
+    assert abs(results["kl_to_reference"]) > 0.1 and results["kl_to_reference_stderr"] > 0
+    report = (tmp_path / "rl" / "report.md").read_text()
+    assert f"| win rate against the base | - | {results['win_rate']:.2%} |" in report
 
 
 # --- trained scorers as rewards -----------------------------------------------------------------------------
