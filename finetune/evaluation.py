@@ -363,7 +363,8 @@ class Evaluator:
         reserve = reply_reserve(self.max_context, rl.max_completion_tokens)
         prompts = self._encode([self.format.prompt_segments(record) for record in self.records])
         mine, log_ratios = [], []
-        for batch in self._batches(self._mine(list(enumerate(prompts))), f"{role}: completions"):
+        for batch in tqdm(self._whole_batches(list(enumerate(prompts))), desc=f"{role}: completions",
+                          disable=not self.accelerator.is_local_main_process):
             requests = [Request(fit_prompt(ids, self.max_context, reserve), replace(params, seed=rollout_seed(
                 self.cfg.seed, 0, i, 0))) for i, ids in batch]
             Engine(model, {eos}, partial(decode, self.tokenizer)).run(requests)
@@ -469,12 +470,17 @@ class Evaluator:
                 "reward_margin": (rewards[desirable].mean() - rewards[~desirable].mean()).item()}
 
     def _policy_batches(self) -> list[list[tuple[int, list[int]]]]:
-        """This process's batches of (index, fitted prompt ids): whole batches dealt round-robin, so that a batch
-        holds the same prompts for any number of processes."""
+        """This process's batches of (index, fitted prompt ids)."""
         cfg = self.cfg.policy
         prompts = self._encode([self.format.prompt_segments(r) for r in self.records[:cfg.prompts]])
-        items = [(i, fit_prompt(ids, self.max_context, cfg.max_new_tokens)) for i, ids in enumerate(prompts)]
-        batches = [items[start:start + self.cfg.batch_size] for start in range(0, len(items), self.cfg.batch_size)]
+        return self._whole_batches([(i, fit_prompt(ids, self.max_context, cfg.max_new_tokens))
+                                    for i, ids in enumerate(prompts)])
+
+    def _whole_batches(self, items: list) -> list[list]:
+        """This process's batches of `items`: whole batches of eval.batch_size dealt round-robin, so that a batch
+        holds the same items for any number of processes (batched sampling and scoring give the same numbers)."""
+        size = self.cfg.batch_size
+        batches = [items[start:start + size] for start in range(0, len(items), size)]
         return batches[self.accelerator.process_index::self.accelerator.num_processes]
 
     def sample_policy(self, model: torch.nn.Module, reference: bool) -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from helpers import trl_deprecations, write_recipe_file
+from helpers import subprocess_env, trl_deprecations, write_recipe_file
 from rl_runs import write_rl_run
 from finetune.cli import main
 from finetune.errors import UserError
@@ -371,16 +374,18 @@ def test_distinct_2_counts_distinct_token_bigrams_over_all_completions() -> None
     assert distinct_bigrams([[5], []]) is None
 
 
-def _eval_against_base(folder: Path, tiny_model_dir: Path, noise: float) -> dict:
-    """`finetune eval` of a reward-RL run whose final/ is the base with Gaussian `noise` added to every weight,
-    rewarded by a checksum of the completion's characters, which different texts rarely tie on (3 validation
-    prompts, so reward_samples shows them all)."""
+def _moved_policy(folder: Path, tiny_model_dir: Path, noise: float) -> Path:
+    """A prepared reward-RL run whose final/ is the base with Gaussian `noise` added to every weight, rewarded by a
+    checksum of the completion's characters, which different texts rarely tie on, and judged by has_red (3
+    validation prompts, so reward_samples shows them all; eval batches of 2); its recipe."""
     from transformers import AutoModelForCausalLM
 
-    recipe_path = write_rl_run(folder, tiny_model_dir, temperature=0.7)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "checksum.py").write_text("def checksum(text):\n    return float(sum(map(ord, text)) % 97)\n")
-    recipe = load_recipe(recipe_path, [f"rl.rewards=[{{function: {folder / 'checksum.py'}:checksum}}]",
-                                       f"eval.rewards=[{{function: {folder / 'rewards.py'}:has_red}}]"])
+    path = write_rl_run(folder, tiny_model_dir, temperature=0.7, rewards=[{"function": "checksum.py:checksum"}])
+    raw = yaml.safe_load(path.read_text())
+    raw["eval"] = {"rewards": [{"function": "rewards.py:has_red"}], "batch_size": 2}
+    recipe = load_recipe(write_recipe_file(path, raw))
     prepare(recipe)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -391,7 +396,11 @@ def _eval_against_base(folder: Path, tiny_model_dir: Path, noise: float) -> dict
     for name in tiny_model_dir.iterdir():
         if "token" in name.name or name.name in ("vocab.json", "merges.txt"):
             shutil.copy(name, recipe.run.final)
-    return evaluate(recipe)
+    return path
+
+
+def _eval_against_base(folder: Path, tiny_model_dir: Path, noise: float) -> dict:
+    return evaluate(load_recipe(_moved_policy(folder, tiny_model_dir, noise)))
 
 
 def test_rl_eval_of_the_reference_itself_ties_every_prompt_at_zero_kl(tmp_path: Path, tiny_model_dir: Path,
@@ -421,6 +430,27 @@ def test_rl_eval_wins_per_prompt_and_estimates_kl_for_a_moved_policy(tmp_path: P
     report = (tmp_path / "rl" / "report.md").read_text()
     assert f"| win rate against the base | - | {results['win_rate']:.2%} |" in report
 
+
+@pytest.mark.slow
+def test_rl_eval_on_two_processes_gives_the_figures_of_one(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Whole eval batches dealt to the processes (the 3 prompts in batches of 2 and 1): each batch samples and
+    scores as in one process, so every figure is the same, to the bit."""
+    path = _moved_policy(tmp_path, tiny_model_dir, noise=0.05)
+    figures = []
+    for launch in ([sys.executable], [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+                                      "--num_processes", "2"]):
+        done = subprocess.run([*launch, "-m", "finetune", "eval", str(path)], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        figures.append(json.loads(load_recipe(path).run.eval_results.read_text()))
+    one, two = figures
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["kl_to_reference"] > 0.1 and one["win_rate_prompts"] == 3  # a policy apart from its reference
+    for key in ("win_rate", "heldout_win_rate", "kl_to_reference", "kl_to_reference_stderr", "kl_samples"):
+        assert two[key] == one[key], key
+    for a, b in ((one, two), (one["baseline"], two["baseline"])):
+        for key in ("reward_mean", "heldout_reward_mean", "completion_length_mean", "distinct_2", "reward_samples"):
+            assert b[key] == a[key], key
 
 # --- trained scorers as rewards -----------------------------------------------------------------------------
 
