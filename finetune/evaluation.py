@@ -92,6 +92,8 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
                 results.update(evaluator.reward_figures())
             if evaluator.completions:
                 results.update(evaluator.feedback_reward_figures())
+            if evaluator.rollout_rewards:
+                results.update(evaluator.rollout_comparison())
             if evaluator.policy_samples:
                 results.update(evaluator.policy_figures())
                 if evaluator.heldout_rewards:
@@ -231,6 +233,9 @@ class Evaluator:
         self.heldout_text = self._heldout_text() if self.policy and not self.cfg.files else None
         self._tuned_samples: list[tuple[int, Completion, float]] = []  # this process's: (prompt index, sample, logp)
         self.policy_samples: list[dict] = []  # all processes', after the reference was scored
+        self._tuned_rollouts: dict[int, tuple[Completion, float]] = {}  # reward RL, this process's: (sample, logp)
+        self.rollout_rewards: dict[str, dict[int, tuple]] = {}  # role -> prompt index -> (reward, held-out reward)
+        self.rollout_kl: list[float] = []  # all processes' log p_tuned - log p_ref of the tuned completions
         full = recipe.rl.reward_text == "full"
         if self.format.prompts_only:
             self.rewards = load_rewards(recipe.rl.rewards, full, accelerator.device)
@@ -350,24 +355,33 @@ class Evaluator:
         """Reward RL: one completion per validation prompt, sampled as in training (rl.temperature, at most
         rl.max_completion_tokens) with a seed per prompt from eval.seed, the same for the tuned and the base
         model; reward_mean under the training rewards, heldout_reward_mean under eval.rewards (training never saw
-        them: a gap between the two shows reward hacking), and the completions' mean length in tokens."""
+        them: a gap between the two shows reward hacking), the completions' mean length in tokens and distinct_2.
+        With a baseline, the tuned model's completions are also scored by both models for rollout_comparison."""
         rl, eos = self.recipe.rl, self.tokenizer.eos_token_id
         params = SamplingParams(max_new_tokens=rl.max_completion_tokens, temperature=rl.temperature, top_p=1.0,
                                 top_k=0, repetition_penalty=1.0, stop=())
         reserve = reply_reserve(self.max_context, rl.max_completion_tokens)
         prompts = self._encode([self.format.prompt_segments(record) for record in self.records])
-        mine = []
-        for batch in self._batches(self._mine(list(enumerate(prompts))), f"{role}: completions"):
+        mine, log_ratios = [], []
+        for batch in tqdm(self._whole_batches(list(enumerate(prompts))), desc=f"{role}: completions",
+                          disable=not self.accelerator.is_local_main_process):
             requests = [Request(fit_prompt(ids, self.max_context, reserve), replace(params, seed=rollout_seed(
                 self.cfg.seed, 0, i, 0))) for i, ids in batch]
             Engine(model, {eos}, partial(decode, self.tokenizer)).run(requests)
+            samples = [Completion(r.prompt_ids, r.token_ids + ([eos] if r.finish_reason == "stop" else []), r.text)
+                       for r in requests]
+            if self.cfg.baseline:
+                log_ratios += self._rollout_log_ratios(model, role, [i for i, _ in batch], samples)
             completions = completions_of([self.records[i] for i, _ in batch], [r.text for r in requests],
                                          (decode(self.tokenizer, r.prompt_ids) for r in requests))
             totals = [reward_table(rewards, completions)[1].tolist() if rewards else [None] * len(batch)
                       for rewards in (self.rewards, self.heldout_rewards)]
-            mine += [(i, r.text, len(r.token_ids) + (r.finish_reason == "stop"), *values)
-                     for (i, _), r, *values in zip(batch, requests, *totals)]
+            mine += [(i, r.text, len(sample.ids), *values, r.token_ids)
+                     for (i, _), r, sample, *values in zip(batch, requests, samples, *totals)]
         rows = sorted(gather_object(mine))
+        self.rollout_rewards[role] = {row[0]: row[3:5] for row in rows}
+        if role == "base":
+            self.rollout_kl = gather_object(log_ratios)
 
         def mean(values: list) -> float | None:
             kept = [v for v in values if v is not None and v == v]  # NaN: no reward had an opinion
@@ -375,13 +389,43 @@ class Evaluator:
 
         figures = {"method": f"one sampled completion per validation prompt (seeds from eval.seed {self.cfg.seed})",
                    "completions": len(rows), "reward_mean": mean([row[3] for row in rows]),
-                   "completion_length_mean": mean([row[2] for row in rows])}
+                   "completion_length_mean": mean([row[2] for row in rows]),
+                   "distinct_2": distinct_bigrams([row[5] for row in rows])}
         if self.heldout_rewards:
             figures["heldout_reward_mean"] = mean([row[4] for row in rows])
-        figures["reward_samples"] = [{"prompt": decode(self.tokenizer, prompts[i]), "completion": text,
-                                      "reward": reward if reward == reward else None}  # NaN: no opinion
-                                     for i, text, _, reward, _ in rows[:4]]
+        figures["reward_samples"] = [{"prompt": decode(self.tokenizer, prompts[row[0]]), "completion": row[1],
+                                      "reward": row[3] if row[3] == row[3] else None}  # NaN: no opinion
+                                     for row in rows[:4]]
         return figures
+
+    def _rollout_log_ratios(self, model: torch.nn.Module, role: str, indices: list[int],
+                            samples: list[Completion]) -> list[float]:
+        """The tuned model (first) keeps its samples with their log-probabilities; the reference (then) scores the
+        tuned model's samples of the same prompts: log p_tuned - log p_ref per sample."""
+        pad, chunk = self.tokenizer.pad_token_id, self.recipe.train.loss_chunk
+        if role == "tuned":
+            self._tuned_rollouts.update(zip(indices, zip(samples, completion_logps(model, samples, pad, chunk))))
+            return []
+        tuned = [self._tuned_rollouts[i] for i in indices]
+        reference = completion_logps(model, [sample for sample, _ in tuned], pad, chunk)
+        return [logp - ref for (_, logp), ref in zip(tuned, reference)]
+
+    def rollout_comparison(self) -> dict:
+        """Reward RL, the tuned model against its reference on the validation prompts: win_rate, the share of prompts
+        whose tuned completion the training rewards score above the reference's completion of the same prompt and
+        seed (ties count half; prompts either side has no reward for are left out; win_rate_prompts counts the
+        rest), heldout_win_rate and heldout_win_rate_prompts the same under eval.rewards, and the KL estimate
+        from the tuned model's completions (policy_eval.kl_figures; sampled at rl.temperature, see README)."""
+        tuned, base = self.rollout_rewards["tuned"], self.rollout_rewards["base"]
+        out = {}
+        for key, column in (("win_rate", 0), ("heldout_win_rate", 1)):
+            if column and not self.heldout_rewards:
+                continue
+            pairs = [(tuned[i][column], base[i][column]) for i in tuned]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None and a == a and b == b]
+            wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
+            out.update({key: wins / len(pairs) if pairs else None, f"{key}_prompts": len(pairs)})
+        return {**out, **(kl_figures(self.rollout_kl) if self.rollout_kl else {})}
 
     def reward_figures(self) -> dict:
         """The objective's implicit reward beta * (log p_tuned - log p_reference) on held-out pairs (what training
@@ -426,12 +470,17 @@ class Evaluator:
                 "reward_margin": (rewards[desirable].mean() - rewards[~desirable].mean()).item()}
 
     def _policy_batches(self) -> list[list[tuple[int, list[int]]]]:
-        """This process's batches of (index, fitted prompt ids): whole batches dealt round-robin, so that a batch
-        holds the same prompts for any number of processes."""
+        """This process's batches of (index, fitted prompt ids)."""
         cfg = self.cfg.policy
         prompts = self._encode([self.format.prompt_segments(r) for r in self.records[:cfg.prompts]])
-        items = [(i, fit_prompt(ids, self.max_context, cfg.max_new_tokens)) for i, ids in enumerate(prompts)]
-        batches = [items[start:start + self.cfg.batch_size] for start in range(0, len(items), self.cfg.batch_size)]
+        return self._whole_batches([(i, fit_prompt(ids, self.max_context, cfg.max_new_tokens))
+                                    for i, ids in enumerate(prompts)])
+
+    def _whole_batches(self, items: list) -> list[list]:
+        """This process's batches of `items`: whole batches of eval.batch_size dealt round-robin, so that a batch
+        holds the same items for any number of processes (batched sampling and scoring give the same numbers)."""
+        size = self.cfg.batch_size
+        batches = [items[start:start + size] for start in range(0, len(items), size)]
         return batches[self.accelerator.process_index::self.accelerator.num_processes]
 
     def sample_policy(self, model: torch.nn.Module, reference: bool) -> None:
@@ -541,6 +590,13 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_
     requests = [Request(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)) for ids in prompts]
     engine.run(requests)
     return [request.text for request in requests]
+
+
+def distinct_bigrams(completions: list[list[int]]) -> float | None:
+    """distinct-2 (Li et al. 2016): distinct token bigrams over all bigrams of the completions (each its own
+    sequence; EOS not counted); 1 when no bigram repeats, low for repetitive text. None without any bigram."""
+    bigrams = [tuple(ids[k:k + 2]) for ids in completions for k in range(len(ids) - 1)]
+    return len(set(bigrams)) / len(bigrams) if bigrams else None
 
 
 def file_tokens(path: str, tokenizer) -> list[int]:

@@ -18,7 +18,9 @@ FIGURES = [("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity",
            ("undesirable_logp", "undesirable completions (log-prob/token)", "{:.4f}"),
            ("feedback_margin", "feedback margin (desirable - undesirable)", "{:.4f}"),
            ("reward_mean", "reward (training rewards)", "{:.4f}"), ("heldout_reward_mean", "held-out reward", "{:.4f}"),
-           ("completion_length_mean", "completion tokens (mean)", "{:.1f}")]
+           ("completion_length_mean", "completion tokens (mean)", "{:.1f}"), ("distinct_2", "distinct-2", "{:.4f}"),
+           ("win_rate", "win rate against the base", "{:.2%}"),
+           ("heldout_win_rate", "win rate against the base (held-out reward)", "{:.2%}")]
 
 
 def _cell(figures: dict | None, key: str, form: str) -> str:

@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from helpers import trl_deprecations, write_recipe_file
+from helpers import subprocess_env, trl_deprecations, write_recipe_file
 from rl_runs import write_rl_run
 from finetune.cli import main
 from finetune.errors import UserError
-from finetune.evaluation import evaluate
+from finetune.evaluation import distinct_bigrams, evaluate
 from finetune.formats import data_format
 from finetune.loss import token_logps
 from finetune.prepare import prepare
@@ -330,6 +333,11 @@ def test_a_tiny_gpt2_learns_a_reward_faster_without_the_kl_term(tmp_path: Path, 
     # measured: 1.0 tuned, 0.0 base on the 3 validation prompts; the base may have 1 of 3 on another CPU's samples
     assert results["reward_mean"] > 0.85 > base["reward_mean"] + 0.5
     assert results["heldout_reward_mean"] == 1.0  # rewards only completions with "red": None for the others
+    # against the base, per prompt (measured: won all 3; KL 32.1 +- 3.1 nats over 8-token completions; distinct-2
+    # 0.38 against the base's 1.0: with beta 0 the policy repeats "red")
+    assert results["win_rate"] > 0.8 and results["win_rate_prompts"] == 3
+    assert results["kl_to_reference"] > 5 and results["kl_samples"] == 3
+    assert results["distinct_2"] < 0.6 < base["distinct_2"]
     assert [s["prompt"] for s in results["reward_samples"]] == [s["prompt"] for s in base["reward_samples"]]
     report = recipe.run.report.read_text()
     assert f"| reward (training rewards) | {base['reward_mean']:.4f} | {results['reward_mean']:.4f} |" in report
@@ -359,6 +367,90 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path, tiny
                for lines in (logged, recipe.run.metrics.read_text().splitlines())]
     assert rewards[0] == rewards[1] and None not in rewards[0]
 
+
+def test_distinct_2_counts_distinct_token_bigrams_over_all_completions() -> None:
+    # bigrams (1,2) (2,1) (1,2) | (1,2) (2,3): 3 distinct of 5; a one-token completion has none
+    assert distinct_bigrams([[1, 2, 1, 2], [1, 2, 3], [7]]) == 3 / 5
+    assert distinct_bigrams([[5], []]) is None
+
+
+def _moved_policy(folder: Path, tiny_model_dir: Path, noise: float) -> Path:
+    """A prepared reward-RL run whose final/ is the base with Gaussian `noise` added to every weight, rewarded by a
+    checksum of the completion's characters, which different texts rarely tie on, and judged by has_red (3
+    validation prompts, so reward_samples shows them all; eval batches of 2); its recipe."""
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "checksum.py").write_text("def checksum(text):\n    return float(sum(map(ord, text)) % 97)\n")
+    path = write_rl_run(folder, tiny_model_dir, temperature=0.7, rewards=[{"function": "checksum.py:checksum"}])
+    raw = yaml.safe_load(path.read_text())
+    raw["eval"] = {"rewards": [{"function": "rewards.py:has_red"}], "batch_size": 2}
+    recipe = load_recipe(write_recipe_file(path, raw))
+    prepare(recipe)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(noise * torch.randn_like(parameter))
+    model.save_pretrained(recipe.run.final)
+    for name in tiny_model_dir.iterdir():
+        if "token" in name.name or name.name in ("vocab.json", "merges.txt"):
+            shutil.copy(name, recipe.run.final)
+    return path
+
+
+def _eval_against_base(folder: Path, tiny_model_dir: Path, noise: float) -> dict:
+    return evaluate(load_recipe(_moved_policy(folder, tiny_model_dir, noise)))
+
+
+def test_rl_eval_of_the_reference_itself_ties_every_prompt_at_zero_kl(tmp_path: Path, tiny_model_dir: Path,
+                                                                       one_thread) -> None:
+    results = _eval_against_base(tmp_path, tiny_model_dir, noise=0.0)
+    base = results["baseline"]
+    assert results["reward_samples"] == base["reward_samples"]  # the same completions, seeded alike
+    assert results["win_rate"] == results["heldout_win_rate"] == 0.5  # every prompt a tie
+    assert results["win_rate_prompts"] == results["heldout_win_rate_prompts"] == results["completions"] == 3
+    assert results["kl_to_reference"] == 0.0 and results["kl_samples"] == 3  # the same log-probs, to the bit
+    assert results["distinct_2"] == base["distinct_2"] and 0 < results["distinct_2"] <= 1
+    assert results["completion_length_mean"] == base["completion_length_mean"]
+
+
+def test_rl_eval_wins_per_prompt_and_estimates_kl_for_a_moved_policy(tmp_path: Path, tiny_model_dir: Path,
+                                                                     one_thread) -> None:
+    """The base with noise of 0.05 on every weight: its completions differ, so the win rate is the hand count over
+    the 3 prompts (all in reward_samples; measured 2/3: one win, two prompts completed alike) and the KL estimate,
+    the mean over its completions of log p_tuned - log p_ref, moves away from the 0 of the reference itself
+    (measured: 0.82 +- 0.63 nats; sampled at rl.temperature 0.7 it need not be a true KL)."""
+    results = _eval_against_base(tmp_path, tiny_model_dir, noise=0.05)
+    rewards = [(s["reward"], b["reward"]) for s, b in zip(results["reward_samples"],
+                                                          results["baseline"]["reward_samples"])]
+    assert len(rewards) == 3 and any(tuned != base for tuned, base in rewards)
+    assert results["win_rate"] == sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in rewards) / 3
+    assert abs(results["kl_to_reference"]) > 0.1 and results["kl_to_reference_stderr"] > 0
+    report = (tmp_path / "rl" / "report.md").read_text()
+    assert f"| win rate against the base | - | {results['win_rate']:.2%} |" in report
+
+
+@pytest.mark.slow
+def test_rl_eval_on_two_processes_gives_the_figures_of_one(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Whole eval batches dealt to the processes (the 3 prompts in batches of 2 and 1): each batch samples and
+    scores as in one process, so every figure is the same, to the bit."""
+    path = _moved_policy(tmp_path, tiny_model_dir, noise=0.05)
+    figures = []
+    for launch in ([sys.executable], [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+                                      "--num_processes", "2"]):
+        done = subprocess.run([*launch, "-m", "finetune", "eval", str(path)], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        figures.append(json.loads(load_recipe(path).run.eval_results.read_text()))
+    one, two = figures
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["kl_to_reference"] > 0.1 and one["win_rate_prompts"] == 3  # a policy apart from its reference
+    for key in ("win_rate", "heldout_win_rate", "kl_to_reference", "kl_to_reference_stderr", "kl_samples"):
+        assert two[key] == one[key], key
+    for a, b in ((one, two), (one["baseline"], two["baseline"])):
+        for key in ("reward_mean", "heldout_reward_mean", "completion_length_mean", "distinct_2", "reward_samples"):
+            assert b[key] == a[key], key
 
 # --- trained scorers as rewards -----------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ tensors are (completions, completion positions) with `mask` marking the completi
   default); the loss is the mean over completions of each one's token mean.
 - RLOO (Ahmadian et al. 2024): the reward first pays beta times the sequence's log-ratio to the reference
   (sum over its tokens of old - ref); advantage = r - the mean of the other completions of its group (optionally
-  standardised over the batch); loss = mean over completions of -min(ratio * A, clip(ratio) * A) with the
-  sequence's probability ratio.
+  standardised over the batch, all processes' completions); loss = mean over completions of
+  -min(ratio * A, clip(ratio) * A) with the sequence's probability ratio.
 
 Standard deviations are unbiased, as torch.std. A reward of NaN (no reward had an opinion) is left out of its
 group's statistics and gets advantage 0.
@@ -18,6 +18,7 @@ group's statistics and gets advantage 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -49,12 +50,15 @@ def grpo_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
     return advantages.nan_to_num(nan=0.0)
 
 
-def rloo_advantages(rewards: torch.Tensor, normalize: bool) -> torch.Tensor:
+def rloo_advantages(rewards: torch.Tensor, normalize: bool,
+                    gather: Callable[[torch.Tensor], torch.Tensor] = lambda values: values) -> torch.Tensor:
+    """`normalize` standardises over the whole batch: `gather` returns every process's values of a tensor."""
     scorable = (~rewards.isnan()).sum(1, keepdim=True)
     baseline = (rewards.nansum(1, keepdim=True) - rewards) / (scorable - 1)
     advantages = rewards - baseline
     if normalize:
-        advantages = (advantages - advantages.nanmean()) / (nanstd(advantages.flatten(), 0) + STD_FLOOR)
+        batch = gather(advantages).flatten()
+        advantages = (advantages - batch.nanmean()) / (nanstd(batch, 0) + STD_FLOOR)
     return advantages.nan_to_num(nan=0.0)
 
 

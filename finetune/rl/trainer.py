@@ -153,7 +153,8 @@ class RLTrainer(PackedTrainer):
         groups = rewards.view(-1, self.rl.group_size).to(self.args.device)
         if self.objective == "rloo":
             penalised = groups - self.rl.beta * sequence_log_ratio(logps).double().view_as(groups)
-            advantages = rloo_advantages(penalised, self.rl.normalize_advantages).flatten().float()
+            advantages = rloo_advantages(penalised, self.rl.normalize_advantages,
+                                         self.accelerator.gather).flatten().float()
             loss = rloo_loss(logps, advantages, self.rl.epsilon)
         else:
             advantages = grpo_advantages(groups, self.rl.scale_rewards).flatten().float()
