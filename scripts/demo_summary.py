@@ -87,8 +87,12 @@ def reward() -> None:
     print(f"  reward: demo-tune's probability of 'positive' for each of {grpo.get('completions', 0)} reviews written "
           "from held-out openings (mean)\n  held-out: the share of praise among their praise and fault words "
           "(recipes/rewards/review_words.py, unseen in training)")
+    if "win_rate" in grpo:
+        print(f"  after beats before on {grpo['win_rate']:.1%} of the openings by the classifier, "
+              f"{grpo.get('heldout_win_rate', float('nan')):.1%} by the word list (same seeds, ties half)")
     if "kl_to_reference" in grpo:
-        print(f"  KL(tuned || before) = {grpo['kl_to_reference']:.3f} nats per review")
+        print(f"  KL(tuned || before) = {grpo['kl_to_reference']:.3f} "
+              f"± {grpo.get('kl_to_reference_stderr') or float('nan'):.3f} nats per review")
     kl = last_logged("demo-grpo", "kl")
     if kl is not None:
         print(f"  KL to the base at the last logged training step: {kl:.3f} nats per token")
