@@ -80,17 +80,19 @@ class StepRewards(TrainerCallback):
 
 
 class RolloutClock:
-    """Wraps a trainer's sampling method: seconds and completion tokens of the calls after step `first`."""
+    """Wraps a trainer's sampling method: seconds (wall clock, process CPU) and completion tokens of its calls from
+    step `first` on (global_step counts the steps finished)."""
 
     def __init__(self, trainer, method: str, count, first: int) -> None:
-        self.seconds, self.tokens, self.first = 0.0, 0, first
+        self.seconds, self.cpu_seconds, self.tokens = 0.0, 0.0, 0
         sample = getattr(trainer, method)
 
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             result = sample(*args, **kwargs)
             if trainer.state.global_step >= first:
                 self.seconds += time.perf_counter() - started
+                self.cpu_seconds += time.process_time() - cpu_started
                 self.tokens += count(result)
             return result
 
@@ -147,6 +149,7 @@ def run_side(side: str, args: argparse.Namespace, recipe) -> dict:
     trainer.train()
     timed = args.steps - WARMUP
     return {"rewards": rewards.rewards, "rollout_tokens_per_s": rollout.tokens / rollout.seconds,
+            "rollout_tokens_per_s_cpu": rollout.tokens / rollout.cpu_seconds,
             "rollout_tokens": rollout.tokens, "rollout_s": rollout.seconds,
             "step_s": (clock.stop[0] - clock.start[0]) / timed, "step_s_cpu": (clock.stop[1] - clock.start[1]) / timed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -180,6 +183,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
         "ours_rollout_tokens_per_s": round(ours["rollout_tokens_per_s"], 1),
         "trl_rollout_tokens_per_s": round(trl["rollout_tokens_per_s"], 1),
         "rollout_ratio": round(ours["rollout_tokens_per_s"] / trl["rollout_tokens_per_s"], 3),
+        "rollout_ratio_by_cpu_time": round(ours["rollout_tokens_per_s_cpu"] / trl["rollout_tokens_per_s_cpu"], 3),
         "ours_step_s": round(ours["step_s"], 3), "trl_step_s": round(trl["step_s"], 3),
         "step_ratio": round(trl["step_s"] / ours["step_s"], 3),
         "step_ratio_by_cpu_time": round(trl["step_s_cpu"] / ours["step_s_cpu"], 3),
