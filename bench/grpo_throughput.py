@@ -10,11 +10,10 @@ stores them; TRL gets their text, which its tokenizer turns back into the same i
 completion length, temperature, beta, clip range, learning rate (constant), loss (TRL's loss_type "grpo", rewards
 scaled per group), seed and reward function (`vowel_share` below, TRL's signature, named in our recipe as
 `bench.grpo_throughput:vowel_share`). TRL gets the very model object our train stage builds (with its LoRA adapter,
-or for full fine-tuning its saved copy, from which TRL loads its
-reference, as ours keeps a frozen copy), generating with a KV cache. Both draw `--prompts`
-prompts per step and `--group` completions of each; the samplers differ (seeds, prompt order), so the reward
-curves are two runs of the same experiment, not the same numbers. Each side runs in its own process; peak RSS is
-that process's getrusage maxrss.
+or for full fine-tuning saved first: TRL loads its reference from there, as ours keeps a frozen copy), generating
+with a KV cache. Both draw `--prompts` prompts per step and `--group` completions of each; the samplers differ
+(seeds, prompt order), so the reward curves are two runs of the same experiment, not the same numbers. Each side
+runs in its own process; peak RSS is that process's getrusage maxrss.
 Timed: the end of the warm-up steps to the end of the last step (step time: wall clock per step); rollout: the
 sampling calls of the timed steps (ours: RLTrainer.sample, TRL: _generate_single_turn), completion tokens counted
 with the EOS that ends one. Goal: ours >= 1.5x TRL's rollout tokens/s and step rate.
