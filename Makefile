@@ -127,6 +127,7 @@ bench: setup
 	$(OFFLINE) $(PY) -m bench.packing_efficiency
 	$(OFFLINE) $(PY) -m bench.train_throughput
 	$(OFFLINE) $(PY) -m bench.dpo_throughput
+	$(OFFLINE) $(PY) -m bench.grpo_throughput
 	$(OFFLINE) $(PY) -m bench.train_vocab
 	$(OFFLINE) $(PY) -m bench.eval_vs_harness
 	$(OFFLINE) $(PY) -m bench.lora_params

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import WORDS
 
 from finetune import formats
@@ -17,6 +18,7 @@ from finetune.generation.engine import Batch, Request
 from finetune.generation.generator import Generator
 from finetune.generation.loading import load_generator
 from finetune.generation.params import SamplingParams
+from finetune.generation.sampling import _probabilities, _processors, next_tokens
 from finetune.recipe import ChatFormat, DataConfig, load_recipe
 
 GREEDY = SamplingParams(max_new_tokens=60, temperature=0.0)
@@ -33,6 +35,25 @@ def run_paths(finished_runs: dict[str, Path]) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def generator(run_paths: dict[str, Path]) -> Generator:
     return load_generator(load_recipe(run_paths["lora"]))
+
+
+def test_sampling_draws_what_torch_multinomial_draws_from_each_rows_generator() -> None:
+    settings = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 50, 0.9), (0.0, 0, 1.0), (1.3, 0, 1.0)]
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in settings]
+    ours, multinomial = ([torch.Generator().manual_seed(seed) for seed in range(len(params))] for _ in range(2))
+    noise = torch.Generator().manual_seed(99)
+    for vocab in (7, 50257):
+        for _ in range(10):
+            logits = torch.randn(len(params), vocab, generator=noise) * 4
+            seen = torch.zeros(len(params), 1, dtype=torch.long)
+            expected = []
+            for i, p in enumerate(params):
+                scores = _processors(p.temperature, p.top_k, p.top_p, p.repetition_penalty)(seen[i:i + 1],
+                                                                                            logits[i:i + 1])
+                expected.append(int(scores.argmax()) if p.temperature == 0 else int(torch.multinomial(
+                    _probabilities(scores, logits[i:i + 1])[0], 1, generator=multinomial[i])))
+            assert next_tokens(logits, seen, params, ours).tolist() == expected
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, multinomial))
 
 
 def test_the_tuned_adapter_recites_and_stops_at_eos(generator: Generator) -> None:
