@@ -1,9 +1,11 @@
-"""Helpers shared by the benchmarks: shared-data lookup, result recording."""
+"""Helpers shared by the benchmarks: shared-data lookup, result recording, one side of a comparison run in a
+process of its own."""
 
 from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,3 +32,12 @@ def record(name: str, figures: dict) -> None:
         handle.write(json.dumps(entry) + "\n")
     for key, value in figures.items():
         print(f"  {key}: {value}")
+
+
+def side_in_subprocess(module: str, side: str, argv: list[str]) -> dict:
+    """Run `python -m module --side side ARGV` (its own process: its own peak RSS); the JSON its last line prints."""
+    command = [sys.executable, "-m", module, "--side", side, *argv]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{side} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.common import ROOT, record, shared_or_skip
+from bench.common import record, shared_or_skip, side_in_subprocess
 from bench.train_throughput import StepClock
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -114,14 +112,6 @@ def run_side(side: str, args: argparse.Namespace, recipe) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def side_in_subprocess(side: str, argv: list[str]) -> dict:
-    command = [sys.executable, "-m", "bench.dpo_throughput", "--side", side, *argv]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{side} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def max_difference(a: list[float], b: list[float]) -> float:
     return float(f"{max(abs(x - y) for x, y in zip(a, b)):.3g}")
 
@@ -132,7 +122,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
     prepare(make_recipe(args, args.pairs, args.tokenizer, args.out))
     started = time.perf_counter()
     sides = ["ours", "trl"] + (["cached"] if args.tuning == "full" else [])
-    runs = {side: side_in_subprocess(side, argv) for side in sides}
+    runs = {side: side_in_subprocess("bench.dpo_throughput", side, argv) for side in sides}
     ours, trl = runs["ours"], runs["trl"]
     print(f"DPO, {args.tuning} fine-tuning: {args.layers} layers x {args.width} wide, vocabulary 50257, block "
           f"{args.block}, batch {args.batch} pairs, {args.steps} steps ({WARMUP} warm-up), torch threads "

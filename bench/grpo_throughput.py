@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.common import ROOT, record, shared_or_skip
+from bench.common import record, shared_or_skip, side_in_subprocess
 from bench.dpo_throughput import NO_DROPOUT
 from bench.train_throughput import StepClock
 
@@ -154,20 +153,12 @@ def run_side(side: str, args: argparse.Namespace, recipe) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def side_in_subprocess(side: str, argv: list[str]) -> dict:
-    command = [sys.executable, "-m", "bench.grpo_throughput", "--side", side, *argv]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{side} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def compare(args: argparse.Namespace, argv: list[str]) -> None:
     from finetune.prepare import prepare
 
     prepare(make_recipe(args, args.prompts_file, args.tokenizer, args.out))
     started = time.perf_counter()
-    ours, trl = (side_in_subprocess(side, argv) for side in ("ours", "trl"))
+    ours, trl = (side_in_subprocess("bench.grpo_throughput", side, argv) for side in ("ours", "trl"))
     print(f"GRPO, {args.tuning} fine-tuning: {args.layers} layers x {args.width} wide, vocabulary 50257, "
           f"{args.prompts} prompts x {args.group} completions of up to {args.completion} tokens per step, "
           f"temperature {args.temperature}, beta {args.beta}, {args.steps} steps ({WARMUP} warm-up), torch threads "
