@@ -243,9 +243,7 @@ def _encode_pairs(context: EncodeContext, kept: list[tuple[str, dict]], parts: d
         part = parts[split]
         (prompt, _), *responses = [_flat([(eos if text is None else next(pieces), target) for text, target in segs])
                                    for segs in pair]
-        truncated = len(prompt) > max_prompt
-        prompt = prompt[len(prompt) - max_prompt:] if truncated else prompt
-        room = half - len(prompt)
+        prompt, truncated, room = _cut_prompt(prompt, max_prompt, half)
         if room < 1:
             part.dropped["prompt_fills_block"] += 1
             continue
@@ -260,6 +258,14 @@ def _encode_pairs(context: EncodeContext, kept: list[tuple[str, dict]], parts: d
             part.targets.append([(len(prompt), False), *runs])
         if part.records is not None:
             part.records.append(record)
+
+
+def _cut_prompt(prompt: list[int], max_prompt: int, budget: int) -> tuple[list[int], bool, int]:
+    """The rule pairs and rated completions share: a prompt over `max_prompt` tokens keeps its end; (the prompt,
+    whether it was cut, the room left for a response in a sequence of `budget` tokens)."""
+    truncated = len(prompt) > max_prompt
+    prompt = prompt[len(prompt) - max_prompt:] if truncated else prompt
+    return prompt, truncated, budget - len(prompt)
 
 
 def _encode_feedback(context: EncodeContext, kept: list[tuple[str, dict]], parts: dict[str, SplitPart]) -> None:
@@ -278,9 +284,7 @@ def _encode_feedback(context: EncodeContext, kept: list[tuple[str, dict]], parts
         part = parts[split]
         (prompt, _), (completion, runs) = [_flat([(eos if text is None else next(pieces), target)
                                                   for text, target in segs]) for segs in both]
-        truncated = len(prompt) > max_prompt
-        prompt = prompt[len(prompt) - max_prompt:] if truncated else prompt
-        room = block - len(prompt)
+        prompt, truncated, room = _cut_prompt(prompt, max_prompt, block)
         if room < 1:
             part.dropped["prompt_fills_block"] += 1
             continue
