@@ -10,12 +10,13 @@ import errno
 import signal
 import sys
 
-from finetune.commands import chat, evaluate, generate, merge, prepare, push, serve, train
+from finetune.commands import chat, evaluate, export, generate, merge, prepare, push, serve, train
 from finetune.errors import UserError
 from finetune.recipe import load_recipe
 
 COMMANDS = {command.name: command for command in (prepare.COMMAND, train.COMMAND, evaluate.COMMAND, generate.COMMAND,
-                                                   chat.COMMAND, serve.COMMAND, merge.COMMAND, push.COMMAND)}
+                                                   chat.COMMAND, serve.COMMAND, merge.COMMAND, export.COMMAND,
+                                                   push.COMMAND)}
 # one line naming the path, exit 1: a full, read-only or denied disk, or an output path blocked by a file
 STORAGE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EEXIST, errno.ENOTDIR)
 

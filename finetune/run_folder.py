@@ -67,6 +67,16 @@ class RunFolder:
         return self.root / "merged"
 
     @property
+    def gguf(self) -> Path:
+        """`export --to gguf`: one .gguf file per tensor type and an Ollama Modelfile (finetune/export/gguf.py)."""
+        return self.root / "gguf"
+
+    @property
+    def onnx(self) -> Path:
+        """`export --to onnx`: the model with past key values, its config and tokenizer (finetune/export/onnx.py)."""
+        return self.root / "onnx"
+
+    @property
     def hub(self) -> Path:
         """What `push` uploads."""
         return self.root / "hub"
