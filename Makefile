@@ -133,4 +133,5 @@ bench: setup
 	$(OFFLINE) $(PY) -m bench.lora_params
 	$(OFFLINE) $(PY) -m bench.quality_per_time
 	$(OFFLINE) $(PY) -m bench.serve_latency
+	$(OFFLINE) $(PY) -m bench.export_onnx
 	$(OFFLINE) $(PY) -m bench.gpu_throughput

@@ -18,9 +18,10 @@ def chat_template(data: DataConfig) -> str | None:
     return data_format(data).chat_template()
 
 
-def save_tokenizer(tokenizer: Any, data: DataConfig, folder: str | Path) -> None:
-    """Save the tokenizer with the chat template of `data`'s format (a text run keeps the base's template)."""
+def save_tokenizer(tokenizer: Any, data: DataConfig, folder: str | Path, template_in_config: bool = False) -> None:
+    """Save the tokenizer with the chat template of `data`'s format (a text run keeps the base's template), in
+    chat_template.jinja, or with `template_in_config` inside tokenizer_config.json (transformers.js reads only that)."""
     template = chat_template(data)
     if template is not None:
         tokenizer.chat_template = template
-    tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder, save_jinja_files=not template_in_config)

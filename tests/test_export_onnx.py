@@ -153,6 +153,8 @@ def test_real_tokenizer_chat_run_exports_its_template_and_weights_beyond_the_pro
     assert json.loads((out / "config.json").read_text())["transformers.js_config"] == {"use_external_data_format": True}
     exported = AutoTokenizer.from_pretrained(out)
     assert exported.chat_template == chat_template(recipe.data)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == chat_template(recipe.data)  # transformers.js reads it from there only
     text = "Hello there! How are you today?"
     ids = exported(text)["input_ids"]
     assert ids == tokenizer(text)["input_ids"] and len(exported) == 50257

@@ -5,8 +5,12 @@ against transformers (one pass, token by token through the cache, greedy tokens)
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +75,7 @@ def export_onnx(recipe: Recipe) -> Path:
             model.config.update({"transformers.js_config": {"use_external_data_format": True}})
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
-        save_tokenizer(tokenizer, trained.data, staging)
+        save_tokenizer(tokenizer, trained.data, staging, template_in_config=True)
         write_shareable_recipe(recipe.run.final, staging)
         figures = check_graph(staging / GRAPH, model, tokenizer)
     except BaseException:
@@ -110,9 +114,10 @@ def write_graph(model: torch.nn.Module, path: Path) -> bool:
     shapes = ({0: "batch_size", 1: "sequence_length"}, {0: "batch_size", 1: "total_sequence_length"},
               {0: "batch_size", 1: "sequence_length"},
               tuple({0: "batch_size", 2: "past_sequence_length"} for _ in past_names(config)))
-    program = torch.onnx.export(_WithCache(model).eval(), example, dynamo=True, dynamic_shapes=shapes,
-                                input_names=["input_ids", "attention_mask", "position_ids", *past_names(config)],
-                                output_names=["logits", *past_names(config, "present")], verbose=False)
+    with _quiet_exporter():
+        program = torch.onnx.export(_WithCache(model).eval(), example, dynamo=True, dynamic_shapes=shapes,
+                                    input_names=["input_ids", "attention_mask", "position_ids", *past_names(config)],
+                                    output_names=["logits", *past_names(config, "present")], verbose=False)
     path.parent.mkdir(parents=True)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) >= PROTOBUF_LIMIT
     if external:
@@ -122,6 +127,22 @@ def write_graph(model: torch.nn.Module, path: Path) -> bool:
     else:
         program.save(path, external_data=False)
     return external
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Without the exporter's notes that say nothing about this export: the torchvision ops it skips, the axis
+    names that several inputs share (the same axis), torch's deprecation inside its own pytree code."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="# The axis name")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 class OnnxLM:
