@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import RECITAL, ROOT, save_tiny_gpt2, shared_path
 from finished_runs import write_recipe
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from finetune.chat_template import chat_template
 from finetune.cli import main
@@ -76,8 +76,13 @@ def test_lora_export_matches_the_adapter_in_one_pass_and_through_the_cache(lora_
     for name in ("config.json", "generation_config.json", "tokenizer.json", "recipe.yaml"):
         assert (lora_export / name).is_file()
     assert not lora_export.with_name("onnx.tmp").exists()
+    # the trained tokenizer under a class transformers 4 (optimum's onnxruntime classes) and transformers.js know
+    tokenizer_config = json.loads((lora_export / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(lora_export)
+    assert tokenizer(RECITAL) == AutoTokenizer.from_pretrained(lora_export.with_name("final"))(RECITAL)
     graph = session(lora_export)
-    ids = AutoTokenizer.from_pretrained(lora_export)(RECITAL)["input_ids"][:40]
+    ids = tokenizer(RECITAL)["input_ids"][:40]
     expected = reference_logits(adapter_model, ids)
     row = np.array([ids])
     one_pass = run(graph, row, np.ones_like(row), np.arange(len(ids))[None])[0][0]

@@ -75,7 +75,7 @@ def export_onnx(recipe: Recipe) -> Path:
             model.config.update({"transformers.js_config": {"use_external_data_format": True}})
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
-        save_tokenizer(tokenizer, trained.data, staging, template_in_config=True)
+        save_tokenizer(tokenizer, trained.data, staging, portable=True)
         write_shareable_recipe(recipe.run.final, staging)
         figures = check_graph(staging / GRAPH, model, tokenizer)
     except BaseException:
@@ -85,8 +85,7 @@ def export_onnx(recipe: Recipe) -> Path:
     size = sum(path.stat().st_size for path in (out / GRAPH.parent).iterdir())
     print(f"onnx: exported in {seconds:.1f} s, {size / 1e6:.1f} MB; onnxruntime vs transformers: max |logit diff| "
           f"{figures['one_pass']:.2g} in one pass, {figures['cached']:.2g} through the cache (allowed "
-          f"{figures['allowed']:.2g}), greedy tokens "
-          f"{figures['greedy']} identical")
+          f"{figures['allowed']:.2g}), greedy tokens {figures['greedy']} identical")
     print(f"onnx model written to {out}")
     return out
 
