@@ -82,6 +82,10 @@ def test_lora_export_matches_the_adapter_in_one_pass_and_through_the_cache(lora_
     tokenizer = PreTrainedTokenizerFast.from_pretrained(lora_export)
     assert tokenizer(RECITAL) == AutoTokenizer.from_pretrained(lora_export.with_name("final"))(RECITAL)
     graph = session(lora_export)
+    # transformers.js sizes the first, empty cache from the names: "batch_size" is the batch, any other name 0
+    assert [i.shape for i in graph.get_inputs()][:4] == [
+        ["batch_size", "sequence_length"], ["batch_size", "total_sequence_length"],
+        ["batch_size", "sequence_length"], ["batch_size", 2, "past_sequence_length", 16]]
     ids = tokenizer(RECITAL)["input_ids"][:40]
     expected = reference_logits(adapter_model, ids)
     row = np.array([ids])
@@ -143,7 +147,7 @@ def test_left_padded_rows_give_the_unpadded_logits(lora_export: Path, adapter_mo
 def test_real_tokenizer_chat_run_exports_its_template_and_weights_beyond_the_protobuf_limit_separately(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer = load_tokenizer(str(shared_path("gpt2-tokenizer")))
-    base = save_tiny_gpt2(tokenizer, tmp_path / "base", n_layer=2, n_head=2, n_embd=32, n_positions=128)
+    base = save_tiny_gpt2(tokenizer, tmp_path / "base", n_layer=1, n_head=2, n_embd=32, n_positions=128)
     path = write_recipe(tmp_path, "real-chat", base, fmt="chat", lora=False)
     recipe = load_recipe(path)
     model = AutoModelForCausalLM.from_pretrained(base)
