@@ -173,7 +173,10 @@ def check_sources(cfg: DataConfig, where: str) -> None:
             if split == "validation" and source.weight != 1:
                 raise UserError(f"{where}: '{key}.weight': weights mix the train split; each validation source is "
                                 "read once")
-            for name in FIELD_NAMES:
-                if getattr(source, name) is not None and name not in known:
+            given = tuple(name for name in FIELD_NAMES if getattr(source, name) is not None)
+            for name in given:
+                if name not in known:
                     raise UserError(f"{where}: '{key}.{name}': the {cfg.format} format reads no such field (its "
                                     f"field names: {', '.join(known)})")
+            if cfg.format == "chat" and (problem := source_config(cfg, source).chat.shape_problem(key, given)):
+                raise UserError(f"{where}: {problem}")

@@ -243,3 +243,43 @@ def test_a_source_s_own_field_names_read_its_rows(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match=r"b.jsonl line 1: missing field 'instruction'"):
         prepare(load_recipe(recipe_file(tmp_path, tokenizer_dir, {"format": "instruction",
                                                                   "train": ["a.jsonl", "b.jsonl"]}, "plain")))
+
+
+def test_a_chat_recipe_reads_an_instruction_shaped_source_as_a_user_turn_and_the_reply(tmp_path, tokenizer_dir):
+    """Alpaca-shaped rows (here with their own field names) in a chat recipe prepare exactly as the conversations of
+    one user turn (the instruction, then the input after a blank line when there is one) and the assistant's reply;
+    a row without an output is dropped and counted."""
+    rows = [{"question": f"say {w}", "context": "in French" if i % 3 else "", "answer": w}
+            for i, w in enumerate(corpus_lines(40))]
+    conversations = [{"conversations": [
+        {"from": "human", "value": row["question"] + (f"\n\n{row['context']}" if row["context"] else "")},
+        {"from": "gpt", "value": row["answer"]}]} for row in rows]
+    (tmp_path / "ins.jsonl").write_bytes(jsonl([*rows, {"question": "no reply", "answer": " "}]))
+    (tmp_path / "conv.jsonl").write_bytes(jsonl(conversations))
+    shaped = {"path": "ins.jsonl", "instruction_field": "question", "input_field": "context", "output_field": "answer"}
+    manifests, stores = {}, {}
+    for name, source in (("shaped", shaped), ("conversations", "conv.jsonl")):
+        recipe = load_recipe(recipe_file(tmp_path, tokenizer_dir, {
+            "format": "chat", "block_size": 512, "train": source, "validation": source}, name))
+        manifests[name] = prepare(recipe)
+        stores[name] = [{key: row[key].tolist() for key in ("input_ids", "labels")}
+                        for row in load_prepared(recipe, "train")]
+    assert stores["shaped"] == stores["conversations"] and len(stores["shaped"]) > 1
+    assert manifests["shaped"]["train"]["records_kept"] == 40
+    assert manifests["shaped"]["train"]["records_dropped"] == {"empty": 1}
+    assert manifests["shaped"]["train"]["target_tokens"] == manifests["conversations"]["train"]["target_tokens"] > 40
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"path": "a.jsonl", "output_field": "answer"},
+     r"'data.train\[1\].output_field' names a field of instruction-shaped rows; set "
+     r"'data.train\[1\].instruction_field'"),
+    ({"path": "a.jsonl", "instruction_field": "q", "messages_field": "turns"},
+     r"'data.train\[1\].messages_field' and 'instruction_field' are both set"),
+])
+def test_a_chat_source_names_fields_of_one_row_shape(tmp_path, tokenizer_dir, source, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe(recipe_file(tmp_path, tokenizer_dir, {"format": "chat", "train": ["b.jsonl", source]}))
+    with pytest.raises(UserError, match=r"'data.chat.input_field' names a field of instruction-shaped rows"):
+        load_recipe(recipe_file(tmp_path, tokenizer_dir, {"format": "chat", "train": "b.jsonl",
+                                                          "chat": {"input_field": "context"}}))
