@@ -86,8 +86,24 @@ def test_compressed_files_read_as_their_plain_text_with_progress_on_the_stored_b
         expected = [row for batch in read_batches(str(tmp_path / f"c{kind}"), cfg) for row in batch.rows]
         batches = list(read_batches(str(packed), cfg))
         assert [row for batch in batches for row in batch.rows] == expected and len(expected) == 3000
-        if kind != ".tsv":  # CSV/TSV rows report no bytes
-            assert len(batches) > 3 and sum(batch.nbytes for batch in batches) == packed.stat().st_size
+        assert sum(batch.nbytes for batch in batches) == packed.stat().st_size
+        assert kind == ".tsv" or len(batches) > 3  # blocks of bytes (TSV: batches of rows)
+
+
+def test_progress_counts_every_stored_byte_of_row_based_files(tmp_path):
+    """CSV, JSON arrays and Parquet report the stored bytes they consumed too, so prepare's byte progress on them
+    ends at the files' size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": line, "id": str(i)} for i, line in enumerate(corpus_lines(9000))]
+    (tmp_path / "c.csv").write_text("text,id\n" + "".join(f"{r['text']},{r['id']}\n" for r in rows))
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=1000)
+    for name in ("c.csv", "c.json", "c.parquet"):
+        batches = list(read_batches(str(tmp_path / name), DataConfig()))
+        assert [row for batch in batches for row in batch.rows] == rows and len(batches) == 3, name
+        assert sum(batch.nbytes for batch in batches) == (tmp_path / name).stat().st_size, name
 
 
 def test_errors_in_compressed_files_name_the_file_and_line(tmp_path, tokenizer_dir, capsys):
