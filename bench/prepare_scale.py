@@ -2,9 +2,9 @@
 document), the real GPT-2 tokenizer, format text, block 1024.
 
 Per corpus: prepare wall time, tokens/s, peak RSS of the whole prepare process tree (the main process and its
-workers, summed, sampled from /proc), bytes per token on disk, and the time and RSS for `finetune train` to
-reach its first step on that store. Baseline, in the same run: raw `tokenizers` batch encoding (all cores) of
-the smallest corpus's texts.
+workers, summed, sampled from /proc; one worker process per core at every size), bytes per token on disk, and the
+time and RSS for `finetune train` to reach its first step on that store. Baseline, in the same run: raw
+`tokenizers` batch encoding (all cores) of the smallest corpus's texts.
 
 The largest corpus is also prepared as real corpora ship: cut into --shards files in order, as a folder of
 `.jsonl.gz` files and as a glob of `.jsonl.zst` files (decompression included in the time; the same tokens as the
@@ -101,7 +101,9 @@ def write_recipe(folder: Path, train: str | list, tokenizer: Path) -> Path:
     spec = {"name": "scale", "output_dir": str(folder / "run"),
             "model": {"init": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 1024}},
             "tokenizer": {"path": str(tokenizer)},
-            "data": {"train": train, "format": "text", "block_size": 1024},
+            # worker processes at every size and for every layout (by default, data under 64 MB, a compressed
+            # file's size estimated, is tokenized in-process: the same text could be prepared in two ways)
+            "data": {"train": train, "format": "text", "block_size": 1024, "num_proc": len(os.sched_getaffinity(0))},
             "lora": None,
             "train": {"max_steps": 2, "batch_size": 1, "logging_steps": 1, "save_steps": 1000, "eval_steps": 0}}
     path = folder / "recipe.yaml"
