@@ -178,5 +178,7 @@ def check_sources(cfg: DataConfig, where: str) -> None:
                 if name not in known:
                     raise UserError(f"{where}: '{key}.{name}': the {cfg.format} format reads no such field (its "
                                     f"field names: {', '.join(known)})")
-            if cfg.format == "chat" and (problem := source_config(cfg, source).chat.shape_problem(key, given)):
+            # a format section whose rows come in two shapes (data.chat) says which field names mix them
+            section = getattr(source_config(cfg, source), cfg.format, None)
+            if problem := getattr(section, "shape_problem", lambda *_: None)(key, given):
                 raise UserError(f"{where}: {problem}")
