@@ -26,6 +26,7 @@ from finetune.cli import main
 from finetune.errors import UserError
 from finetune.evaluation import distinct_bigrams, evaluate
 from finetune.formats import data_format
+from finetune.formats.prompt import PromptFormat
 from finetune.loss import token_logps
 from finetune.plots import read_metrics
 from finetune.prepare import prepare
@@ -57,6 +58,18 @@ def test_prompt_rows_keep_their_columns_and_chat_prompts_use_the_template() -> N
     assert fmt.normalize({"prompt": "  "}, "row 3") == (None, "empty")
     with pytest.raises(UserError, match="row 4: missing field 'prompt'"):
         fmt.normalize({"text": "x"}, "row 4")
+
+
+def test_prefix_words_keeps_a_text_prompts_opening_and_leaves_chat_prompts_whole() -> None:
+    """The IMDb setting: the opening words of a review, its own spacing kept; the rewards see the cut prompt."""
+    fmt = data_format(DataConfig(format="prompt", prompt=PromptFormat(prompt_field="text", prefix_words=3)))
+    record, _ = fmt.normalize({"text": "I rented I AM CURIOUS-YELLOW<br /><br />from my", "label": 0}, "row 1")
+    assert record == {"prompt": "I rented I", "columns": {"label": 0}}
+    record, _ = fmt.normalize({"text": "Great\n film,  truly great", "label": 1}, "row 2")
+    assert record["prompt"] == "Great\n film,  truly"
+    assert fmt.normalize({"text": "Short one"}, "row 3")[0]["prompt"] == "Short one"
+    messages = [{"role": "user", "content": "one two three four"}]
+    assert fmt.normalize({"text": messages}, "row 4")[0]["prompt"] == messages
 
 
 def test_prepare_stores_one_prompt_per_row_and_counts_the_dropped(tmp_path: Path, tiny_model_dir: Path) -> None:
