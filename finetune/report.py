@@ -166,7 +166,7 @@ def write_report(path: Path, recipe: Recipe, results: dict) -> None:
         lines += _confusion(base, "Base") if base else []
     lines += _training_samples(recipe.run.metrics)
     if (path.parent / "loss.png").is_file():
-        lines += ["## Training loss", "", "![training loss](loss.png)", ""]
+        lines += ["## Training curves", "", "![training curves](loss.png)", ""]
     if results.get("generations"):
         lines += ["## Sample generations (greedy)", ""]
         base_outputs = [g["output"] for g in (base or {}).get("generations", [])]

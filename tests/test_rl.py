@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import subprocess_env, trl_deprecations, write_recipe_file
@@ -379,6 +380,8 @@ def _assert_training_samples(recipe, report: str) -> None:
     texts = {event.step: event.tensor_proto.string_val[0].decode()
              for event in events.Tensors("train/samples/text_summary")}
     assert texts.keys() == {1, 10, 20} and table_cell(logged[-1]["samples"][0]["completion"]) in texts[20]
+    height, width = imread(recipe.run.loss_plot).shape[:2]
+    assert (height, width) == (840, 840)  # 7 x 7 inches at 120 dpi: the reward panel below the loss (7 x 4 without)
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path, tiny_model_dir: Path,
