@@ -21,6 +21,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 KEY = "playground-key"
@@ -86,9 +87,13 @@ def watch_replies(browser) -> None:
         }""")
 
 
-def send(browser) -> dict[str, dict[str, str]]:
-    """Sends the form; per column (model), its last reply, error and stats once every column has finished."""
-    browser.find_element(By.ID, "send").click()
+def send(browser, keyboard: bool = False) -> dict[str, dict[str, str]]:
+    """Sends the form (Send, or with `keyboard` Ctrl+Enter in the text box); per column (model), its last reply,
+    error and stats once every column has finished."""
+    if keyboard:
+        browser.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+    else:
+        browser.find_element(By.ID, "send").click()
     finished = """return [...document.querySelectorAll(".column")].every(c =>
                     c.querySelector(".stats").textContent || c.querySelector(".error").textContent)
                   && !document.getElementById("send").disabled"""
@@ -145,9 +150,9 @@ def test_chat_in_the_page_keeps_each_models_conversation(url: str, browser) -> N
     browser.find_element(By.CSS_SELECTOR, "input[name=mode][value=chat]").click()
     fill(browser, temperature="0", max_tokens="16")
     history: dict[str, list[dict]] = {"tiny-lora": [], "tiny-full": []}
-    for message in ("alpha beta", "pi rho"):
+    for message, keyboard in (("alpha beta", False), ("pi rho", True)):
         fill(browser, prompt=message)
-        shown = send(browser)
+        shown = send(browser, keyboard)
         assert browser.find_element(By.ID, "prompt").get_attribute("value") == ""  # sent: the box is empty again
         for model, messages in history.items():
             messages.append({"role": "user", "content": message})
