@@ -32,10 +32,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def url(finished_runs: dict[str, Path]) -> Iterator[str]:
-    """The models `finetune serve` loads for the LoRA run (tiny-lora, and tiny-full as its extra run) in its app,
-    with an API key, on uvicorn."""
+    """The models `finetune serve --with-base` loads for the LoRA run (tiny-lora, and tiny-full as its extra run,
+    each with its base model) in its app, with an API key, on uvicorn."""
     recipe = load_recipe(finished_runs["lora"])
-    app = create_app(load_workers(recipe), api_key=KEY, limits=recipe.serve)
+    app = create_app(load_workers(recipe, with_base=True), api_key=KEY, limits=recipe.serve)
     with single_thread(), background_server(app) as address:
         yield address
 
@@ -124,13 +124,15 @@ def test_the_page_asks_for_the_key_and_streams_greedy_completions_side_by_side(u
     browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
     wait(browser, lambda d: "missing or wrong API key" in d.find_element(By.ID, "status").text, "the key refused")
     open_page(browser, url)
-    assert [o.text for o in Select(browser.find_element(By.ID, "model")).options] == ["tiny-lora", "tiny-full"]
-    assert Select(browser.find_element(By.ID, "compare")).first_selected_option.text == "tiny-full"
+    served = ["tiny-lora", "tiny-lora-base", "tiny-full", "tiny-full-base"]
+    assert [o.text for o in Select(browser.find_element(By.ID, "model")).options] == served
+    assert Select(browser.find_element(By.ID, "compare")).first_selected_option.text == "tiny-lora-base"
 
     fill(browser, prompt="alpha", temperature="0", max_tokens="40")
     watch_replies(browser)
     shown = send(browser)
-    for model in ("tiny-lora", "tiny-full"):
+    assert list(shown) == ["tiny-lora", "tiny-lora-base"]  # tuned and base side by side
+    for model in ("tiny-lora", "tiny-lora-base"):
         plain = post(url, "/v1/completions", {"model": model, "prompt": "alpha", "max_tokens": 40, "temperature": 0})
         expected = plain.json()["choices"][0]["text"]
         assert shown[model]["reply"] == expected and shown[model]["error"] == ""
@@ -140,6 +142,8 @@ def test_the_page_asks_for_the_key_and_streams_greedy_completions_side_by_side(u
         # loaded 2-core machine); a page showing the reply at the end only would show 1
         assert len(steps) >= 5 and steps[-1] == expected, steps
         assert all(expected.startswith(step) for step in steps)
+    full = post(url, "/v1/completions", {"model": "tiny-full", "prompt": "alpha", "max_tokens": 40, "temperature": 0})
+    assert shown["tiny-lora-base"]["reply"] == full.json()["choices"][0]["text"] != shown["tiny-lora"]["reply"]
     loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert loaded and all(name.startswith(f"{url}/") for name in loaded), loaded  # nothing from elsewhere
     assert browser.save_screenshot(str(tmp_path / "playground.png"))
@@ -149,7 +153,7 @@ def test_chat_in_the_page_keeps_each_models_conversation(url: str, browser) -> N
     open_page(browser, url)
     browser.find_element(By.CSS_SELECTOR, "input[name=mode][value=chat]").click()
     fill(browser, temperature="0", max_tokens="16")
-    history: dict[str, list[dict]] = {"tiny-lora": [], "tiny-full": []}
+    history: dict[str, list[dict]] = {"tiny-lora": [], "tiny-lora-base": []}
     for message, keyboard in (("alpha beta", False), ("pi rho", True)):
         fill(browser, prompt=message)
         shown = send(browser, keyboard)
@@ -160,7 +164,7 @@ def test_chat_in_the_page_keeps_each_models_conversation(url: str, browser) -> N
             expected = post(url, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
             assert shown[model]["reply"] == expected and shown[model]["error"] == ""
             messages.append({"role": "assistant", "content": expected})
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".column[data-model=tiny-full] .user")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".column[data-model=tiny-lora-base] .user")) == 2
 
 
 def test_a_bad_setting_shows_the_apis_error(url: str, browser) -> None:
@@ -171,5 +175,5 @@ def test_a_bad_setting_shows_the_apis_error(url: str, browser) -> None:
     assert refused.status_code == 400
     message = refused.json()["error"]["message"]
     assert "temperature" in message
-    for model in ("tiny-lora", "tiny-full"):
+    for model in ("tiny-lora", "tiny-lora-base"):
         assert shown[model]["error"] == message and shown[model]["reply"] == ""
