@@ -1,6 +1,6 @@
-"""The playground page (GET /) of `finetune serve` with an API key, on a real uvicorn, driven in a headless Chromium
-through Selenium: it asks for the key, streams completions and chat replies of the two served models side by side
-(the text shown equals the non-streamed greedy reply), and shows the API's error for a bad setting."""
+"""The playground page (GET /) of `finetune serve --with-base --api-key KEY`, on a real uvicorn, driven in a headless
+Chromium through Selenium: it asks for the key, streams completions and chat replies of a tuned model and its base
+side by side (the text shown equals the non-streamed greedy reply), and shows the API's error for a bad setting."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 KEY = "playground-key"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage",  # containers often have a 64 MB /dev/shm, too small for Chromium
                   "--window-size=1280,900"]
 
 
