@@ -13,7 +13,7 @@ import pytest
 import torch
 from finished_runs import write_recipe
 from helpers import save_tiny_gpt2, shared_path, write_recipe_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from finetune.chat_template import chat_template
 from finetune.cli import main
@@ -167,13 +167,20 @@ def test_configs_llama_cpp_computes_differently_are_refused(tokenizer_dir: Path,
 
 
 @pytest.mark.parametrize("config", [{"n_inner": 48}, {"activation_function": "gelu"},
-                                    {"reorder_and_upcast_attn": True, "attn_implementation": "eager"}])
+                                    {"reorder_and_upcast_attn": True, "attn_implementation": "eager"},
+                                    {"tie_word_embeddings": False}, {"vocab_size": 307}])
 def test_configs_llama_cpp_computes_alike_are_exported(tokenizer_dir: Path, tmp_path: Path, capsys, config):
-    """A feed-forward width other than 4 * n_embd (written as the file's feed_forward_length), exact GELU, and the
-    float32 attention that reorder_and_upcast_attn asks for all load and pass the check (weights at 10x the init
-    scale, so that the logits spread as a trained model's do)."""
-    base = save_tiny_gpt2(load_tokenizer(str(tokenizer_dir)), tmp_path / "base", n_layer=2, n_head=2, n_embd=32,
-                          n_positions=64, initializer_range=0.2, **config)
+    """A feed-forward width other than 4 * n_embd (written as the file's feed_forward_length), exact GELU, the
+    float32 attention that reorder_and_upcast_attn asks for, an output head of its own (written as output.weight)
+    and embedding rows past the tokenizer's 300 tokens (unused tokens in the file) all load and pass the check
+    (weights at 10x the init scale, so that the logits spread as a trained model's do)."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**{"vocab_size": len(tokenizer), "n_layer": 2, "n_head": 2, "n_embd": 32,
+                                          "n_positions": 64, "initializer_range": 0.2, **config}))
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
     code, out = export(save_final(write_recipe(tmp_path, "alike", base, lora=False), base), "f32,q8_0", capsys)
     assert code == 0 and "model-q8_0.gguf: next-token log-probs within" in out, out
 

@@ -54,7 +54,7 @@ def check_gguf(path: Path, type_name: str, model: torch.nn.Module, tokenizer, da
     positions = range(len(prompt_ids) - 1, len(prompt_ids) + len(greedy_ids) - 1)
     greedy_gap, greedy_agree = compare(greedy, reference, positions, problems, tolerance, "greedy continuation")
     figures = (f"{path.name}: next-token log-probs within {max(text_gap, greedy_gap):.1e} of their range of "
-               f"transformers' (tolerance {tolerance:.0e}); top token as transformers at {text_agree}/"
+               f"transformers' (tolerance {tolerance:.2g}); top token as transformers at {text_agree}/"
                f"{len(text_ids)} positions of the check text; greedy {greedy_agree}/{len(greedy_ids)} tokens as "
                "transformers")
     if chat is not None:
@@ -91,7 +91,7 @@ def compare(steps: list[list[dict]], reference: torch.Tensor, positions: range, 
         agree += top[0]["id"] == argmax
         if share > tolerance:
             problems.append(f"{what} position {position}: log-probs differ by {share:.1e} of their range "
-                            f"(tolerance {tolerance:.0e})")
+                            f"(tolerance {tolerance:.2g})")
         elif argmax not in [entry["id"] for entry in top]:
             problems.append(f"{what} position {position}: transformers' most likely token {argmax} is not among "
                             f"llama.cpp's top {len(top)}")
