@@ -142,4 +142,5 @@ bench: setup
 	$(OFFLINE) $(PY) -m bench.lora_params
 	$(OFFLINE) $(PY) -m bench.quality_per_time
 	$(OFFLINE) $(PY) -m bench.serve_latency
+	$(OFFLINE) $(PY) -m bench.export_gguf
 	$(OFFLINE) $(PY) -m bench.gpu_throughput

@@ -3,9 +3,10 @@ generation speed in llama.cpp (xllamacpp, CPU) against transformers on the same 
 
 The model is GPT-2 small's shape (12 layers, 768 wide, 1024 positions) with random weights over the real GPT-2
 tokenizer, written as a finished run. Tokens/s = new tokens / wall seconds of one greedy generation of --tokens
-tokens (end-of-text ignored) after the same prompt, in one process, one after the other.
+tokens (end-of-text ignored) after the same prompt, in one process, one after the other; transformers is timed
+before and after the llama.cpp runs (a shared machine's load changes) and the ratios use the mean.
 
-    .venv/bin/python -m bench.export_gguf [--tokens 128] [--threads 2] [--types f32,f16,q8_0]
+    .venv/bin/python -m bench.export_gguf [--tokens 128] [--threads 1] [--types f32,f16,q8_0]
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def llama_tokens_per_second(path: Path, ids: list[int], tokens: int, threads: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    # one thread each by default: on a machine shared with other work, two torch threads wait on each other
+    # (transformers measured 2.3-4.3 tokens/s at 2 threads against 12-13 at 1 here)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--types", default="f32,f16,q8_0")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,15 +87,19 @@ def main() -> None:
         recipe = load_recipe(small_run(Path(tmp), tokenizer))
         model = GPT2LMHeadModel.from_pretrained(recipe.run.final).eval()
         transformers_tokens_per_second(model, ids, 4)  # warm-up
-        reference = transformers_tokens_per_second(model, ids, args.tokens)
-        figures["transformers_float32_tokens_per_s"] = round(reference, 1)
+        before = transformers_tokens_per_second(model, ids, args.tokens)
+        speeds = {}
         for name in args.types.split(","):
             start = time.perf_counter()
             folder = export_gguf(recipe, [name])
             figures[f"{name}_export_s_with_check"] = round(time.perf_counter() - start, 1)
             path = folder / f"model-{name}.gguf"
             figures[f"{name}_file_mb"] = round(path.stat().st_size / 2**20, 1)
-            speed = llama_tokens_per_second(path, ids, args.tokens, args.threads)
+            speeds[name] = llama_tokens_per_second(path, ids, args.tokens, args.threads)
+        after = transformers_tokens_per_second(model, ids, args.tokens)
+        reference = (before + after) / 2
+        figures["transformers_float32_tokens_per_s_before_after"] = [round(before, 1), round(after, 1)]
+        for name, speed in speeds.items():
             figures[f"{name}_llama_cpp_tokens_per_s"] = round(speed, 1)
             figures[f"{name}_llama_cpp_vs_transformers"] = round(speed / reference, 2)
     record("export_gguf", figures)

@@ -22,7 +22,7 @@ from finetune.export import gguf_check, trained_model
 from finetune.export.llama_cpp import LlamaCpp
 from finetune.export.modelfile import go_fill, ollama_template
 from finetune.formats import data_format, encode_segments, encode_texts
-from finetune.recipe import load_recipe, save_recipe
+from finetune.recipe import DataConfig, load_recipe, save_recipe
 from finetune.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,6 +94,9 @@ def test_real_gpt2_tokenizer_and_tricky_chat_template(gpt2_tokenizer_model: Path
         for messages in CONVERSATIONS:  # llama.cpp's Jinja renders the recipe's prompt, tricky literals included
             expected = encode_segments(tokenizer, [fmt.chat_prompt(messages)])[0][0]
             assert llama.tokenize(llama.chat_prompt(messages)) == expected
+            # and its chat completions prompt with just these tokens (no BOS added)
+            reply = llama.server.handle_chat_completions({"messages": messages, "max_tokens": 1})
+            assert reply["usage"]["prompt_tokens"] == len(expected)
 
 
 @pytest.mark.parametrize("run", ["full", "lora"])
@@ -145,6 +148,13 @@ def test_chat_run_modelfile(finished_runs: dict[str, Path], capsys):
 
 def test_text_run_modelfile_passes_the_prompt_through(finished_runs: dict[str, Path], capsys):
     assert ollama_template(load_recipe(finished_runs["full"]).data) == "{{ .Prompt }}"
+
+
+def test_prompted_runs_modelfile_templates():
+    instruction = DataConfig(format="instruction")
+    assert ollama_template(instruction) == instruction.instruction.template_no_input.format(
+        instruction="{{ .Prompt }}", input="")
+    assert ollama_template(DataConfig(format="preference")).startswith("{{ range .Messages }}")
 
 
 def test_go_template_escapes_braces():

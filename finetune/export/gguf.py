@@ -43,8 +43,8 @@ def export_gguf(recipe: Recipe, types: list[str]) -> Path:
     types = list(dict.fromkeys(types))
     unknown = [name for name in types if name not in TYPES]
     if unknown or not types:
-        raise UserError(f"--types: unknown GGUF type {', '.join(map(repr, unknown)) or '(none given)'}; "
-                        f"choose from {', '.join(TYPES)}")
+        problem = f"unknown GGUF type {', '.join(map(repr, unknown))}" if unknown else "no GGUF type given"
+        raise UserError(f"--types: {problem}; choose from {', '.join(TYPES)}")
     model, tokenizer, trained = trained_model(recipe)
     final = recipe.run.final
     refuse_unsupported(model.config, tokenizer, final)

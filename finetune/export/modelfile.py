@@ -10,6 +10,7 @@ from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.formats import data_format
+from finetune.formats.chat import jinja_chat_template
 from finetune.recipe import DataConfig
 from finetune.tokenizer import EOS_TOKEN
 
@@ -18,7 +19,7 @@ SENTINEL = "\x00prompt\x00"
 
 def write_modelfile(path: Path, gguf_name: str, data: DataConfig) -> None:
     template = ollama_template(data)
-    system = data.chat.system_prompt if data.format == "chat" else None
+    system = data.chat.system_prompt if chats_through_data_chat(data) else None
     if '"""' in template + (system or ""):
         raise UserError(f"data.{data.format}: the prompt template holds '\"\"\"', which an Ollama Modelfile cannot "
                         "quote")
@@ -31,10 +32,11 @@ def write_modelfile(path: Path, gguf_name: str, data: DataConfig) -> None:
 
 
 def ollama_template(data: DataConfig) -> str:
-    """Chat: each message through its role's template (`data.chat`), then the assistant prefix. Other formats
-    (single-turn): the user's prompt through the format's prompt template; plain text: the prompt as written."""
+    """Formats that chat through `data.chat` (chat, and preference, feedback and prompt data): each message
+    through its role's template, then the assistant prefix. Other formats (single-turn): the user's prompt
+    through the format's prompt template; plain text: the prompt as written."""
     fmt = data_format(data)
-    if data.format == "chat":
+    if chats_through_data_chat(data):
         cfg = data.chat
         roles = {role: go_fill(getattr(cfg, role), "{{ .Content }}") for role in ("system", "user")}
         assistant = (go_text(cfg.assistant) + go_fill(cfg.assistant_content, "{{ .Content }}") + go_text(EOS_TOKEN)
@@ -46,6 +48,11 @@ def ollama_template(data: DataConfig) -> str:
         return "{{ .Prompt }}"
     rendered = "".join(EOS_TOKEN if text is None else text for text, _ in fmt.user_prompt(SENTINEL))
     return "{{ .Prompt }}".join(go_text(part) for part in rendered.split(SENTINEL))
+
+
+def chats_through_data_chat(data: DataConfig) -> bool:
+    """Whether the file's chat template is `data.chat`'s (so that its role templates can be translated)."""
+    return data_format(data).chat_template() == jinja_chat_template(data.chat)
 
 
 def go_text(text: str) -> str:
