@@ -28,7 +28,7 @@ from finetune.tokenizer import load_tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXTS = ["Hello, world!", "  two  spaces\tand a tab\n\nnew lines", "numbers 12345 678, 3.14 and $9.99",
-         "Unicode: café naïve — “quotes” 日本語 🙂", "it's we'll they're I'M", "<|endoftext|> inside", "alpha beta"]
+         "Unicode: café naïve — “quotes” 日本語 🙂", "it's we'll they're I'M", "alpha beta"]
 CONVERSATIONS = [
     [{"role": "user", "content": "red green"}],
     [{"role": "system", "content": "answer in colours"}, {"role": "user", "content": "alpha beta?"},
@@ -90,7 +90,7 @@ def test_real_gpt2_tokenizer_and_tricky_chat_template(gpt2_tokenizer_model: Path
         with urllib.request.urlopen(llama.address + "/props") as response:
             assert json.loads(response.read())["chat_template"] == chat_template(trained.data)
         for text in TEXTS:  # the 'gpt-2' pre-tokenizer splits as GPT-2's regex
-            assert llama.tokenize(text) == encode_texts(tokenizer, [text])[0] or "<|endoftext|>" in text, text
+            assert llama.tokenize(text) == encode_texts(tokenizer, [text])[0], text
         for messages in CONVERSATIONS:  # llama.cpp's Jinja renders the recipe's prompt, tricky literals included
             expected = encode_segments(tokenizer, [fmt.chat_prompt(messages)])[0][0]
             assert llama.tokenize(llama.chat_prompt(messages)) == expected
@@ -113,6 +113,7 @@ def test_trained_tokenizer_runs_give_transformers_greedy_tokens(finished_runs: d
     for name in ("f32", "f16", "q8_0"):
         with LlamaCpp(recipe.run.gguf / f"model-{name}.gguf", 128) as llama:
             tokens = [step[0]["id"] for step in llama.greedy(prompt, 12)]
+            assert [llama.tokenize(text) for text in TEXTS] == encode_texts(tokenizer, TEXTS)  # a trained BPE
         if name != "q8_0":
             assert tokens == expected, name
             continue
