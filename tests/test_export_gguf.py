@@ -147,6 +147,21 @@ def test_chat_run_modelfile(finished_runs: dict[str, Path], capsys):
         'PARAMETER stop "User:"\n')
 
 
+def test_instruction_run_template_renders_in_llama_cpp(recital_base: Path, tmp_path: Path, capsys):
+    """The single-turn template (the last user message through `data.instruction`, with Jinja namespaces) renders
+    in llama.cpp's own Jinja engine as the recipe renders it; braces and quotes in the template stay text."""
+    (tmp_path / "rows.jsonl").write_text("")
+    recipe_path = save_final(write_recipe_file(tmp_path / "instr.yaml", {
+        "name": "instr", "model": {"base": str(recital_base)}, "lora": None,
+        "data": {"train": str(tmp_path / "rows.jsonl"), "format": "instruction", "block_size": 64,
+                 "instruction": {"template_no_input": "Q {{{{x}}}} \"{instruction}\" {{% endfor %}}\n>>>:"}}}),
+        recital_base)
+    code, out = export(recipe_path, "f16", capsys)
+    assert code == 0 and "chat template renders the recipe's prompt" in out, out
+    modelfile = (load_recipe(recipe_path).run.gguf / "Modelfile").read_text()
+    assert 'TEMPLATE """Q {{ "{" }}{{ "{" }}x}} "{{ .Prompt }}" {{ "{" }}% endfor %}\n>>>:"""' in modelfile
+
+
 def test_text_run_modelfile_passes_the_prompt_through(finished_runs: dict[str, Path], capsys):
     assert ollama_template(load_recipe(finished_runs["full"]).data) == "{{ .Prompt }}"
 
