@@ -8,6 +8,8 @@ ARGS ?=
 OFFLINE := HF_HUB_OFFLINE=1
 PROMPT ?=
 REPO ?=
+TO ?=
+TYPES ?=
 ACCELERATE_CONFIG ?=
 
 # Text a user types (a recipe path, a prompt, a repo id) reaches the commands through the environment, as typed:
@@ -15,9 +17,11 @@ ACCELERATE_CONFIG ?=
 export MAKE_RECIPE := $(value RECIPE)
 export MAKE_PROMPT := $(value PROMPT)
 export MAKE_REPO := $(value REPO)
+export MAKE_TO := $(value TO)
+export MAKE_TYPES := $(value TYPES)
 export MAKE_ACCELERATE_CONFIG := $(value ACCELERATE_CONFIG)
 
-.PHONY: setup test test-fast lint prepare train eval demo demo-preference demo-reward bench generate chat serve merge push
+.PHONY: setup test test-fast lint prepare train eval demo demo-preference demo-reward bench generate chat serve merge export push
 NPROC ?= 1
 
 $(VENV)/.installed: pyproject.toml
@@ -89,6 +93,11 @@ serve: setup
 merge: setup
 	$(PY) -m finetune merge "$$MAKE_RECIPE" $(ARGS)
 
+# TO=gguf (TYPES=f16,q8_0 from f32, f16, q8_0; default f16) or TO=onnx, into the run folder's gguf/ or onnx/.
+export: setup
+	$(if $(MAKE_TO),,$(error export needs TO=gguf or TO=onnx))
+	$(PY) -m finetune export "$$MAKE_RECIPE" --to "$$MAKE_TO" $(if $(MAKE_TYPES),--types "$$MAKE_TYPES") $(ARGS)
+
 push: setup
 	$(if $(MAKE_REPO),,$(error push needs REPO=user/name))
 	$(PY) -m finetune push "$$MAKE_RECIPE" --repo "$$MAKE_REPO" $(ARGS)
@@ -133,5 +142,6 @@ bench: setup
 	$(OFFLINE) $(PY) -m bench.lora_params
 	$(OFFLINE) $(PY) -m bench.quality_per_time
 	$(OFFLINE) $(PY) -m bench.serve_latency
+	$(OFFLINE) $(PY) -m bench.export_gguf
 	$(OFFLINE) $(PY) -m bench.export_onnx
 	$(OFFLINE) $(PY) -m bench.gpu_throughput

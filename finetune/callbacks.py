@@ -12,6 +12,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from finetune.distributed import is_main_process
 from finetune.plots import read_metrics
+from finetune.report import samples_table
 
 
 class RunFinished(Exception):
@@ -94,7 +95,7 @@ class Throughput(TrainerCallback):
 # the objectives' own metrics: the preference trainers' (preference_trainer.py, feedback_trainer.py), then reward
 # RL's (rl/trainer.py)
 OBJECTIVE_METRICS = ("rewards/", "logps/", "kl", "eval_rewards/", "eval_logps/", "eval_kl",
-                     "reward", "frac_reward_zero_std", "entropy", "completions/")
+                     "reward", "frac_reward_zero_std", "entropy", "completions/", "samples")
 
 
 class MetricsFile(TrainerCallback):
@@ -156,6 +157,8 @@ class TokenProgress(ProgressCallback):
         parts = [fmt.format(logs[key]) for key, fmt in fields.items() if isinstance(logs.get(key), (int, float))]
         if parts:
             self.training_bar.write(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts))
+        if logs.get("samples"):
+            self.training_bar.write("\n".join(["", *samples_table(logs["samples"]), ""]))
 
     def close(self) -> None:
         """End the bar of a run that stopped on an error, before the error is printed (otherwise tqdm redraws it

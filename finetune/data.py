@@ -293,8 +293,8 @@ def _json_array_batches(path: Path) -> Iterator[RowBatch]:
         raise UserError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(rows, list):
         raise UserError(f"{path}: a .json data file must hold a list of objects (or be JSON lines)")
-    for start in range(0, len(rows), ROWS_PER_BATCH):
-        yield RowBatch(start, rows[start:start + ROWS_PER_BATCH])
+    for start in range(0, len(rows), ROWS_PER_BATCH):  # the file was read whole: the first batch consumed it
+        yield RowBatch(start, rows[start:start + ROWS_PER_BATCH], nbytes=0 if start else path.stat().st_size)
 
 
 def _csv_batches(path: Path, suffix: str) -> Iterator[RowBatch]:
@@ -305,9 +305,9 @@ def _csv_batches(path: Path, suffix: str) -> Iterator[RowBatch]:
     # TSV data sets quote nothing
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
     csv.field_size_limit(sys.maxsize)  # a cell is as long as the text in it
-    with open_data(path) as (stream, _), io.TextIOWrapper(stream, encoding="utf-8-sig", newline="") as handle:
+    with open_data(path) as (stream, raw), io.TextIOWrapper(stream, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, strict=True, **options)
-        line = 0  # the last line read before the row being read
+        line, stored = 0, 0  # the last line read before the row being read; the stored bytes already reported
         try:
             header = next((values for values in reader if values), None)
             if header is None:
@@ -326,10 +326,10 @@ def _csv_batches(path: Path, suffix: str) -> Iterator[RowBatch]:
                 rows.append(dict(zip(header, values)))
                 lines.append(first)
                 if len(rows) == ROWS_PER_BATCH:
-                    yield RowBatch(start, rows, lines)
-                    start, rows, lines = start + len(rows), [], []
+                    yield RowBatch(start, rows, lines, raw.tell() - stored)
+                    start, rows, lines, stored = start + len(rows), [], [], raw.tell()
             if rows:
-                yield RowBatch(start, rows, lines)
+                yield RowBatch(start, rows, lines, raw.tell() - stored)
         except csv.Error as exc:
             raise UserError(f"{path} line {line + 1}: could not be read as {suffix[1:]}: {exc}") from None
 
@@ -348,11 +348,13 @@ def parquet_errors(path: str | Path) -> Iterator[None]:
 def _parquet_batches(path: Path) -> Iterator[RowBatch]:
     import pyarrow.parquet as pq
 
-    start = 0
+    start, size = 0, path.stat().st_size
     with parquet_errors(path):
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH):
-            rows = record_batch.to_pylist()
-            yield RowBatch(start, rows)
+        parquet = pq.ParquetFile(path)
+        total = max(parquet.metadata.num_rows, 1)
+        for record_batch in parquet.iter_batches(batch_size=ROWS_PER_BATCH):
+            rows = record_batch.to_pylist()  # the stored bytes, shared out by rows
+            yield RowBatch(start, rows, nbytes=size * (start + len(rows)) // total - size * start // total)
             start += len(rows)
 
 

@@ -11,7 +11,7 @@ from finetune.errors import UserError
 from finetune.store import write_atomic
 
 
-def weights_digest(folder: Path) -> str:
+def weight_files_digest(folder: Path) -> str:
     """A digest of the weight files (*.safetensors) in a model, adapter or checkpoint folder."""
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted(Path(folder).glob("*.safetensors")):
@@ -43,6 +43,6 @@ def check_current(path: Path, results: dict, model: Path) -> None:
     if recorded is None:
         raise UserError(f"{path} does not say which weights it scored (written by an earlier version): run "
                         "finetune eval again, or delete it to go on without figures")
-    if recorded != weights_digest(model):
+    if recorded != weight_files_digest(model):
         raise UserError(f"{path} holds the figures of other weights than {model} (the model was trained again "
                         "after the last eval): run finetune eval again, or delete it to go on without figures")

@@ -34,7 +34,7 @@ from finetune.collate import PackedCollator, PairCollator
 from finetune.data import read_utf8
 from finetune.distributed import is_main_process, process_group, same_prepared_data, use_cpu
 from finetune.errors import UserError, path_problem
-from finetune.eval_results import weights_digest, write_eval_results
+from finetune.eval_results import weight_files_digest, write_eval_results
 from finetune.formats import DataFormat, Segment, data_format, encode_segments
 from finetune.generation.engine import Engine, Request
 from finetune.generation.params import SamplingParams
@@ -72,7 +72,7 @@ def evaluate(recipe: Recipe, folder: Path | None = None) -> dict:
             recipe.run.claim(recipe.run.eval_results, recipe.run.report)
         tokenizer = load_prepared_tokenizer(recipe)
         tuned = load_model(folder, recipe, tokenizer, accelerator.device, manifest["fingerprint"])
-        digest = weights_digest(folder) if is_main_process() else None  # the weights as loaded; one reader
+        digest = weight_files_digest(folder) if is_main_process() else None  # the weights as loaded; one reader
         evaluator = Evaluator(recipe, tokenizer, accelerator, context_length(tuned))
 
         def figures(model: torch.nn.Module, baseline: bool) -> dict:

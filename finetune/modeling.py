@@ -36,6 +36,9 @@ def loading_model(path: str | Path, name: str = "model.base") -> Iterator[None]:
     local = Path(path)
     if local.is_file():
         raise UserError(f"{name} {str(path)!r} is a file, not a model folder")
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        raise UserError(f"{name} {str(path)!r} is a LoRA adapter, not a whole model: merge it into its base first "
+                        "(finetune merge on the recipe that trained it) and use that run's merged/ folder")
     if local.is_dir() and not (local / "config.json").is_file():
         raise UserError(f"{name} {str(path)!r} is a folder but not a model (no config.json in it)")
     try:

@@ -30,7 +30,7 @@ from finetune.run_folder import RunFolder
 from finetune.store import TokenStore, write_atomic
 
 
-def weights_digest(model: torch.nn.Module) -> str:
+def reference_weights_digest(model: torch.nn.Module) -> str:
     """A digest of the reference's weights as loaded (names, dtypes, bytes; a LoRA adapter's own weights left out:
     the reference is the model with the adapter off)."""
     digest = hashlib.blake2b(digest_size=16)
@@ -101,7 +101,7 @@ def cached_reference_logps(run: RunFolder, fingerprint: str, model: torch.nn.Mod
     prepared `fingerprint`, the weights of `model` with any adapter off) matches, else computed by the main process
     and written there."""
     state = PartialState()
-    key = f"{fingerprint}:{weights_digest(model)}"
+    key = f"{fingerprint}:{reference_weights_digest(model)}"
     path = run.reference_logps
     with state.main_process_first():
         found = read(path, key, stores)

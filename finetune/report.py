@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from finetune.plots import read_metrics
 from finetune.recipe import Recipe
 from finetune.sources import describe_spec
 
@@ -104,7 +105,7 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
 
 
-def _table_cell(text: str) -> str:
+def table_cell(text: str) -> str:
     """Text as one markdown table cell: HTML special characters escaped, `|` escaped, lines joined with <br>."""
     escaped = html.escape(text.strip() or "(empty)", quote=False).replace("|", "\\|")
     return "<br>".join(escaped.splitlines())
@@ -116,9 +117,29 @@ def _policy_samples(results: dict) -> list[str]:
              f"{_kl_line(results)}. Both models sample each prompt with the same seed, at temperature 1 with no top-k "
              "or top-p.", "",
              "| # | prompt | reference sample | tuned sample |", "|---:|---|---|---|"]
-    lines += [f"| {number} | {_table_cell(s['prompt'])} | {_table_cell(s['reference'])} | {_table_cell(s['tuned'])} |"
+    lines += [f"| {number} | {table_cell(s['prompt'])} | {table_cell(s['reference'])} | {table_cell(s['tuned'])} |"
               for number, s in enumerate(results["policy_samples"], 1)]
     return lines + [""]
+
+
+def samples_table(samples: list[dict]) -> list[str]:
+    """Completions sampled in training (reward RL's `samples`) as a markdown table with their rewards."""
+    names = list(samples[0]["rewards"]) if samples else []
+    extra = names if len(names) > 1 else []
+    lines = [f"| step | prompt | completion | reward |{''.join(f' {name} |' for name in extra)}",
+             f"|---:|---|---|---:|{'---:|' * len(extra)}"]
+    return lines + [f"| {s['step']} | {table_cell(s['prompt'])} | {table_cell(s['completion'])} | {_reward(s)} |"
+                    + "".join(f" {_reward({'reward': s['rewards'][name]})} |" for name in extra) for s in samples]
+
+
+def _training_samples(metrics: Path) -> list[str]:
+    """The first and the last table of completions sampled in training, when metrics.jsonl has them."""
+    logged = [row["samples"] for row in read_metrics(metrics) if row.get("samples")] if metrics.is_file() else []
+    if not logged:
+        return []
+    lines = ["## Completions sampled in training", "",
+             "Sampled at the training temperature, scored by the training rewards (rl.sample_log_steps).", ""]
+    return lines + samples_table(logged[0] + (logged[-1] if len(logged) > 1 else [])) + [""]
 
 
 def write_report(path: Path, recipe: Recipe, results: dict) -> None:
@@ -143,8 +164,9 @@ def write_report(path: Path, recipe: Recipe, results: dict) -> None:
     if "confusion_matrix" in results:
         lines += ["## Confusion matrices", "", *_confusion(results, "Tuned")]
         lines += _confusion(base, "Base") if base else []
+    lines += _training_samples(recipe.run.metrics)
     if (path.parent / "loss.png").is_file():
-        lines += ["## Training loss", "", "![training loss](loss.png)", ""]
+        lines += ["## Training curves", "", "![training curves](loss.png)", ""]
     if results.get("generations"):
         lines += ["## Sample generations (greedy)", ""]
         base_outputs = [g["output"] for g in (base or {}).get("generations", [])]

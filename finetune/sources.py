@@ -173,7 +173,12 @@ def check_sources(cfg: DataConfig, where: str) -> None:
             if split == "validation" and source.weight != 1:
                 raise UserError(f"{where}: '{key}.weight': weights mix the train split; each validation source is "
                                 "read once")
-            for name in FIELD_NAMES:
-                if getattr(source, name) is not None and name not in known:
+            given = tuple(name for name in FIELD_NAMES if getattr(source, name) is not None)
+            for name in given:
+                if name not in known:
                     raise UserError(f"{where}: '{key}.{name}': the {cfg.format} format reads no such field (its "
                                     f"field names: {', '.join(known)})")
+            # a format section whose rows come in two shapes (data.chat) says which field names mix them
+            section = getattr(source_config(cfg, source), cfg.format, None)
+            if problem := getattr(section, "shape_problem", lambda *_: None)(key, given):
+                raise UserError(f"{where}: {problem}")

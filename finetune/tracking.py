@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from finetune.recipe import Recipe
+from finetune.report import samples_table
 from finetune.trackers import reporters
 from finetune.run_folder import RunFolder
 
@@ -88,6 +89,9 @@ def environment(recipe: Recipe) -> Iterator[None]:
         os.environ.update(before)
 
 
+TEXT_TRACKERS = ("tensorboard", "wandb", "trackio")  # those that show a text value (the others record numbers)
+
+
 class Guarded(TrainerCallback):
     """A tracker callback whose failure (a service gone mid-run, a full disk) is reported once and then ignored:
     tracking never ends a run."""
@@ -96,9 +100,7 @@ class Guarded(TrainerCallback):
         self.inner = inner
         self.failed = False
 
-
-def _delegate(event: str):
-    def call(self: Guarded, args, state, control, **kwargs):
+    def call(self, event: str, args, state, control, **kwargs):
         if self.failed:
             return None
         try:
@@ -109,10 +111,20 @@ def _delegate(event: str):
                   f"{type(exc).__name__}: {exc}")
             return None
 
-    return call
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Reward RL's completions sampled in training reach the trackers that show text, as a markdown table."""
+        if logs and "samples" in logs:
+            samples, logs = logs["samples"], {key: value for key, value in logs.items() if key != "samples"}
+            if isinstance(self.inner, tuple(INTEGRATION_TO_CALLBACK[name] for name in TEXT_TRACKERS)):
+                logs["samples"] = "\n".join(samples_table(samples))
+        return self.call("on_log", args, state, control, logs=logs, **kwargs)
 
 
-for _event in [name for name in vars(TrainerCallback) if name.startswith("on_")]:
+def _delegate(event: str):
+    return lambda self, args, state, control, **kwargs: self.call(event, args, state, control, **kwargs)
+
+
+for _event in [name for name in vars(TrainerCallback) if name.startswith("on_") and name != "on_log"]:
     setattr(Guarded, _event, _delegate(_event))
 
 

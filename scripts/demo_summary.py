@@ -49,6 +49,18 @@ def main() -> None:
     print("  make demo-reward                                # GRPO: the same, from the classifier's reward")
 
 
+def kl_line(tuned: dict) -> None:
+    if "kl_to_reference" in tuned:
+        print(f"  KL(tuned || before) = {tuned['kl_to_reference']:.3f} "
+              f"± {tuned.get('kl_to_reference_stderr') or float('nan'):.3f} nats per review")
+
+
+def before_after(samples: list[tuple[str, str, str]]) -> None:
+    """(prompt, the model's text before tuning, after) for a few held-out prompts sampled with the same seeds."""
+    for prompt, before, after in samples:
+        print(f"\n  prompt: {prompt}\n    before: {before.strip()}\n    after:  {after.strip()}")
+
+
 def preference() -> None:
     dpo = figures("demo-dpo")
     base = dpo.get("baseline", {})
@@ -61,11 +73,8 @@ def preference() -> None:
                dpo.get("heldout_text", {}).get("bits_per_byte"), ".3f"))
     print(f"  positive reviews: demo-tune's probability of 'positive' for each of {dpo.get('kl_samples', 0)} reviews "
           "written from held-out openings (mean)")
-    print(f"  KL(tuned || before) = {dpo.get('kl_to_reference', float('nan')):.3f} "
-          f"± {dpo.get('kl_to_reference_stderr') or float('nan'):.3f} nats per review")
-    for sample in dpo.get("policy_samples", [])[:2]:
-        print(f"\n  prompt: {sample['prompt']}\n    before: {sample['reference'].strip()}"
-              f"\n    after:  {sample['tuned'].strip()}")
+    kl_line(dpo)
+    before_after([(s["prompt"], s["reference"], s["tuned"]) for s in dpo.get("policy_samples", [])[:2]])
     print("\n  outputs/demo-dpo/report.md holds the samples of both; metrics.jsonl the rewards and margins per step")
 
 
@@ -90,15 +99,12 @@ def reward() -> None:
     if "win_rate" in grpo:
         print(f"  after beats before on {grpo['win_rate']:.1%} of the openings by the classifier, "
               f"{grpo.get('heldout_win_rate', float('nan')):.1%} by the word list (same seeds, ties half)")
-    if "kl_to_reference" in grpo:
-        print(f"  KL(tuned || before) = {grpo['kl_to_reference']:.3f} "
-              f"± {grpo.get('kl_to_reference_stderr') or float('nan'):.3f} nats per review")
+    kl_line(grpo)
     kl = last_logged("demo-grpo", "kl")
     if kl is not None:
         print(f"  KL to the base at the last logged training step: {kl:.3f} nats per token")
-    for tuned, before in list(zip(grpo.get("reward_samples", []), base.get("reward_samples", [])))[:3]:
-        print(f"\n  prompt: {tuned['prompt']}\n    before: {before['completion'].strip()}"
-              f"\n    after:  {tuned['completion'].strip()}")
+    before_after([(tuned["prompt"], before["completion"], tuned["completion"])
+                  for tuned, before in zip(grpo.get("reward_samples", []), base.get("reward_samples", []))][:3])
     print("\n  outputs/demo-grpo/report.md holds the samples of both; metrics.jsonl the rewards and KL per step")
 
 

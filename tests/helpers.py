@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,26 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def background_server(app) -> Iterator[str]:
+    """The app (ASGI) served by uvicorn in a thread on a free port of 127.0.0.1; yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server failed to start")
+            time.sleep(0.01)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def corpus_lines(n: int = 200, seed: int = 0) -> list[str]:

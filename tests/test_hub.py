@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from finetune.cli import main
 from finetune.collate import PairCollator
 from finetune.errors import UserError
-from finetune.eval_results import weights_digest
+from finetune.eval_results import weight_files_digest
 from finetune.hub import push
 from finetune.formats import data_format, encode_segments
 from finetune.model_card import model_card
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run_paths(finished_runs: dict[str, Path]) -> dict[str, Path]:
     paths = finished_runs
     run = load_recipe(paths["lora"]).run
-    run.eval_results.write_text(json.dumps({**EVAL, "weights_digest": weights_digest(run.final)}))
+    run.eval_results.write_text(json.dumps({**EVAL, "weights_digest": weight_files_digest(run.final)}))
     return paths
 
 

@@ -47,3 +47,11 @@ def test_make_push_passes_repo_verbatim(finished_runs: dict[str, Path], tmp_path
         assert f"error: --repo {repo!r} is not a Hub repository id" in result.stderr, result.stderr
     missing = make("push", tmp_path, RECIPE=str(finished_runs["lora"]), REPO="")
     assert missing.returncode != 0 and "push needs REPO=user/name" in missing.stderr
+
+
+def test_make_export_passes_recipe_and_types(finished_runs: dict[str, Path], tmp_path: Path) -> None:
+    result = make("export", tmp_path, RECIPE=str(finished_runs["full"]), TO="gguf", TYPES="q8_0")
+    assert result.returncode == 0, result.stderr
+    assert "model-q8_0.gguf: next-token log-probs within" in result.stdout, result.stdout
+    missing = make("export", tmp_path, RECIPE=str(finished_runs["full"]))
+    assert missing.returncode != 0 and "export needs TO=gguf or TO=onnx" in missing.stderr

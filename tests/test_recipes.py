@@ -22,7 +22,6 @@ SHARED = ROOT.parent / "shared" / "data"
 # Hub recipes: the local copy of their data set, and how its columns differ from the Hub's.
 HUB_STAND_INS = {
     "gpt2-lora-wikitext2": ("wikitext-2/wikitext2_validation.txt", []),
-    "gpt2-lora-sst2": ("sst2/train.tsv", []),
     "gpt2-medium-lora-e2e": ("e2e/devset.csv", ["data.instruction.instruction_field=mr",
                                                 "data.instruction.output_field=ref"]),
     "gpt2-alpaca": ("alpaca/alpaca_en_demo.json", []),
@@ -88,6 +87,42 @@ def test_hub_recipe_runs_offline_with_stand_ins(name, tmp_path, tiny_gpt2_vocab_
         assert 0 <= figures["desirable_favoured"] <= 1 and figures["completions"] > 0, figures
 
 
+def test_mixture_recipe_runs_offline_on_the_chat_and_alpaca_samples(tmp_path, tiny_gpt2_vocab_model):
+    """gpt2-alpaca-chat with the two samples standing in for its Hub sets (conversations read twice, Alpaca rows as
+    one-turn chats): each source carves its own validation rows, and the manifest counts every pass of each."""
+    chat, alpaca = SHARED / "chat" / "dummy_conversation.json", SHARED / "alpaca" / "alpaca_en_demo.json"
+    if not (chat.is_file() and alpaca.is_file()):
+        pytest.skip("../shared/data's chat or alpaca sample is absent")
+    train = f"data.train=[{{path: {chat}, weight: 2}}, {{path: {alpaca}, instruction_field: instruction}}]"
+    run("gpt2-alpaca-chat", tmp_path / "mix", [f"model.base={tiny_gpt2_vocab_model}", train, "data.max_records=80",
+                                               "data.block_size=256"])
+    manifest = json.loads((tmp_path / "mix" / "prepared" / "manifest.json").read_text())
+    carved = round(80 * shipped("gpt2-alpaca-chat")["data"]["validation_fraction"])
+    assert [(s["split"], s["source"], s["records_in"], s["records_kept"]) for s in manifest["sources"]] == [
+        ("train", str(chat), 2 * (80 - carved), 2 * (80 - carved)), ("train", str(alpaca), 80 - carved, 80 - carved),
+        ("validation", str(chat), carved, carved), ("validation", str(alpaca), carved, carved)]
+    assert sum(s["token_share"] for s in manifest["sources"] if s["split"] == "train") == pytest.approx(1, abs=2e-4)
+
+
+def test_imdb_sentiment_recipe_runs_offline_rewarded_by_the_sst2_recipes_classifier(tmp_path, tiny_gpt2_vocab_model):
+    """gpt2-lora-sst2 trains the classifier that gpt2-grpo-imdb rewards with; SST-2's sentences stand in for IMDb's
+    reviews as prompts (their first 8 words)."""
+    data = SHARED / "sst2" / "train.tsv"
+    if not data.is_file():
+        pytest.skip("../shared/data/sst2/train.tsv is absent")
+    stand_ins = [f"model.base={tiny_gpt2_vocab_model}", f"data.train={data}", "data.validation=null",
+                 "data.max_records=80", "data.block_size=256"]
+    figures = run("gpt2-lora-sst2", tmp_path / "sst2", stand_ins)
+    assert 0 <= figures["accuracy"] <= 1 and "baseline" in figures
+    reward = f"rl.rewards=[{{model: {tmp_path / 'sst2' / 'final'}, label: positive}}]"
+    figures = run("gpt2-grpo-imdb", tmp_path / "imdb", [*stand_ins[:-1], "data.prompt.prompt_field=sentence", reward,
+                                                         "rl.group_size=2", "rl.max_completion_tokens=8"])
+    for side in (figures, figures["baseline"]):
+        assert 0 <= side["reward_mean"] <= 1 and 0 <= side["heldout_reward_mean"] <= 1, figures
+    prompts = [sample["prompt"] for sample in figures["reward_samples"]]
+    assert prompts and all(len(prompt.split()) <= 8 for prompt in prompts)
+
+
 def test_demo_recipes_run_in_sequence(tmp_path):
     """demo-pretrain trains a model from scratch; demo-tune (and demo-tune-harness) tune it with LoRA; demo-dpo tunes
     it with DPO, judged by demo-tune's classifier; demo-grpo tunes it with GRPO, rewarded by that classifier and
@@ -126,6 +161,6 @@ def test_scratch_recipe_runs(tmp_path):
 
 
 def test_every_shipped_recipe_has_a_run_here():
-    tested = {*HUB_STAND_INS, "demo-pretrain", "demo-tune", "demo-tune-harness", "demo-dpo", "demo-grpo",
-              "scratch-text"}
+    tested = {*HUB_STAND_INS, "gpt2-alpaca-chat", "gpt2-lora-sst2", "gpt2-grpo-imdb", "demo-pretrain", "demo-tune",
+              "demo-tune-harness", "demo-dpo", "demo-grpo", "scratch-text"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested

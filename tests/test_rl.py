@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import subprocess_env, trl_deprecations, write_recipe_file
 from rl_runs import write_rl_run
@@ -25,10 +27,13 @@ from finetune.cli import main
 from finetune.errors import UserError
 from finetune.evaluation import distinct_bigrams, evaluate
 from finetune.formats import data_format
+from finetune.formats.prompt import PromptFormat
 from finetune.loss import token_logps
+from finetune.plots import read_metrics
 from finetune.prepare import prepare
 from finetune.prepared import load_prepared, load_records
 from finetune.recipe import DataConfig, load_recipe
+from finetune.report import table_cell
 from finetune.rl.config import RewardSpec
 from finetune.rl.objectives import TokenLogps, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
 from finetune.rl.rewards import Completions, load_function
@@ -54,6 +59,18 @@ def test_prompt_rows_keep_their_columns_and_chat_prompts_use_the_template() -> N
     assert fmt.normalize({"prompt": "  "}, "row 3") == (None, "empty")
     with pytest.raises(UserError, match="row 4: missing field 'prompt'"):
         fmt.normalize({"text": "x"}, "row 4")
+
+
+def test_prefix_words_keeps_a_text_prompts_opening_and_leaves_chat_prompts_whole() -> None:
+    """The IMDb setting: the opening words of a review, its own spacing kept; the rewards see the cut prompt."""
+    fmt = data_format(DataConfig(format="prompt", prompt=PromptFormat(prompt_field="text", prefix_words=3)))
+    record, _ = fmt.normalize({"text": "I rented I AM CURIOUS-YELLOW<br /><br />from my", "label": 0}, "row 1")
+    assert record == {"prompt": "I rented I", "columns": {"label": 0}}
+    record, _ = fmt.normalize({"text": "Great\n film,  truly great", "label": 1}, "row 2")
+    assert record["prompt"] == "Great\n film,  truly"
+    assert fmt.normalize({"text": "Short one"}, "row 3")[0]["prompt"] == "Short one"
+    messages = [{"role": "user", "content": "one two three four"}]
+    assert fmt.normalize({"text": messages}, "row 4")[0]["prompt"] == messages
 
 
 def test_prepare_stores_one_prompt_per_row_and_counts_the_dropped(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -315,7 +332,8 @@ def test_a_tiny_gpt2_learns_a_reward_faster_without_the_kl_term(tmp_path: Path, 
     Measured over train.seed 0-3, 20 steps of 8 prompts x 8 completions: with beta 0 the first 3 steps' mean reward
     is 0.02-0.06 and the last 5 steps' 0.99-1.0 (KL 3.2-3.7 at the end); with beta 1 the last 5 steps' mean is
     0.11-0.15, 0.087-0.11 above its first 3 steps', and its KL at most 0.06 at the end."""
-    free, free_kl = _rewards_and_kl(write_rl_run(tmp_path / "free", tiny_model_dir, beta=0.0), "train.max_steps=20")
+    free, free_kl = _rewards_and_kl(write_rl_run(tmp_path / "free", tiny_model_dir, beta=0.0, sample_log_steps=10),
+                                    "train.max_steps=20", "train.report_to=tensorboard")
     held, held_kl = _rewards_and_kl(write_rl_run(tmp_path / "held", tiny_model_dir, beta=1.0), "train.max_steps=20")
     assert len(free) == len(held) == 20
     assert sum(free[:3]) / 3 < 0.15
@@ -342,6 +360,28 @@ def test_a_tiny_gpt2_learns_a_reward_faster_without_the_kl_term(tmp_path: Path, 
     report = recipe.run.report.read_text()
     assert f"| reward (training rewards) | {base['reward_mean']:.4f} | {results['reward_mean']:.4f} |" in report
     assert f"Tuned (reward {results['reward_samples'][0]['reward']:.4g}):" in report
+    _assert_training_samples(recipe, report)
+
+
+def _assert_training_samples(recipe, report: str) -> None:
+    """Steps 1, 10 and 20 (rl.sample_log_steps 10) logged 4 completions each, one per prompt, with their has_red
+    rewards; the first and last tables are in report.md, the tables in TensorBoard as text."""
+    logged = [row for row in read_metrics(recipe.run.metrics) if "samples" in row]
+    assert [row["step"] for row in logged] == [1, 10, 20]
+    for row in logged:
+        samples = row["samples"]
+        assert [s["step"] for s in samples] == [row["step"]] * 4 and len({s["prompt"] for s in samples}) == 4
+        assert all(s["reward"] == s["rewards"]["has_red"] == float("red" in s["completion"]) for s in samples)
+    assert "## Completions sampled in training" in report
+    for sample in (logged[0]["samples"][0], logged[-1]["samples"][-1]):
+        assert f"| {sample['step']} | {table_cell(sample['prompt'])} | {table_cell(sample['completion'])} |" in report
+    events = EventAccumulator(str(recipe.run.tensorboard), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = {event.step: event.tensor_proto.string_val[0].decode()
+             for event in events.Tensors("train/samples/text_summary")}
+    assert texts.keys() == {1, 10, 20} and table_cell(logged[-1]["samples"][0]["completion"]) in texts[20]
+    height, width = imread(recipe.run.loss_plot).shape[:2]
+    assert (height, width) == (840, 840)  # 7 x 7 inches at 120 dpi: the reward panel below the loss (7 x 4 without)
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path, tiny_model_dir: Path,

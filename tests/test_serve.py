@@ -7,17 +7,14 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from helpers import WORDS, single_thread
-from fastapi import FastAPI
+from helpers import WORDS, background_server, single_thread
 from fastapi.testclient import TestClient
 
 from finetune.cli import main
@@ -32,24 +29,6 @@ from finetune.serve.worker import GenerationFailed, ModelWorker, Pending
 
 KEY = "test-key-123"
 CAP = 64
-
-
-@contextmanager
-def background_server(app: FastAPI) -> Iterator[str]:
-    """The app served by uvicorn in a thread on a free port of 127.0.0.1; yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("the server failed to start")
-            time.sleep(0.01)
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

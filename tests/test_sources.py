@@ -86,8 +86,24 @@ def test_compressed_files_read_as_their_plain_text_with_progress_on_the_stored_b
         expected = [row for batch in read_batches(str(tmp_path / f"c{kind}"), cfg) for row in batch.rows]
         batches = list(read_batches(str(packed), cfg))
         assert [row for batch in batches for row in batch.rows] == expected and len(expected) == 3000
-        if kind != ".tsv":  # CSV/TSV rows report no bytes
-            assert len(batches) > 3 and sum(batch.nbytes for batch in batches) == packed.stat().st_size
+        assert sum(batch.nbytes for batch in batches) == packed.stat().st_size
+        assert kind == ".tsv" or len(batches) > 3  # blocks of bytes (TSV: batches of rows)
+
+
+def test_progress_counts_every_stored_byte_of_row_based_files(tmp_path):
+    """CSV, JSON arrays and Parquet report the stored bytes they consumed too, so prepare's byte progress on them
+    ends at the files' size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": line, "id": str(i)} for i, line in enumerate(corpus_lines(9000))]
+    (tmp_path / "c.csv").write_text("text,id\n" + "".join(f"{r['text']},{r['id']}\n" for r in rows))
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=1000)
+    for name in ("c.csv", "c.json", "c.parquet"):
+        batches = list(read_batches(str(tmp_path / name), DataConfig()))
+        assert [row for batch in batches for row in batch.rows] == rows and len(batches) == 3, name
+        assert sum(batch.nbytes for batch in batches) == (tmp_path / name).stat().st_size, name
 
 
 def test_errors_in_compressed_files_name_the_file_and_line(tmp_path, tokenizer_dir, capsys):
@@ -243,3 +259,43 @@ def test_a_source_s_own_field_names_read_its_rows(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match=r"b.jsonl line 1: missing field 'instruction'"):
         prepare(load_recipe(recipe_file(tmp_path, tokenizer_dir, {"format": "instruction",
                                                                   "train": ["a.jsonl", "b.jsonl"]}, "plain")))
+
+
+def test_a_chat_recipe_reads_an_instruction_shaped_source_as_a_user_turn_and_the_reply(tmp_path, tokenizer_dir):
+    """Alpaca-shaped rows (here with their own field names) in a chat recipe prepare exactly as the conversations of
+    one user turn (the instruction, then the input after a blank line when there is one) and the assistant's reply;
+    a row without an output is dropped and counted."""
+    rows = [{"question": f"say {w}", "context": "in French" if i % 3 else "", "answer": w}
+            for i, w in enumerate(corpus_lines(40))]
+    conversations = [{"conversations": [
+        {"from": "human", "value": row["question"] + (f"\n\n{row['context']}" if row["context"] else "")},
+        {"from": "gpt", "value": row["answer"]}]} for row in rows]
+    (tmp_path / "ins.jsonl").write_bytes(jsonl([*rows, {"question": "no reply", "answer": " "}]))
+    (tmp_path / "conv.jsonl").write_bytes(jsonl(conversations))
+    shaped = {"path": "ins.jsonl", "instruction_field": "question", "input_field": "context", "output_field": "answer"}
+    manifests, stores = {}, {}
+    for name, source in (("shaped", shaped), ("conversations", "conv.jsonl")):
+        recipe = load_recipe(recipe_file(tmp_path, tokenizer_dir, {
+            "format": "chat", "block_size": 512, "train": source, "validation": source}, name))
+        manifests[name] = prepare(recipe)
+        stores[name] = [{key: row[key].tolist() for key in ("input_ids", "labels")}
+                        for row in load_prepared(recipe, "train")]
+    assert stores["shaped"] == stores["conversations"] and len(stores["shaped"]) > 1
+    assert manifests["shaped"]["train"]["records_kept"] == 40
+    assert manifests["shaped"]["train"]["records_dropped"] == {"empty": 1}
+    assert manifests["shaped"]["train"]["target_tokens"] == manifests["conversations"]["train"]["target_tokens"] > 40
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"path": "a.jsonl", "output_field": "answer"},
+     r"'data.train\[1\].output_field' names a field of instruction-shaped rows; set "
+     r"'data.train\[1\].instruction_field'"),
+    ({"path": "a.jsonl", "instruction_field": "q", "messages_field": "turns"},
+     r"'data.train\[1\].messages_field' and 'instruction_field' are both set"),
+])
+def test_a_chat_source_names_fields_of_one_row_shape(tmp_path, tokenizer_dir, source, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe(recipe_file(tmp_path, tokenizer_dir, {"format": "chat", "train": ["b.jsonl", source]}))
+    with pytest.raises(UserError, match=r"'data.chat.input_field' names a field of instruction-shaped rows"):
+        load_recipe(recipe_file(tmp_path, tokenizer_dir, {"format": "chat", "train": "b.jsonl",
+                                                          "chat": {"input_field": "context"}}))

@@ -190,6 +190,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tiny_mode
     ("data.block_size=256", "above the model's context length (n_positions = 128)"),
     ("lora.targets=[attn.q_proj]", "'attn.q_proj' matches no module"),
     ("model.base={notmodel}", "is a folder but not a model"),
+    ("model.base={adapter}", "is a LoRA adapter, not a whole model: merge it into its base first"),
     ("model.base={datafile}", "is a file, not a model folder"),
     ("train.resume={empty}", "holds no checkpoint"),
     ("train.extra.optimm=adamw_torch", "did you mean 'optim'"),
@@ -201,8 +202,10 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path, tiny_mode
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys, override, message):
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "empty").mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     path = write_recipe(tmp_path, {"model": {"base": str(tiny_model_dir)}})
-    override = override.format(notmodel=tmp_path / "notmodel", empty=tmp_path / "empty",
+    override = override.format(notmodel=tmp_path / "notmodel", empty=tmp_path / "empty", adapter=tmp_path / "adapter",
                                datafile=tmp_path / "train.txt")
     assert cli.main(["train", str(path), *override.split()]) == 2
     err = capsys.readouterr().err

@@ -1,7 +1,10 @@
 """`chat`: conversations (OpenAI {role, content} or ShareGPT {from, value} messages) rendered with the recipe's
 plain-text chat template (`data.chat`); assistant turns are the targets, each closed by EOS.
 
-Record: {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}.
+Record: {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}. With
+`instruction_field` set (in `data.chat` or on one source of a mixture), rows are Alpaca-shaped instead: each is a
+conversation of one user turn (the instruction, then the input after a blank line when there is one) and the
+assistant's reply (the output).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.formats.base import EOS, DataFormat, Message, Segment, check_template, required_field
+from finetune.formats.base import (EOS, DataFormat, Message, Segment, check_template, required_field,
+                                   required_text)
 from finetune.formats.jinja import CONTENT, fill, literal
 
 ROLE_ALIASES = {
@@ -25,6 +29,9 @@ ROLE_ALIASES = {
 class ChatFormat:
     """`data.chat`: the role templates (also used by text models in `finetune chat`)."""
     messages_field: str | None = None
+    instruction_field: str | None = None  # set: rows are {instruction, input, output}, not messages
+    input_field: str | None = None  # default "input" (for instruction-shaped rows)
+    output_field: str | None = None  # default "output" (for instruction-shaped rows)
     system: str = "System: {content}\n\n"
     user: str = "User: {content}\n\n"
     assistant: str = "Assistant:"
@@ -35,6 +42,22 @@ class ChatFormat:
     def check(self, where: str) -> None:
         for role in ("system", "user", "assistant_content"):  # `assistant`, `after_assistant` are used as written
             check_template(where, f"data.chat.{role}", getattr(self, role), ("content",), ("content",))
+        if problem := self.shape_problem("data.chat"):
+            raise UserError(f"{where}: {problem}")
+
+    def shape_problem(self, key: str, given: tuple[str, ...] = ("messages_field", "input_field", "output_field")) \
+            -> str | None:
+        """Why these field names mix the two row shapes, naming a field of `given` as set under `key` (None when
+        they don't)."""
+        if self.instruction_field is None:
+            for name in ("input_field", "output_field"):
+                if name in given and getattr(self, name):
+                    return (f"'{key}.{name}' names a field of instruction-shaped rows; set '{key}.instruction_field' "
+                            "too (without it, rows are conversations)")
+        elif "messages_field" in given and self.messages_field:
+            return (f"'{key}.messages_field' and 'instruction_field' are both set: a row is a conversation or an "
+                    "instruction, not both")
+        return None
 
 
 class Chat(DataFormat):
@@ -43,6 +66,8 @@ class Chat(DataFormat):
     has_reference = True
 
     def normalize(self, row: dict, where: Any) -> tuple[dict | None, str | None]:
+        if self.data.chat.instruction_field:
+            return instruction_conversation(row, self.data.chat, where)
         messages = parse_messages(required_field(row, self._messages_field(row, where), where), where)
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             return None, "no_assistant_turn"
@@ -79,6 +104,19 @@ class Chat(DataFormat):
 
     def chat_template(self) -> str:
         return jinja_chat_template(self.data.chat)
+
+
+def instruction_conversation(row: dict, cfg: ChatFormat, where: Any) -> tuple[dict | None, str | None]:
+    """An Alpaca-shaped row as a conversation: the instruction (and the input, after a blank line) from the user,
+    the output from the assistant; dropped as `empty` without an instruction or an output."""
+    instruction = required_text(row, cfg.instruction_field, where)
+    response = required_text(row, cfg.output_field or "output", where)
+    extra = row.get(cfg.input_field or "input")
+    extra = "" if extra is None else str(extra)
+    if not instruction.strip() or not response.strip():
+        return None, "empty"
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": response}]}, None
 
 
 def parse_messages(turns: Any, where: Any) -> list[Message]:

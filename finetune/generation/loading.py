@@ -17,8 +17,8 @@ def load_generator(recipe: Recipe, base: bool = False) -> Generator:
     dtype = DTYPES[recipe.model.dtype] if device.type == "cuda" and recipe.model.dtype != "auto" else torch.float32
     if base:
         if recipe.model.base is None:
-            raise UserError(f"{recipe.source}: --base needs 'model.base'; this recipe trains from scratch "
-                            "('model.init'), so its base model is random weights")
+            raise UserError(f"{recipe.source}: the base model (--base, --with-base) needs 'model.base'; this recipe "
+                            "trains from scratch ('model.init'), so its base model is random weights")
         source = tokenizer_source(recipe)
         if source is None:
             from finetune.prepared import load_prepared_tokenizer

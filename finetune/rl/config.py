@@ -64,6 +64,8 @@ class RLConfig:
     epsilon: float = ranged(0.2, 0, 1, low_ok=False)  # clip range of the probability ratio
     scale_rewards: bool = True  # grpo: advantages divided by their group's standard deviation
     normalize_advantages: bool = False  # rloo: advantages standardised over the batch
+    sample_log_steps: int = ranged(50, 0)  # at step 1 and every this many steps, a table of sampled completions
+    sample_log_count: int = ranged(4, 1)  # completions in that table
 
 
 def resolve_reward_paths(rewards: list, resolved: Callable[[str], str]) -> list:

@@ -93,7 +93,9 @@ class RLTrainer(PackedTrainer):
     """Logs per logging step (means over the completions, groups or tokens since the last log; names as TRL's):
     reward and reward_std, rewards/<name>/mean and rewards/<name>/std per reward, frac_reward_zero_std (groups
     without a learning signal), kl (k3, per token), entropy (per token), completions/mean_length and
-    completions/clipped_ratio (completions cut by rl.max_completion_tokens)."""
+    completions/clipped_ratio (completions cut by rl.max_completion_tokens). At step 1 and every rl.sample_log_steps
+steps, the first rl.sample_log_count completions of the main process (one per prompt first) with their rewards go
+out with the next log as `samples`: a table in metrics.jsonl, the trackers and the console."""
 
     def __init__(self, *args, train_dataset: TokenStore, objective: str, rl: RLConfig, rewards: list[Reward],
                  tokenizer, reference_model: torch.nn.Module | None = None, **kwargs) -> None:
@@ -103,6 +105,7 @@ class RLTrainer(PackedTrainer):
         self.reference_model = reference_model.to(self.args.device) if reference_model is not None else None
         self.model_accepts_loss_kwargs = False  # the loss is a mean over completions: Trainer divides by accumulation
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(3, dtype=torch.float64))
+        self._samples: list[dict] = []
 
     def _chunk(self) -> int | None:
         return self.loss_chunk if self._chunked() else None
@@ -160,6 +163,7 @@ class RLTrainer(PackedTrainer):
             advantages = grpo_advantages(groups, self.rl.scale_rewards).flatten().float()
             loss = grpo_loss(logps, advantages, self.rl.beta, self.rl.epsilon)
         self._record(per_reward, rewards, groups, logps, entropy, rollout)
+        self._keep_samples(rollout, per_reward, rewards)
         return (loss, None) if return_outputs else loss
 
     def _record(self, per_reward: torch.Tensor, rewards: torch.Tensor, groups: torch.Tensor, logps: TokenLogps,
@@ -179,7 +183,22 @@ class RLTrainer(PackedTrainer):
         for key, total in zip(values, totals):
             self._sums[key] += total
 
+    def _keep_samples(self, rollout: Rollout, per_reward: torch.Tensor, rewards: torch.Tensor) -> None:
+        step, every = self.state.global_step + 1, self.rl.sample_log_steps
+        if (not every or (step != 1 and step % every) or not self.accelerator.is_main_process
+                or any(sample["step"] == step for sample in self._samples)):  # one micro-batch of the step
+            return
+        groups, size = len(rollout.texts) // self.rl.group_size, self.rl.group_size
+        order = [prompt * size + k for k in range(size) for prompt in range(groups)][:self.rl.sample_log_count]
+        for i in order:
+            scores = [None if value.isnan() else round(value.item(), 4) for value in (rewards[i], *per_reward[i])]
+            self._samples.append({"step": step, "prompt": self.decode(rollout.prompt_ids[i]),
+                                  "completion": rollout.texts[i], "reward": scores[0],
+                                  "rewards": dict(zip((reward.name for reward in self.rewards), scores[1:]))})
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._samples:
+            logs["samples"], self._samples = self._samples, []
         if "loss" in logs and self._sums:
             for key, (total, squares, count) in self._sums.items():
                 if count == 0:

@@ -27,18 +27,20 @@ from finetune.serve.app import create_app
 from finetune.serve.worker import ModelWorker
 
 
-def load_workers(recipe: Recipe, base: bool = False) -> list[ModelWorker]:
-    """The recipe's model, then those of the recipes listed in `serve.extra_runs` (paths relative to the recipe)."""
+def load_workers(recipe: Recipe, base: bool = False, with_base: bool = False) -> list[ModelWorker]:
+    """The recipe's model, then those of the recipes listed in `serve.extra_runs` (paths relative to the recipe):
+    each run's final/ model, with `base` its bare base model (named NAME-base) instead, with `with_base` both."""
     recipes = [recipe]
     folder = Path(recipe.source).resolve().parent if recipe.source else Path.cwd()
     recipes += [load_recipe(folder / extra) for extra in recipe.serve.extra_runs]
     workers = []
     for r in recipes:
-        worker = ModelWorker(load_generator(r, base=base), SamplingParams.from_config(r.generate),
-                             recipe.serve.max_batch_size)
-        if any(w.name == worker.name for w in workers):
-            raise UserError(f"{recipe.source}: two served runs are both named {worker.name!r}")
-        workers.append(worker)
+        for bare in (False, True) if with_base else (base,):
+            worker = ModelWorker(load_generator(r, base=bare), SamplingParams.from_config(r.generate),
+                                 recipe.serve.max_batch_size)
+            if any(w.name == worker.name for w in workers):
+                raise UserError(f"{recipe.source}: two served models are both named {worker.name!r}")
+            workers.append(worker)
     return workers
 
 
@@ -52,14 +54,14 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(recipe: Recipe, host: str | None = None, port: int | None = None, api_key: str | None = None,
-          base: bool = False) -> None:
+          base: bool = False, with_base: bool = False) -> None:
     """Serve the run's model (and `serve.extra_runs`) until interrupted; unset arguments come from the recipe's
     `serve` section (the API key from the variable it names)."""
     cfg = recipe.serve
     host, port = host or cfg.host, cfg.port if port is None else port
     api_key = api_key or os.environ.get(cfg.api_key_env) or None
     check_port(host, port)
-    workers = load_workers(recipe, base=base)
+    workers = load_workers(recipe, base=base, with_base=with_base)
     app = create_app(workers, api_key, cfg)
     names = ", ".join(w.name for w in workers)
     print(f"serving {names} on http://{host}:{port} (OpenAI base_url http://{host}:{port}/v1; "

@@ -1,7 +1,7 @@
-"""The HTTP app over loaded models: GET /health, GET /v1/models, POST /generate, POST /v1/completions and
-POST /v1/chat/completions. Each request's prompt is checked for size, built off the event loop and checked against
-its model's context window, its sampling settings go over the model's defaults, and its model's worker decodes it
-until it is done or its client hangs up."""
+"""The HTTP app over loaded models: GET / (the playground page, playground.html), GET /health, GET /v1/models,
+POST /generate, POST /v1/completions and POST /v1/chat/completions. Each request's prompt is checked for size, built
+off the event loop and checked against its model's context window, its sampling settings go over the model's
+defaults, and its model's worker decodes it until it is done or its client hangs up."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
 
 from finetune.generation.params import SamplingParams
 from finetune.generation.window import check_room
@@ -22,6 +24,10 @@ from finetune.serve.errors import ApiError, add_error_handlers, invalid_input
 from finetune.serve.responses import Reply, sse
 from finetune.serve.schemas import MAX_CHOICES, MAX_PROMPTS, Body, ChatBody, CompletionBody, GenerateBody
 from finetune.serve.worker import ModelWorker, Pending
+
+# The page may run its own inline script and style and talk to this server, and load nothing from anywhere else.
+PLAYGROUND_POLICY = ("default-src 'none'; connect-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                     "img-src data:; form-action 'none'; base-uri 'none'")
 
 
 def pick(workers: list[ModelWorker], name: str | None) -> ModelWorker:
@@ -91,6 +97,11 @@ def create_app(workers: list[ModelWorker], api_key: str | None = None, limits: S
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     add_error_handlers(app)
+    page = resources.files("finetune.serve").joinpath("playground.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PLAYGROUND_POLICY})
 
     @app.get("/health")
     async def health() -> dict:
