@@ -140,11 +140,10 @@ def launched_run(runs: Path, tokenizer_dir: Path, name: str, setup: str, lora: d
 
 @pytest.mark.parametrize("setup, engine, lora", [
     ("--multi_gpu", "MULTI_CPU", None),
-    ("fsdp.yaml", "FSDP", None),
     ("fsdp.yaml", "FSDP", LORA),
     ("deepspeed-zero2.yaml", "DEEPSPEED", None),
     ("deepspeed-zero3.yaml", "DEEPSPEED", None),
-], ids=["ddp", "fsdp", "fsdp-lora", "zero2", "zero3"])
+], ids=["ddp", "fsdp-lora", "zero2", "zero3"])  # full FSDP: the killed-and-resumed test below
 def test_a_two_process_launch_trains_what_one_process_trains(runs, tokenizer_dir, setup, engine, lora):
     if engine == "DEEPSPEED" and (reason := deepspeed_usable()):
         pytest.skip(reason)
@@ -181,18 +180,18 @@ def kill_after_first_checkpoint(recipe: Path, options: list[str], log: Path) -> 
     return survivor
 
 
-def test_fsdp_killed_after_a_checkpoint_resumes_to_where_an_uninterrupted_run_ends(runs, tokenizer_dir):
-    reference = runs / "fsdp-full"
-    if not (reference / "final").is_dir():
-        launched_run(runs, tokenizer_dir, "fsdp-full", "fsdp.yaml")
+def test_fsdp_killed_after_a_checkpoint_resumes_to_where_one_uninterrupted_process_ends(runs, tokenizer_dir):
+    """Full fine-tuning under FSDP, killed after its first checkpoint and launched again, ends as the one-process
+    run ends (an uninterrupted FSDP run matches the resumed one to 1e-6: resuming adds nothing to FSDP's own
+    difference from one process)."""
     recipe = write_recipe(runs, tokenizer_dir, "fsdp-killed", 4)
     prepare(load_recipe(recipe))
     options = ["--config_file", str(SETUPS / "fsdp.yaml")]
     survivor = kill_after_first_checkpoint(recipe, options, runs / "fsdp-killed.log")
     result = launch(recipe, *options)
     assert result.returncode == 0, messages(result.stdout, result.stderr)
-    assert f"resuming from {survivor}" in result.stdout
-    assert_same_run(runs / "fsdp-killed", reference, loss_bound=1e-6, weight_bound=1e-6)
+    assert f"resuming from {survivor}" in result.stdout and "2 processes, FSDP over gloo" in result.stdout
+    assert_same_run(runs / "fsdp-killed", runs / "one")
 
 
 def write_pairs_recipe(folder: Path, tokenizer_dir: Path, name: str, batch_size: int, objective: str,

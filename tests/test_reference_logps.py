@@ -147,13 +147,14 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_the_cache_serves_several_processes_and_a_resume_after_sigkill(tmp_path: Path, tiny_model_dir: Path) -> None:
-    recipe = write_run(tmp_path, tiny_model_dir, separable_pairs(80, seed=12), max_steps=16, logging_steps=1,
+def test_the_cache_serves_several_processes_and_a_resume_after_sigkill(tmp_path: Path, tiny_model_dir: Path,
+                                                                         one_thread) -> None:
+    recipe = write_run(tmp_path, tiny_model_dir, separable_pairs(80, seed=12), max_steps=8, logging_steps=1,
                        save_steps=4, **CACHED)
     runs = {name: tmp_path / name for name in ("whole", "killed", "two")}
     for run in runs.values():  # before any launch, as `make train` does
         prepare(load_recipe(recipe, [f"output_dir={run}"]))
-    assert finetune_train(recipe, f"output_dir={runs['whole']}").wait() == 0
+    train(load_recipe(recipe, [f"output_dir={runs['whole']}"]))  # one thread, as the subprocesses
     killed = finetune_train(recipe, f"output_dir={runs['killed']}")
     while not (runs["killed"] / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
         assert killed.poll() is None, "the run ended before it could be killed"
