@@ -238,13 +238,12 @@ def test_preference_objectives_on_two_processes_train_what_one_process_trains(tm
 
 def test_two_machines_train_what_one_process_trains_and_write_the_run_once(runs, tokenizer_dir):
     """Two `accelerate launch --num_machines 2` on one host, one process each, as `make train NNODES=2` starts
-    them; both prepare (the second waits for the first: one run folder, as on a shared filesystem)."""
+    them, over one prepared run folder (as on a shared filesystem)."""
     recipe = write_recipe(runs, tokenizer_dir, "two-machines", 4)
+    prepare(load_recipe(recipe))
     port = free_port()
     nodes = []
     for rank in (0, 1):
-        subprocess.run([sys.executable, "-m", "finetune", "prepare", str(recipe)], env=subprocess_env(), check=True,
-                       capture_output=True)
         nodes.append(launch(recipe, "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
                             "--main_process_ip", "127.0.0.1", port=port, log=runs / f"two-machines-{rank}.log"))
     for node in nodes:
