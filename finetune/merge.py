@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from finetune.chat_template import save_tokenizer
@@ -23,13 +22,10 @@ def merge(recipe: Recipe) -> Path:
     model.config.use_cache = True
     if is_reward_model(model):
         model.config.pad_token_id = None  # as train saves final/: transformers pools the last token (reward.py)
-    run = recipe.run
-    out, staging = run.merged, run.merged.with_name("merged.tmp")  # `push --merged` trusts a complete merged/
-    run.claim(staging, out)
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, staging)
-    write_shareable_recipe(final, staging)
-    run.replace(out, staging)
+    out = recipe.run.merged
+    with recipe.run.staged(out) as staging:  # `push --merged` trusts a complete merged/
+        model.save_pretrained(staging)
+        save_tokenizer(load_tokenizer(str(final)), trained_recipe(recipe, final).data, staging)
+        write_shareable_recipe(final, staging)
     print(f"merged model written to {out}")
     return out

@@ -147,6 +147,22 @@ class RunFolder:
         os.rename(staging, dest)
         shutil.rmtree(aside, ignore_errors=True)
 
+    @contextmanager
+    def staged(self, dest: Path) -> Iterator[Path]:
+        """Write `dest` (an entry of the run folder) as a fresh `<dest>.tmp` folder, yielded; when the block ends
+        well it replaces `dest` (`replace`), when it raises (a failed check, Ctrl-C) it is removed and `dest` stays
+        as it was."""
+        staging = dest.with_name(f"{dest.name}.tmp")
+        self.claim(staging, dest)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.replace(dest, staging)
+
     def remove_leftovers(self, dest: Path) -> None:
         """Old copies of `dest` that a killed `replace` left aside (only finetune's own)."""
         for leftover in self.root.glob(f"{dest.name}.old-*"):

@@ -89,7 +89,8 @@ def environment(recipe: Recipe) -> Iterator[None]:
         os.environ.update(before)
 
 
-TEXT_TRACKERS = ("tensorboard", "wandb", "trackio")  # those that show a text value (the others record numbers)
+# the trackers that show a text value (the others record numbers)
+TEXT_TRACKERS = tuple(INTEGRATION_TO_CALLBACK[name] for name in ("tensorboard", "wandb", "trackio"))
 
 
 class Guarded(TrainerCallback):
@@ -115,7 +116,7 @@ class Guarded(TrainerCallback):
         """Reward RL's completions sampled in training reach the trackers that show text, as a markdown table."""
         if logs and "samples" in logs:
             samples, logs = logs["samples"], {key: value for key, value in logs.items() if key != "samples"}
-            if isinstance(self.inner, tuple(INTEGRATION_TO_CALLBACK[name] for name in TEXT_TRACKERS)):
+            if isinstance(self.inner, TEXT_TRACKERS):
                 logs["samples"] = "\n".join(samples_table(samples))
         return self.call("on_log", args, state, control, logs=logs, **kwargs)
 

@@ -6,7 +6,6 @@ Modelfile (modelfile.py). Configs and tokenizers llama.cpp's GPT-2 would compute
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,21 +48,13 @@ def export_gguf(recipe: Recipe, types: list[str]) -> Path:
     final = recipe.run.final
     refuse_unsupported(model.config, tokenizer, final)
     template = chat_template(trained.data)
-    run = recipe.run
-    out, staging = run.gguf, run.gguf.with_name("gguf.tmp")
-    run.claim(staging, out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    out = recipe.run.gguf
+    with recipe.run.staged(out) as staging:
         write_modelfile(staging / "Modelfile", f"model-{types[0]}.gguf", trained.data)
         for name in types:
             path = staging / f"model-{name}.gguf"
             write_gguf(path, model, tokenizer, template, name, recipe.name)
             check_gguf(path, name, model, tokenizer, trained.data)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    run.replace(out, staging)
     print(f"GGUF written to {out}: {', '.join(f'model-{name}.gguf' for name in types)} and Modelfile")
     return out
 

@@ -6,7 +6,6 @@ against transformers (one pass, token by token through the cache, greedy tokens)
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -63,11 +62,8 @@ def export_onnx(recipe: Recipe) -> Path:
     """Write `<run>/onnx/` (under onnx.tmp until it passed its check) and return it."""
     model, tokenizer, trained = trained_model(recipe)
     refuse_unsupported(model.config, recipe.run.final)
-    run = recipe.run
-    out, staging = run.onnx, run.onnx.with_name("onnx.tmp")
-    run.claim(staging, out)
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    out = recipe.run.onnx
+    with recipe.run.staged(out) as staging:
         started = time.perf_counter()
         external = write_graph(model, staging / GRAPH)
         seconds = time.perf_counter() - started
@@ -78,10 +74,6 @@ def export_onnx(recipe: Recipe) -> Path:
         save_tokenizer(tokenizer, trained.data, staging, portable=True)
         write_shareable_recipe(recipe.run.final, staging)
         figures = check_graph(staging / GRAPH, model, tokenizer)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    run.replace(out, staging)
     size = sum(path.stat().st_size for path in (out / GRAPH.parent).iterdir())
     print(f"onnx: exported in {seconds:.1f} s, {size / 1e6:.1f} MB; onnxruntime vs transformers: max |logit diff| "
           f"{figures['one_pass']:.2g} in one pass, {figures['cached']:.2g} through the cache (allowed "
