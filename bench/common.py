@@ -1,8 +1,9 @@
 """Helpers shared by the benchmarks: shared-data lookup, result recording, one side of a comparison run in a
-process of its own."""
+process of its own (its arguments parsed and passed on alike)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -41,3 +42,24 @@ def side_in_subprocess(module: str, side: str, argv: list[str]) -> dict:
     if result.returncode != 0:
         sys.exit(f"{side} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def comparison_args(parser: argparse.ArgumentParser, sides: list[str], warmup: int) -> argparse.Namespace:
+    """Parse a comparison's arguments with --threads (set here) and the --side / --out that `side_in_subprocess`
+    passes a side's own process; --steps must exceed the `warmup` steps left out of the timing."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--side", choices=sides, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps <= warmup:
+        parser.error(f"--steps must be above the {warmup} warm-up steps")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def side_argv(args: argparse.Namespace, keys: tuple[str, ...]) -> list[str]:
+    """The arguments `keys` (and --threads when set) as a side's process gets them."""
+    return [f"--{key}={getattr(args, key)}" for key in keys] + ([f"--threads={args.threads}"] if args.threads else [])

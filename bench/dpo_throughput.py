@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.common import record, shared_or_skip, side_in_subprocess
+from bench.common import comparison_args, record, shared_or_skip, side_argv, side_in_subprocess
 from bench.train_throughput import StepClock
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -157,14 +157,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=256, help="tokens per pair (each response <= half)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--side", choices=["ours", "trl", "cached"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.steps <= WARMUP:
-        parser.error(f"--steps must be above the {WARMUP} warm-up steps")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = comparison_args(parser, ["ours", "trl", "cached"], WARMUP)
     args.pairs = shared_or_skip("preference/dpo_en_demo.json")
     args.tokenizer = shared_or_skip("gpt2-tokenizer")
     if args.side:
@@ -173,9 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for tuning in (["lora", "full"] if args.tuning == "both" else [args.tuning]):
             args.tuning, args.out = tuning, Path(tmp)
-            argv = [f"--{key}={getattr(args, key)}" for key in ("tuning", "steps", "batch", "block", "layers", "width",
-                                                                  "out")]
-            compare(args, argv + ([f"--threads={args.threads}"] if args.threads else []))
+            compare(args, side_argv(args, ("tuning", "steps", "batch", "block", "layers", "width", "out")))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.common import record, shared_or_skip, side_in_subprocess
+from bench.common import comparison_args, record, shared_or_skip, side_argv, side_in_subprocess
 from bench.dpo_throughput import NO_DROPOUT
 from bench.train_throughput import StepClock
 
@@ -196,14 +196,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.steps <= WARMUP:
-        parser.error(f"--steps must be above the {WARMUP} warm-up steps")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = comparison_args(parser, ["ours", "trl"], WARMUP)
     args.prompts_file = shared_or_skip("alpaca/alpaca_en_demo.json")
     args.tokenizer = shared_or_skip("gpt2-tokenizer")
     if args.side:
@@ -211,9 +204,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.out = Path(tmp)
-        argv = [f"--{key}={getattr(args, key)}" for key in ("tuning", "steps", "prompts", "group", "completion",
-                                                              "layers", "width", "beta", "temperature", "out")]
-        compare(args, argv + ([f"--threads={args.threads}"] if args.threads else []))
+        compare(args, side_argv(args, ("tuning", "steps", "prompts", "group", "completion", "layers", "width", "beta",
+                                       "temperature", "out")))
 
 
 if __name__ == "__main__":
