@@ -102,7 +102,8 @@ def test_real_gpt2_tokenizer_and_tricky_chat_template(gpt2_tokenizer_model: Path
 @pytest.mark.parametrize("run", ["full", "lora"])
 def test_trained_tokenizer_runs_give_transformers_greedy_tokens(finished_runs: dict[str, Path], run: str, capsys):
     """The recital model (a trained 300-token BPE) and an adapter trained over it: every type continues the word
-    list with exactly transformers' greedy tokens, and the LoRA file carries the merged weights, not the base's."""
+    list with transformers' greedy tokens (up to a tie at the type's precision), and the LoRA file carries the merged
+    weights, not the base's."""
     recipe = load_recipe(finished_runs[run])
     code, out = export(finished_runs[run], "f32,f16,q8_0", capsys)
     assert code == 0, out
@@ -114,17 +115,15 @@ def test_trained_tokenizer_runs_give_transformers_greedy_tokens(finished_runs: d
         with LlamaCpp(recipe.run.gguf / f"model-{name}.gguf", 128) as llama:
             tokens = [step[0]["id"] for step in llama.greedy(prompt, 12)]
             assert [llama.tokenize(text) for text in TEXTS] == encode_texts(tokenizer, TEXTS)  # a trained BPE
-        if name != "q8_0":
-            assert tokens == expected, name
-            continue
-        # q8_0 may part from transformers where two tokens tie at its precision: the same tokens up to there, and
-        # there transformers' log-probs of the two differ by less than the check's q8_0 bound allows
+        # A type may part from transformers only where two tokens tie at its precision (measured: f32 and f16 never
+        # did here, q8_0 at token 9 of the LoRA run, gap 0.015; another CPU's kernels round differently): the same
+        # tokens up to there, and there transformers' log-probs of the two differ by less than the check's bound
         same = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), len(expected))
         if same < len(expected):
             logprobs = gguf_check.transformers_logprobs(model, prompt + tokens)[len(prompt) + same - 1]
             gap = (logprobs[expected[same]] - logprobs[tokens[same]]).item()
-            print(f"{run} q8_0: greedy parts from transformers at token {same}, log-prob gap {gap:.3f}")
-            assert gap < gguf_check.TOLERANCE["q8_0"] * (logprobs.max() - logprobs.min()).item()
+            print(f"{run} {name}: greedy parts from transformers at token {same}, log-prob gap {gap:.3f}")
+            assert gap < gguf_check.TOLERANCE[name] * (logprobs.max() - logprobs.min()).item(), name
     if run == "lora":
         base = AutoModelForCausalLM.from_pretrained(recipe.model.base)
         ids = torch.tensor([prompt + expected])
